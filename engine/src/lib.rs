@@ -1,0 +1,1 @@
+//! The Flotilla MoE engine.

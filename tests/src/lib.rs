@@ -1,0 +1,1 @@
+//! Test support: a real control plane per test binary.
