@@ -1,0 +1,1 @@
+//! The pure gang scheduler: no kube, no tonic, no tokio.
