@@ -1,1 +1,13 @@
-//! The Flotilla operator.
+//! The Flotilla operator: the `flotilla.dev` API, the job state machine and the controllers.
+
+pub mod admin;
+pub mod cli;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod fleet;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod placement;
+pub mod validate;

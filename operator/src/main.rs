@@ -1,1 +1,5 @@
-fn main() {}
+//! The `flotilla-operator` binary; everything lives in the library.
+
+fn main() -> anyhow::Result<()> {
+    flotilla_operator::cli::main()
+}

@@ -1,0 +1,338 @@
+//! Command line, configuration and the process's lifecycle: sign-in, election, controllers,
+//! admin server, shutdown. Every flag has an environment variable; `--help` lists them all.
+
+use crate::admin::{AdminState, router};
+use crate::controller::{Context, gpu_node, inference_service, training_job};
+use crate::crd::{self, GpuNode, InferenceService, TrainingJob};
+use crate::fleet::{Fleet, NoAgents};
+use crate::leader::{LeaderElector, LeaseSettings};
+use crate::metrics::Metrics;
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::jiff::SignedDuration;
+use kube::core::DeserializeGuard;
+use kube::runtime::events::Reporter;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The Flotilla operator.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-operator",
+    version,
+    about = "The Flotilla operator: GPU gang jobs on Kubernetes"
+)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the CRDs as YAML, or write one file per CRD into a directory.
+    Crd {
+        /// Write `<plural>.<group>.yaml` files here instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Run the controllers (the default).
+    Run(RunArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address of the admin server (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "FLOTILLA_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    pub admin_addr: SocketAddr,
+    /// Log filter, in `tracing-subscriber` env-filter syntax.
+    #[arg(long, env = "FLOTILLA_LOG", default_value = "info,kube=warn")]
+    pub log: String,
+    /// Log as JSON lines instead of plain text.
+    #[arg(long, env = "FLOTILLA_LOG_JSON")]
+    pub log_json: bool,
+    /// Seconds an agent may be silent before its node counts as lost.
+    #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub fence_timeout_seconds: u64,
+    /// Leader election.
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+}
+
+/// Leader election flags.
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "FLOTILLA_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "FLOTILLA_LEASE_NAME", default_value = "flotilla-operator")]
+    pub lease_name: String,
+    /// This replica's identity (the pod name in a cluster); defaults to `<host>-<pid>`.
+    #[arg(long, env = "FLOTILLA_IDENTITY")]
+    pub identity: Option<String>,
+    /// Seconds a lease stays valid without renewal; a standby takes over after this.
+    #[arg(long, env = "FLOTILLA_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Seconds between renewals (and between a standby's tries).
+    #[arg(long, env = "FLOTILLA_LEASE_RENEW_SECONDS", default_value_t = 5)]
+    pub lease_renew_seconds: u64,
+}
+
+/// Parse the command line and run.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd { out_dir }) => print_crds(out_dir),
+        Some(Command::Run(args)) => run_blocking(args),
+        None => run_blocking(RunArgs::parse_from_env()),
+    }
+}
+
+impl RunArgs {
+    fn parse_from_env() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        Only::parse_from(["flotilla-operator"]).args
+    }
+}
+
+fn print_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    for c in crd::all() {
+        let yaml = crd::to_yaml(&c)?;
+        match &out_dir {
+            Some(dir) => {
+                let path = dir.join(crd::file_name(&c));
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(())
+}
+
+fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(args, Arc::new(NoAgents)))
+}
+
+/// Cancel `token` on the first SIGTERM or Ctrl-C; exit at once on the second.
+fn watch_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if n == 0 {
+                tracing::info!("shutdown signal: draining");
+                token.cancel();
+            } else {
+                tracing::warn!("second shutdown signal: aborting");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// Run the operator with `fleet` as the agent link until shutdown, or until the lease is lost
+/// (an error: the process must restart as a standby).
+pub async fn run(args: RunArgs, fleet: Arc<dyn Fleet>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone());
+    let metrics = Metrics::new();
+    let admin = AdminState { ready: Arc::default(), metrics: metrics.clone() };
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding {}", args.admin_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
+    let stop_admin = shutdown.clone();
+    let admin_for_server = admin.clone();
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, router(admin_for_server));
+        if let Err(e) =
+            serve.with_graceful_shutdown(async move { stop_admin.cancelled().await }).await
+        {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let identity = args.lease.identity.clone().unwrap_or_else(default_identity);
+    let duration = SignedDuration::from_secs(args.lease.lease_duration_seconds as i64);
+    let elector = LeaderElector::new(
+        client.clone(),
+        LeaseSettings {
+            namespace: args.lease.lease_namespace.clone(),
+            name: args.lease.lease_name.clone(),
+            identity: identity.clone(),
+            duration,
+        },
+    );
+    let renew = Duration::from_secs(args.lease.lease_renew_seconds.max(1));
+    admin.ready.store(true, Ordering::Relaxed); // a connected standby is ready
+    tracing::info!(%identity, "waiting for the leader lease");
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "lease check failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(renew) => {}
+        }
+    }
+    tracing::info!(%identity, "became leader");
+    metrics.is_leader.set(1);
+    admin.ready.store(false, Ordering::Relaxed);
+
+    let controllers_stop = CancellationToken::new();
+    let reporter =
+        Reporter { controller: "flotilla-operator".into(), instance: Some(identity.clone()) };
+    let mut controllers = tokio::spawn(run_controllers(
+        client.clone(),
+        reporter,
+        fleet,
+        metrics.clone(),
+        admin.clone(),
+        SignedDuration::from_secs(args.fence_timeout_seconds as i64),
+        controllers_stop.clone(),
+    ));
+
+    // Stop acting well before another replica may take the lease.
+    let renew_deadline = Duration::from_secs((args.lease.lease_duration_seconds * 2 / 3).max(1));
+    let mut last_renewed = tokio::time::Instant::now();
+    let outcome = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            done = &mut controllers => break Err(anyhow::anyhow!("controllers ended unexpectedly: {done:?}")),
+            _ = tokio::time::sleep(renew) => {}
+        }
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => last_renewed = tokio::time::Instant::now(),
+            Ok(false) => break Err(anyhow::anyhow!("lost the leader lease to another replica")),
+            Err(e) => tracing::warn!(error = %e, "renewing the lease failed"),
+        }
+        if last_renewed.elapsed() > renew_deadline {
+            break Err(anyhow::anyhow!("could not renew the leader lease for {renew_deadline:?}"));
+        }
+    };
+    metrics.is_leader.set(0);
+    match outcome {
+        Ok(()) => {
+            controllers_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+            if let Err(e) = elector.release().await {
+                tracing::warn!(error = %e, "releasing the lease failed");
+            }
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+        Err(e) => {
+            // A leader that lost its lease stops acting at once.
+            controllers.abort();
+            tracing::error!(error = %e, "stepping down");
+            Err(e)
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "operator".into());
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+async fn run_controllers(
+    client: Client,
+    reporter: Reporter,
+    fleet: Arc<dyn Fleet>,
+    metrics: Metrics,
+    admin: AdminState,
+    fence_timeout: SignedDuration,
+    stop: CancellationToken,
+) {
+    let cfg = watcher::Config::default().any_semantic();
+    let jobs =
+        Controller::new(Api::<DeserializeGuard<TrainingJob>>::all(client.clone()), cfg.clone());
+    let services = Controller::new(
+        Api::<DeserializeGuard<InferenceService>>::all(client.clone()),
+        cfg.clone(),
+    );
+    let nodes = Controller::new(Api::<DeserializeGuard<GpuNode>>::all(client.clone()), cfg);
+    let (job_store, node_store) = (jobs.store(), nodes.store());
+    let mut ctx =
+        Context::new(client, reporter, fleet, metrics, node_store.clone(), job_store.clone());
+    ctx.fence_timeout = fence_timeout;
+    let ctx = Arc::new(ctx);
+    let ready = admin.ready.clone();
+    tokio::spawn(async move {
+        if job_store.wait_until_ready().await.is_ok() && node_store.wait_until_ready().await.is_ok()
+        {
+            ready.store(true, Ordering::Relaxed);
+            tracing::info!("caches synced; ready");
+        }
+    });
+    let s = stop.clone();
+    let jobs = jobs.graceful_shutdown_on(async move { s.cancelled().await }).run(
+        training_job::reconcile,
+        training_job::error_policy,
+        ctx.clone(),
+    );
+    let s = stop.clone();
+    let services = services.graceful_shutdown_on(async move { s.cancelled().await }).run(
+        inference_service::reconcile,
+        inference_service::error_policy,
+        ctx.clone(),
+    );
+    let s = stop.clone();
+    let nodes = nodes.graceful_shutdown_on(async move { s.cancelled().await }).run(
+        gpu_node::reconcile,
+        gpu_node::error_policy,
+        ctx,
+    );
+    futures::join!(
+        drain("TrainingJob", jobs),
+        drain("InferenceService", services),
+        drain("GpuNode", nodes)
+    );
+}
+
+/// Run a controller's stream to its end, logging what went wrong (the error policy already
+/// decided what to do about it).
+async fn drain<T, E: std::fmt::Display>(
+    kind: &'static str,
+    stream: impl futures::Stream<Item = Result<T, E>>,
+) {
+    stream
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(kind, error = %e, "controller event");
+            }
+        })
+        .await;
+}

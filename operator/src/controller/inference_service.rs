@@ -1,0 +1,255 @@
+//! The `InferenceService` controller: places each replica as a gang, replaces failed replicas,
+//! and reports readiness.
+
+use super::{Context, apply_status, object_key};
+use crate::crd::common::{condition_types as ct, set_condition};
+use crate::crd::inference_service::{
+    InferenceService, InferenceServiceStatus, ReplicaStatus, ServicePhase,
+};
+use crate::crd::{GpuNode, Placement};
+use crate::error::{Error, Result};
+use crate::fleet::{Fleet, WorkloadKey};
+use crate::lifecycle::{AttemptReport, Effect};
+use crate::placement::{PlacementRequest, StandInPlacement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+const KIND: &str = "InferenceService";
+
+/// The plan for one service: the status to write and effects per replica.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePlan {
+    /// The status to write.
+    pub status: InferenceServiceStatus,
+    /// `(replica, effect)` pairs to run after the write.
+    pub effects: Vec<(i32, Effect)>,
+    /// `(warning, reason, note)` when the phase changed.
+    pub event: Option<(bool, &'static str, String)>,
+}
+
+/// The pure middle: given the service, the fleet's reports per replica and free GPUs, decide.
+pub fn plan(
+    svc: &InferenceService,
+    reports: &BTreeMap<i32, AttemptReport>,
+    nodes: &[GpuNode],
+    in_use: &BTreeMap<String, BTreeSet<i32>>,
+    now: Timestamp,
+) -> ServicePlan {
+    let spec = &svc.spec;
+    let old = svc.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = svc.meta().generation;
+    status.gpus_per_replica = spec.workers_per_replica * spec.gpus_per_worker;
+    let mut effects = Vec::new();
+    let mut in_use = in_use.clone();
+    let req = PlacementRequest {
+        workers: spec.workers_per_replica,
+        gpus_per_worker: spec.gpus_per_worker,
+        strategy: spec.scheduling.strategy,
+        node_selector: &spec.scheduling.node_selector,
+    };
+    // Scale down from the top.
+    status.replicas.retain(|r| {
+        let keep = r.index < spec.replicas;
+        if !keep && !r.placement.workers.is_empty() {
+            effects
+                .push((r.index, Effect::Stop { attempt: r.attempt, reason: "scaled down".into() }));
+        }
+        keep
+    });
+    let mut unschedulable = None;
+    for index in 0..spec.replicas {
+        let pos = match status.replicas.iter().position(|r| r.index == index) {
+            Some(p) => p,
+            None => {
+                status.replicas.push(ReplicaStatus { index, ..Default::default() });
+                status.replicas.len() - 1
+            }
+        };
+        let r = &mut status.replicas[pos];
+        let report = reports
+            .get(&index)
+            .cloned()
+            .unwrap_or(AttemptReport { all_stopped: true, ..Default::default() });
+        if !r.placement.workers.is_empty() {
+            let failed =
+                report.fault.is_some() || report.node_lost.is_some() || !report.exits.is_empty();
+            if failed {
+                effects.push((
+                    index,
+                    Effect::Stop {
+                        attempt: r.attempt,
+                        reason: "replica failed; replacing it".into(),
+                    },
+                ));
+                r.placement = Placement::default();
+                r.ready = false;
+                r.endpoint = None;
+                continue;
+            }
+            r.ready = report.running >= spec.workers_per_replica;
+            r.endpoint = r
+                .ready
+                .then(|| format!("http://{}:{}", r.placement.workers[0].node, spec.serving.port));
+            continue;
+        }
+        if !report.all_stopped {
+            continue;
+        }
+        match StandInPlacement.place(&req, nodes, &in_use) {
+            Ok(p) => {
+                for w in &p.workers {
+                    in_use.entry(w.node.clone()).or_default().extend(w.gpus.iter().copied());
+                }
+                r.attempt += 1;
+                r.placement = p;
+                effects.push((index, Effect::Launch { attempt: r.attempt }));
+            }
+            Err(u) => unschedulable = Some(u.message),
+        }
+    }
+    status.replicas.sort_by_key(|r| r.index);
+    status.ready_replicas = status.replicas.iter().filter(|r| r.ready).count() as i32;
+    status.endpoints = status.replicas.iter().filter_map(|r| r.endpoint.clone()).collect();
+    let placed = status.replicas.iter().filter(|r| !r.placement.workers.is_empty()).count() as i32;
+    let (phase, reason, note) = if status.ready_replicas >= spec.replicas {
+        (
+            ServicePhase::Ready,
+            "Ready",
+            format!("{} of {} replicas serve", status.ready_replicas, spec.replicas),
+        )
+    } else if status.ready_replicas > 0 {
+        (
+            ServicePhase::Degraded,
+            "Degraded",
+            format!("{} of {} replicas serve", status.ready_replicas, spec.replicas),
+        )
+    } else if placed > 0 {
+        (
+            ServicePhase::Starting,
+            "Starting",
+            format!("{placed} of {} replicas placed, none serving yet", spec.replicas),
+        )
+    } else {
+        let why = unschedulable.clone().unwrap_or_else(|| "waiting for GPUs".into());
+        (ServicePhase::Queued, "Queued", why)
+    };
+    let mut cond = |type_: &str, ok: bool, reason: &str, message: &str| {
+        set_condition(
+            &mut status.conditions,
+            Condition {
+                type_: type_.into(),
+                status: if ok { "True" } else { "False" }.into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: svc.meta().generation,
+                last_transition_time: Time(now),
+            },
+        );
+    };
+    cond(ct::VALID, true, "SpecValid", "the spec passed the operator's checks");
+    match &unschedulable {
+        Some(msg) => cond(ct::SCHEDULED, false, "Unschedulable", msg),
+        None => cond(ct::SCHEDULED, true, "Placed", "every desired replica is placed"),
+    }
+    cond(ct::READY, phase == ServicePhase::Ready, reason, &note);
+    let event = (old.phase != phase || old.observed_generation.is_none()).then(|| {
+        (matches!(phase, ServicePhase::Degraded | ServicePhase::Failed), reason, note.clone())
+    });
+    if old.phase != phase {
+        status.phase = phase;
+        status.phase_transition_time = Some(Time(now));
+    }
+    status.message = Some(note);
+    ServicePlan { status, effects, event }
+}
+
+fn key(svc: &InferenceService, replica: i32) -> Result<WorkloadKey> {
+    Ok(WorkloadKey {
+        kind: KIND,
+        namespace: svc.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        name: svc.name_any(),
+        uid: svc.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        replica: Some(replica),
+    })
+}
+
+fn reports(svc: &InferenceService, fleet: &dyn Fleet) -> Result<BTreeMap<i32, AttemptReport>> {
+    let mut out = BTreeMap::new();
+    for r in svc.status.iter().flat_map(|s| &s.replicas) {
+        if !r.placement.workers.is_empty() {
+            out.insert(r.index, fleet.report(&key(svc, r.index)?, r.attempt));
+        }
+    }
+    Ok(out)
+}
+
+/// Reconcile one `InferenceService`.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<InferenceService>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let svc = match &guard.0 {
+        Ok(svc) => svc,
+        Err(invalid) => {
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            return Err(Error::Malformed { kind: KIND, name, message: invalid.error.clone() });
+        }
+    };
+    let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[KIND]).start_timer();
+    ctx.metrics.reconciles.with_label_values(&[KIND]).inc();
+    let ns = svc.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<InferenceService> = Api::namespaced(ctx.client.clone(), &ns);
+    let booked = ctx.booked.lock().await;
+    let guards = ctx.jobs.state();
+    let jobs: Vec<_> = guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
+    let in_use = super::training_job::gpus_in_use(&jobs, &booked);
+    let nodes = ctx.gpu_nodes();
+    let p = plan(svc, &reports(svc, ctx.fleet.as_ref())?, &nodes, &in_use, Timestamp::now());
+    if svc.status.as_ref() != Some(&p.status) {
+        apply_status(&api, &svc.name_any(), &p.status).await?;
+    }
+    drop(booked);
+    if let Some((warning, reason, note)) = &p.event {
+        ctx.metrics.phase_transitions.with_label_values(&[KIND, reason]).inc();
+        ctx.publish(svc, *warning, reason, note.clone()).await;
+    }
+    for (replica, effect) in &p.effects {
+        let k = key(svc, *replica)?;
+        match effect {
+            Effect::Launch { attempt } => {
+                ctx.fleet.launch(&k, *attempt).await.map_err(Error::Fleet)?
+            }
+            Effect::Stop { attempt, reason } => {
+                ctx.fleet.stop(&k, *attempt, reason).await.map_err(Error::Fleet)?
+            }
+            Effect::Delete => {}
+        }
+    }
+    ctx.succeeded(&object_key(svc));
+    Ok(Action::requeue(Duration::from_secs(if p.status.phase == ServicePhase::Ready {
+        60
+    } else {
+        10
+    })))
+}
+
+/// What to do with a failed reconciliation.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<InferenceService>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = match &guard.0 {
+        Ok(svc) => object_key(svc),
+        Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
+    };
+    ctx.error_policy(KIND, &key, error)
+}

@@ -1,0 +1,142 @@
+//! The controllers for the three kinds, and what they share.
+//!
+//! Each reconciliation is a pipeline: *dereference* (read the API and the fleet) → *validate*
+//! and *build* (pure, unit-tested) → *apply* (write status, then act) → *requeue*.
+
+pub mod gpu_node;
+pub mod inference_service;
+pub mod training_job;
+
+use crate::crd::{GpuNode, Placement, TrainingJob};
+use crate::error::Error;
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The field manager of every write the operator makes.
+pub const MANAGER: &str = "flotilla-operator";
+
+/// What every reconciliation shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes `events.k8s.io` Events.
+    pub recorder: Recorder,
+    /// The agents.
+    pub fleet: Arc<dyn Fleet>,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// Cached `GpuNode`s.
+    pub nodes: Store<kube::core::DeserializeGuard<GpuNode>>,
+    /// Cached `TrainingJob`s (for conflicts and GPUs in use).
+    pub jobs: Store<kube::core::DeserializeGuard<TrainingJob>>,
+    /// Placements this process wrote, by job UID; held while placing so two jobs never take
+    /// the same GPUs from a cache that has not caught up.
+    pub booked: tokio::sync::Mutex<BTreeMap<String, Placement>>,
+    /// How long an agent may be silent before its node counts as lost.
+    pub fence_timeout: k8s_openapi::jiff::SignedDuration,
+    /// Consecutive transient failures per object, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Build a context.
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        fleet: Arc<dyn Fleet>,
+        metrics: Metrics,
+        nodes: Store<kube::core::DeserializeGuard<GpuNode>>,
+        jobs: Store<kube::core::DeserializeGuard<TrainingJob>>,
+    ) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter);
+        Context {
+            client,
+            recorder,
+            fleet,
+            metrics,
+            nodes,
+            jobs,
+            booked: Default::default(),
+            fence_timeout: k8s_openapi::jiff::SignedDuration::from_secs(30),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Publish an Event about `obj`. A failure to publish is logged, never fatal.
+    pub async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing event failed");
+        }
+    }
+
+    /// The valid cached `GpuNode`s.
+    pub fn gpu_nodes(&self) -> Vec<GpuNode> {
+        self.nodes.state().iter().filter_map(|n| n.0.as_ref().ok().cloned()).collect()
+    }
+
+    /// Forget an object's transient failures (after a successful reconciliation).
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("not poisoned").remove(key);
+    }
+
+    /// Sort an error: an invalid object waits for a change, a transient failure backs off
+    /// exponentially from 1 s to 5 min.
+    pub fn error_policy(&self, kind: &'static str, key: &str, error: &Error) -> Action {
+        self.metrics.reconcile_errors.with_label_values(&[kind, error.metric_label()]).inc();
+        if error.is_permanent() {
+            tracing::warn!(kind, object = key, %error, "invalid object; waiting for it to change");
+            return Action::await_change();
+        }
+        let mut failures = self.failures.lock().expect("not poisoned");
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300));
+        tracing::warn!(kind, object = key, %error, retry_in = ?delay, "reconcile failed");
+        Action::requeue(delay)
+    }
+}
+
+/// `namespace/name` of an object, for logs and backoff bookkeeping.
+pub fn object_key<K: Resource>(obj: &K) -> String {
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
+}
+
+/// Write `status` with server-side apply, owning every status field the operator sets.
+pub async fn apply_status<K, S>(api: &kube::Api<K>, name: &str, status: &S) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The `TrainingJob` controller: runs the state machine and executes its effects.
+
+use super::{Context, apply_status, object_key};
+use crate::crd::{GpuNode, JobPhase, Placement, TrainingJob};
+use crate::error::{Error, Result};
+use crate::fleet::WorkloadKey;
+use crate::lifecycle::{self, AttemptReport, Effect, JobFacts, Transition};
+use crate::placement::{PlacementRequest, StandInPlacement};
+use crate::validate;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Finalizer that stops a deleted job's workers before the object goes.
+pub const FINALIZER: &str = "flotilla.dev/stop-workers";
+const KIND: &str = "TrainingJob";
+
+/// Reconcile one `TrainingJob`. A malformed object is reported and left alone.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<TrainingJob>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let job = match &guard.0 {
+        Ok(job) => job,
+        Err(invalid) => {
+            let name = format!(
+                "{}/{}",
+                invalid.metadata.namespace.as_deref().unwrap_or_default(),
+                invalid.metadata.name.as_deref().unwrap_or_default()
+            );
+            return Err(Error::Malformed { kind: KIND, name, message: invalid.error.clone() });
+        }
+    };
+    let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[KIND]).start_timer();
+    ctx.metrics.reconciles.with_label_values(&[KIND]).inc();
+    let ns = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let action = finalizer(&api, FINALIZER, Arc::new(job.clone()), |event| async {
+        match event {
+            Finalizer::Apply(job) => apply(&job, &api, &ctx).await,
+            Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    ctx.succeeded(&object_key(job));
+    Ok(action)
+}
+
+/// What to do with a failed reconciliation.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<TrainingJob>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = match &guard.0 {
+        Ok(job) => object_key(job),
+        Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
+    };
+    ctx.error_policy(KIND, &key, error)
+}
+
+fn workload_key(job: &TrainingJob) -> Result<WorkloadKey> {
+    Ok(WorkloadKey {
+        kind: KIND,
+        namespace: job.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        name: job.name_any(),
+        uid: job.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        replica: None,
+    })
+}
+
+async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Result<Action> {
+    let key = workload_key(job)?;
+    // One placement at a time, so two jobs never take the same GPUs from a stale cache.
+    let mut booked = ctx.booked.lock().await;
+    let guards = ctx.jobs.state();
+    let others: Vec<&TrainingJob> =
+        guards.iter().filter_map(|g| g.0.as_ref().ok()).filter(|o| o.uid() != job.uid()).collect();
+    let nodes = ctx.gpu_nodes();
+    let report = match job.status.as_ref().and_then(|s| s.attempt.as_ref()) {
+        Some(a) => ctx.fleet.report(&key, a.number),
+        None => AttemptReport { all_stopped: true, ..Default::default() },
+    };
+    let t = plan(job, &others, &nodes, &booked, report, Timestamp::now());
+
+    let old = job.status.clone().unwrap_or_default();
+    if job.status.as_ref() != Some(&t.status) {
+        apply_status(api, &job.name_any(), &t.status).await?;
+    }
+    match (
+        &t.status.attempt,
+        lifecycle::has_live_attempt(t.status.phase) || t.status.phase == JobPhase::Restarting,
+    ) {
+        (Some(a), true) => booked.insert(key.uid.clone(), a.placement.clone()),
+        _ => booked.remove(&key.uid),
+    };
+    drop(booked);
+    if old.phase != t.status.phase {
+        ctx.metrics.phase_transitions.with_label_values(&[KIND, t.status.phase.as_str()]).inc();
+        tracing::info!(job = %key.name, from = %old.phase, to = %t.status.phase, "phase change");
+    }
+    if let Some(ev) = &t.event {
+        ctx.publish(job, ev.warning, ev.reason, ev.note.clone()).await;
+    }
+    for effect in &t.effects {
+        match effect {
+            Effect::Launch { attempt } => {
+                ctx.fleet.launch(&key, *attempt).await.map_err(Error::Fleet)?
+            }
+            Effect::Stop { attempt, reason } => {
+                ctx.fleet.stop(&key, *attempt, reason).await.map_err(Error::Fleet)?
+            }
+            Effect::Delete => {
+                ctx.publish(
+                    job,
+                    false,
+                    "TtlExpired",
+                    "spec.ttlSecondsAfterFinished passed; deleting".into(),
+                )
+                .await;
+                api.delete(&job.name_any(), &DeleteParams::background()).await?;
+            }
+        }
+    }
+    Ok(next_action(&t))
+}
+
+fn next_action(t: &Transition) -> Action {
+    match t.requeue_after {
+        Some(d) => Action::requeue(Duration::from_millis(
+            d.as_millis().clamp(0, i128::from(u32::MAX)) as u64,
+        )),
+        None if t.status.phase.is_terminal() => Action::await_change(),
+        // Live jobs are looked at regularly in case an agent report was missed.
+        None => Action::requeue(Duration::from_secs(30)),
+    }
+}
+
+async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    let key = workload_key(job)?;
+    ctx.booked.lock().await.remove(&key.uid);
+    if let Some(status) = &job.status
+        && let Some(attempt) = &status.attempt
+        && !status.phase.is_terminal()
+    {
+        ctx.fleet
+            .stop(&key, attempt.number, "the TrainingJob was deleted")
+            .await
+            .map_err(Error::Fleet)?;
+    }
+    Ok(Action::await_change())
+}
+
+/// GPUs held by other jobs' live attempts, from the cache and from this process's own bookings
+/// (which the cache may not show yet).
+pub fn gpus_in_use(
+    others: &[&TrainingJob],
+    booked: &BTreeMap<String, Placement>,
+) -> BTreeMap<String, BTreeSet<i32>> {
+    let mut used: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
+    let mut add = |p: &Placement| {
+        for w in &p.workers {
+            used.entry(w.node.clone()).or_default().extend(w.gpus.iter().copied());
+        }
+    };
+    for o in others {
+        if let Some(s) = &o.status
+            && let Some(a) = &s.attempt
+            && (lifecycle::has_live_attempt(s.phase) || s.phase == JobPhase::Restarting)
+        {
+            add(&a.placement);
+        }
+        if let Some(p) = o.uid().and_then(|uid| booked.get(&uid)) {
+            add(p);
+        }
+    }
+    used
+}
+
+/// The pure middle of the pipeline: validate, place, decide.
+pub fn plan(
+    job: &TrainingJob,
+    others: &[&TrainingJob],
+    nodes: &[GpuNode],
+    booked: &BTreeMap<String, Placement>,
+    report: AttemptReport,
+    now: Timestamp,
+) -> Transition {
+    let status = job.status.clone().unwrap_or_default();
+    let validity = validate::training_job(job, others);
+    let wants_placement = validity.is_ok()
+        && !job.spec.suspend
+        && matches!(status.phase, JobPhase::Pending | JobPhase::Queued);
+    let candidate = wants_placement.then(|| {
+        let req = PlacementRequest {
+            workers: job.spec.workers,
+            gpus_per_worker: job.spec.gpus_per_worker,
+            strategy: job.spec.scheduling.strategy,
+            node_selector: &job.spec.scheduling.node_selector,
+        };
+        StandInPlacement.place(&req, nodes, &gpus_in_use(others, booked))
+    });
+    lifecycle::decide(&JobFacts {
+        now,
+        generation: job.meta().generation.unwrap_or_default(),
+        spec: &job.spec,
+        status: &status,
+        validity,
+        candidate,
+        report,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::gpu_node::{GpuHealth, GpuNodeSpec, GpuNodeStatus, GpuState};
+    use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand};
+
+    fn node(name: &str, gpus: i32) -> GpuNode {
+        let mut n = GpuNode::new(name, GpuNodeSpec::default());
+        n.status = Some(GpuNodeStatus {
+            gpus: (0..gpus)
+                .map(|index| GpuState { index, health: GpuHealth::Healthy, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        });
+        n
+    }
+
+    fn job(name: &str, workers: i32, phase: JobPhase) -> TrainingJob {
+        let mut j = TrainingJob::new(
+            name,
+            TrainingJobSpec {
+                workers,
+                gpus_per_worker: 2,
+                engine: None,
+                command: Some(WorkerCommand {
+                    command: vec!["/bin/true".into()],
+                    ..Default::default()
+                }),
+                checkpoint: None,
+                restart_policy: crate::crd::training_job::RestartPolicy {
+                    max_restarts: 0,
+                    ..Default::default()
+                },
+                priority: 0,
+                scheduling: Default::default(),
+                suspend: false,
+                active_deadline_seconds: None,
+                ttl_seconds_after_finished: None,
+            },
+        );
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some(format!("uid-{name}"));
+        j.metadata.generation = Some(1);
+        j.status = Some(TrainingJobStatus { phase, ..Default::default() });
+        j
+    }
+
+    fn stopped() -> AttemptReport {
+        AttemptReport { all_stopped: true, ..Default::default() }
+    }
+
+    #[test]
+    fn queued_job_is_placed_on_free_gpus_and_launched() {
+        let nodes = [node("n1", 4)];
+        let t = plan(
+            &job("a", 2, JobPhase::Queued),
+            &[],
+            &nodes,
+            &BTreeMap::new(),
+            stopped(),
+            Timestamp::now(),
+        );
+        assert_eq!(t.status.phase, JobPhase::Scheduled);
+        assert_eq!(t.effects, vec![Effect::Launch { attempt: 1 }]);
+        assert_eq!(t.status.attempt.unwrap().placement.workers.len(), 2);
+    }
+
+    #[test]
+    fn gpus_held_by_a_running_job_or_a_booking_are_not_reused() {
+        let nodes = [node("n1", 4)];
+        let first = plan(
+            &job("a", 2, JobPhase::Queued),
+            &[],
+            &nodes,
+            &BTreeMap::new(),
+            stopped(),
+            Timestamp::now(),
+        );
+        let mut running = job("a", 2, JobPhase::Running);
+        running.status = Some(first.status.clone());
+        let b = job("b", 1, JobPhase::Queued);
+        let t = plan(&b, &[&running], &nodes, &BTreeMap::new(), stopped(), Timestamp::now());
+        assert_eq!(t.status.phase, JobPhase::Queued, "all 4 GPUs are taken by job a");
+        // The same when the cache has not caught up but this process booked the GPUs.
+        let booked =
+            BTreeMap::from([("uid-a".to_string(), first.status.attempt.unwrap().placement)]);
+        let stale = job("a", 2, JobPhase::Queued);
+        let t = plan(&b, &[&stale], &nodes, &booked, stopped(), Timestamp::now());
+        assert_eq!(t.status.phase, JobPhase::Queued);
+    }
+}

@@ -1,0 +1,65 @@
+//! The operator's one error type.
+
+/// Errors from reconciling, electing a leader and serving the admin endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    /// The stored object cannot be read as its kind (a schema drift or a hand-edited object).
+    #[error("{kind} {name} is malformed: {message}")]
+    Malformed {
+        /// The kind.
+        kind: &'static str,
+        /// `namespace/name`.
+        name: String,
+        /// The deserialisation error, naming the field.
+        message: String,
+    },
+
+    /// A field the API server always sets is missing.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+
+    /// Encoding a patch failed.
+    #[error("encoding JSON: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// Talking to the agents failed.
+    #[error("fleet: {0}")]
+    Fleet(String),
+}
+
+/// `Result` with the operator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short label for the `error` dimension of the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::Malformed { .. } => "malformed",
+            Error::MissingField(_) => "missing_field",
+            Error::Json(_) => "json",
+            Error::Fleet(_) => "fleet",
+        }
+    }
+
+    /// True when retrying cannot help until the object changes.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Malformed { .. } | Error::MissingField(_) | Error::Json(_) => true,
+            Error::Kube(kube::Error::Api(status)) => status.code == 422 || status.code == 400,
+            Error::Finalizer(inner) => {
+                matches!(**inner, kube::runtime::finalizer::Error::UnnamedObject)
+            }
+            _ => false,
+        }
+    }
+}

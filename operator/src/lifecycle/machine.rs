@@ -1,0 +1,397 @@
+//! [`decide`]: one step of the `TrainingJob` state machine.
+
+use super::{
+    AttemptReport, Effect, ExitClass, HardwareFault, JobFacts, PhaseEvent, Transition, backoff,
+    classify_exit, has_live_attempt, next_attempt_number,
+};
+use crate::crd::common::{condition_types as ct, push_restart, set_condition};
+use crate::crd::{Attempt, JobPhase, Progress, RestartCause, RestartRecord};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::SignedDuration;
+
+/// How soon to look again while waiting for something the watch may not announce.
+const POLL: SignedDuration = SignedDuration::from_secs(10);
+
+/// One step of the state machine. Deterministic in its inputs.
+pub fn decide(facts: &JobFacts<'_>) -> Transition {
+    let mut step = Step::new(facts);
+    step.run();
+    step.finish()
+}
+
+struct Step<'f, 'a> {
+    f: &'f JobFacts<'a>,
+    t: Transition,
+}
+
+// === impl Step ===
+
+impl<'f, 'a> Step<'f, 'a> {
+    fn new(f: &'f JobFacts<'a>) -> Self {
+        let mut status = f.status.clone();
+        status.observed_generation = Some(f.generation);
+        if let Some(p) = &f.report.progress {
+            status.progress = Some(with_summary(p.clone()));
+        }
+        Step { f, t: Transition { status, effects: Vec::new(), event: None, requeue_after: None } }
+    }
+
+    fn phase(&self) -> JobPhase {
+        self.t.status.phase
+    }
+
+    fn run(&mut self) {
+        let f = self.f;
+        if self.phase().is_terminal() {
+            return self.ttl();
+        }
+        if let Some(at) = self.deadline()
+            && f.now >= at
+        {
+            let limit = f.spec.active_deadline_seconds.unwrap_or_default();
+            self.stop_live_attempt("active deadline exceeded");
+            return self.fail(
+                "DeadlineExceeded",
+                format!("the job was active longer than spec.activeDeadlineSeconds ({limit}s)"),
+            );
+        }
+        match &f.validity {
+            Err(invalid) => {
+                let msg = format!("{}: {}", invalid.field, invalid.message);
+                self.condition(ct::VALID, false, "InvalidSpec", &msg);
+                if matches!(self.phase(), JobPhase::Pending | JobPhase::Queued) {
+                    self.goto(JobPhase::Pending, true, "InvalidSpec", msg);
+                }
+                return;
+            }
+            Ok(()) => self.condition(
+                ct::VALID,
+                true,
+                "SpecValid",
+                "the spec passed the operator's checks",
+            ),
+        }
+        if f.spec.suspend {
+            if self.phase() != JobPhase::Suspended {
+                self.stop_live_attempt("suspended by spec.suspend");
+                self.condition(ct::READY, false, "Suspended", "spec.suspend is true");
+                self.goto(
+                    JobPhase::Suspended,
+                    false,
+                    "Suspended",
+                    "spec.suspend is true; workers are stopped".into(),
+                );
+            }
+            return;
+        }
+        match self.phase() {
+            JobPhase::Pending => {
+                let (w, g) = (f.spec.workers, f.spec.gpus_per_worker);
+                self.goto(
+                    JobPhase::Queued,
+                    false,
+                    "Queued",
+                    format!("waiting for a placement of {w} workers × {g} GPUs"),
+                );
+                self.t.requeue_after = Some(SignedDuration::ZERO);
+            }
+            JobPhase::Suspended => {
+                self.goto(
+                    JobPhase::Queued,
+                    false,
+                    "Resumed",
+                    "spec.suspend is false; queued again".into(),
+                );
+                self.t.requeue_after = Some(SignedDuration::ZERO);
+            }
+            JobPhase::Queued => self.schedule(),
+            JobPhase::Scheduled | JobPhase::Running => self.watch_attempt(),
+            JobPhase::Restarting => self.leave_restarting(),
+            JobPhase::Succeeded | JobPhase::Failed => {}
+        }
+        if let Some(at) = self.deadline() {
+            self.requeue_within(at.duration_since(f.now));
+        }
+    }
+
+    fn finish(self) -> Transition {
+        self.t
+    }
+
+    // --- helpers ---
+
+    fn now(&self) -> Time {
+        Time(self.f.now)
+    }
+
+    fn deadline(&self) -> Option<k8s_openapi::jiff::Timestamp> {
+        let secs = self.f.spec.active_deadline_seconds?;
+        let start = self.t.status.start_time.as_ref()?;
+        start.0.checked_add(SignedDuration::from_secs(secs)).ok()
+    }
+
+    fn requeue_within(&mut self, d: SignedDuration) {
+        let d = d.max(SignedDuration::ZERO);
+        self.t.requeue_after = Some(self.t.requeue_after.map_or(d, |r| r.min(d)));
+    }
+
+    fn goto(&mut self, phase: JobPhase, warning: bool, reason: &'static str, note: String) {
+        let changed = self.t.status.phase != phase;
+        let s = &mut self.t.status;
+        if changed {
+            s.phase = phase;
+            s.phase_transition_time = Some(Time(self.f.now));
+        }
+        if changed || s.message.as_deref() != Some(note.as_str()) {
+            self.t.event = Some(PhaseEvent { warning, reason, note: note.clone() });
+        }
+        s.message = Some(note);
+    }
+
+    fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: &str) {
+        let now = self.now();
+        set_condition(
+            &mut self.t.status.conditions,
+            Condition {
+                type_: type_.into(),
+                status: if ok { "True" } else { "False" }.into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: Some(self.f.generation),
+                last_transition_time: now,
+            },
+        );
+    }
+
+    fn attempt_number(&self) -> Option<i32> {
+        self.t.status.attempt.as_ref().map(|a| a.number)
+    }
+
+    fn stop_live_attempt(&mut self, reason: &str) {
+        if has_live_attempt(self.phase())
+            && let Some(attempt) = self.attempt_number()
+        {
+            self.t.effects.push(Effect::Stop { attempt, reason: reason.into() });
+        }
+    }
+
+    fn fail(&mut self, reason: &'static str, note: String) {
+        self.t.status.completion_time = Some(self.now());
+        self.condition(ct::READY, false, reason, &note);
+        self.condition(ct::COMPLETE, true, reason, &note);
+        self.goto(JobPhase::Failed, true, reason, note);
+        self.ttl();
+    }
+
+    fn ttl(&mut self) {
+        let Some(ttl) = self.f.spec.ttl_seconds_after_finished else { return };
+        let Some(done) = self.t.status.completion_time.as_ref() else { return };
+        let Ok(at) = done.0.checked_add(SignedDuration::from_secs(i64::from(ttl))) else { return };
+        if self.f.now >= at {
+            self.t.effects.push(Effect::Delete);
+        } else {
+            self.requeue_within(at.duration_since(self.f.now));
+        }
+    }
+
+    // --- phases ---
+
+    fn schedule(&mut self) {
+        let f = self.f;
+        if self.t.status.attempt.is_some() && !f.report.all_stopped {
+            let n = self.attempt_number().unwrap_or_default();
+            let note =
+                format!("waiting for every worker of attempt {n} to stop before placing the next");
+            self.goto(JobPhase::Queued, false, "WaitingForStop", note);
+            return self.requeue_within(POLL);
+        }
+        match &f.candidate {
+            None => self.requeue_within(SignedDuration::ZERO),
+            Some(Err(u)) => {
+                self.condition(ct::SCHEDULED, false, "Unschedulable", &u.message);
+                self.goto(JobPhase::Queued, false, "Unschedulable", u.message.clone());
+                self.requeue_within(POLL);
+            }
+            Some(Ok(placement)) => {
+                let number = next_attempt_number(&self.t.status);
+                let nodes = placement.nodes().join(", ");
+                let note = format!("attempt {number} placed on {nodes}");
+                self.t.status.attempt = Some(Attempt {
+                    number,
+                    placement: placement.clone(),
+                    scheduled_time: Some(self.now()),
+                    start_time: None,
+                    resumed_from_step: self
+                        .t
+                        .status
+                        .progress
+                        .as_ref()
+                        .and_then(|p| p.last_checkpoint_step),
+                });
+                self.t.status.start_time.get_or_insert(Time(f.now));
+                self.condition(ct::SCHEDULED, true, "Placed", &note);
+                self.goto(JobPhase::Scheduled, false, "Scheduled", note);
+                self.t.effects.push(Effect::Launch { attempt: number });
+            }
+        }
+    }
+
+    fn watch_attempt(&mut self) {
+        let f = self.f;
+        let report: &AttemptReport = &f.report;
+        if let Some(fault) = &report.fault {
+            return self.restart_for_hardware(RestartCause::HardwareFault, fault.clone());
+        }
+        if let Some(node) = &report.node_lost {
+            let fault = HardwareFault {
+                node: node.clone(),
+                gpu: None,
+                xid: None,
+                message: format!("node {node} stopped reporting for longer than the fence timeout"),
+            };
+            return self.restart_for_hardware(RestartCause::NodeLost, fault);
+        }
+        let policy = &f.spec.restart_policy;
+        let classified: Vec<_> =
+            report.exits.iter().map(|e| (e, classify_exit(policy, e))).collect();
+        if let Some((exit, _)) = classified.iter().find(|(_, c)| *c == ExitClass::Fatal) {
+            let note = format!(
+                "worker {} {}, which spec.restartPolicy makes fatal",
+                exit.rank,
+                describe_exit(exit)
+            );
+            self.stop_live_attempt("a worker failed fatally");
+            return self.fail("FatalExitCode", note);
+        }
+        if let Some((exit, _)) = classified.iter().find(|(_, c)| *c == ExitClass::Retryable) {
+            return self.restart_for_exit(**exit);
+        }
+        let succeeded = classified.iter().filter(|(_, c)| *c == ExitClass::Success).count() as i32;
+        if succeeded >= f.spec.workers {
+            self.t.status.completion_time = Some(self.now());
+            let n = self.attempt_number().unwrap_or_default();
+            let note = format!("all {} workers of attempt {n} exited 0", f.spec.workers);
+            self.condition(ct::READY, false, "Succeeded", &note);
+            self.condition(ct::COMPLETE, true, "Succeeded", &note);
+            self.goto(JobPhase::Succeeded, false, "Succeeded", note);
+            return self.ttl();
+        }
+        if self.phase() == JobPhase::Scheduled && report.running + succeeded >= f.spec.workers {
+            let n = self.attempt_number().unwrap_or_default();
+            if let Some(a) = self.t.status.attempt.as_mut() {
+                a.start_time = Some(Time(f.now));
+            }
+            let note = format!("all {} workers of attempt {n} are running", f.spec.workers);
+            self.condition(ct::READY, true, "Running", &note);
+            self.goto(JobPhase::Running, false, "Running", note);
+        }
+    }
+
+    fn steps_lost(&self) -> Option<i64> {
+        let p = self.t.status.progress.as_ref()?;
+        Some(p.step - p.last_checkpoint_step.unwrap_or(0)).map(|s| s.max(0))
+    }
+
+    fn record(
+        &mut self,
+        cause: RestartCause,
+        reason: String,
+        exit_code: Option<i32>,
+        fault: Option<&HardwareFault>,
+    ) {
+        let record = RestartRecord {
+            time: self.now(),
+            attempt: self.attempt_number().unwrap_or_default(),
+            cause,
+            reason,
+            exit_code,
+            node: fault.map(|h| h.node.clone()),
+            gpu: fault.and_then(|h| h.gpu),
+            xid: fault.and_then(|h| h.xid),
+            steps_lost: self.steps_lost(),
+        };
+        push_restart(&mut self.t.status.restart_history, record);
+    }
+
+    fn restart_for_exit(&mut self, exit: crate::lifecycle::WorkerExit) {
+        let policy = &self.f.spec.restart_policy;
+        let what = format!("worker {} {}", exit.rank, describe_exit(&exit));
+        self.stop_live_attempt(&what);
+        if self.t.status.restarts >= policy.max_restarts {
+            let max = policy.max_restarts;
+            return self.fail(
+                "RestartBudgetSpent",
+                format!("{what}; all {max} restarts of spec.restartPolicy.maxRestarts are spent"),
+            );
+        }
+        self.t.status.restarts += 1;
+        self.record(RestartCause::WorkerExit, what.clone(), exit.code, None);
+        let (n, max) = (self.t.status.restarts, policy.max_restarts);
+        self.condition(ct::READY, false, "Restarting", &what);
+        self.goto(
+            JobPhase::Restarting,
+            true,
+            "Restarting",
+            format!("{what}; restart {n} of {max}"),
+        );
+        self.requeue_within(backoff(policy, n));
+    }
+
+    fn restart_for_hardware(&mut self, cause: RestartCause, fault: HardwareFault) {
+        self.stop_live_attempt(&fault.message);
+        self.t.status.hardware_restarts += 1;
+        self.record(cause, fault.message.clone(), None, Some(&fault));
+        let note =
+            format!("{}; restarting elsewhere without spending the restart budget", fault.message);
+        self.condition(ct::READY, false, "HardwareFault", &fault.message);
+        self.goto(JobPhase::Restarting, true, "HardwareFault", note);
+        self.requeue_within(POLL);
+    }
+
+    fn leave_restarting(&mut self) {
+        let f = self.f;
+        if !f.report.all_stopped {
+            return self.requeue_within(POLL);
+        }
+        let last_cause = self.t.status.restart_history.last().map(|r| r.cause);
+        let wait = match last_cause {
+            Some(RestartCause::WorkerExit) => {
+                backoff(&f.spec.restart_policy, self.t.status.restarts)
+            }
+            _ => SignedDuration::ZERO,
+        };
+        let since = self.t.status.phase_transition_time.as_ref().map_or(f.now, |t| t.0);
+        let ready_at = since.checked_add(wait).unwrap_or(since);
+        if f.now < ready_at {
+            return self.requeue_within(ready_at.duration_since(f.now));
+        }
+        let n = self.attempt_number().unwrap_or_default();
+        self.goto(
+            JobPhase::Queued,
+            false,
+            "Requeued",
+            format!("attempt {n} stopped; waiting for a new placement"),
+        );
+        self.requeue_within(SignedDuration::ZERO);
+    }
+}
+
+fn describe_exit(exit: &crate::lifecycle::WorkerExit) -> String {
+    match (exit.code, exit.signal) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        (None, None) => "ended without an exit status".into(),
+    }
+}
+
+/// Fill `percent` and `summary` from `step` and `totalSteps`.
+pub(crate) fn with_summary(mut p: Progress) -> Progress {
+    if let Some(total) = p.total_steps.filter(|t| *t > 0) {
+        let pct = (p.step.clamp(0, total) * 100 / total) as i32;
+        p.percent = Some(pct);
+        p.summary = Some(format!("{}/{} ({}%)", p.step, total, pct));
+    } else {
+        p.summary = Some(format!("step {}", p.step));
+    }
+    p
+}

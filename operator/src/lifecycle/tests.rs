@@ -1,0 +1,426 @@
+//! Unit tests of the state machine: every phase against every kind of fact.
+
+use super::*;
+use crate::crd::training_job::{CheckpointSpec, WorkerCommand};
+use crate::crd::{Attempt, RestartCause, RestartRecord, WorkerPlacement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+const T0: i64 = 1_800_000_000;
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(T0 + secs).unwrap()
+}
+
+fn spec(workers: i32) -> TrainingJobSpec {
+    TrainingJobSpec {
+        workers,
+        gpus_per_worker: 2,
+        engine: None,
+        command: Some(WorkerCommand { command: vec!["/bin/train".into()], ..Default::default() }),
+        checkpoint: Some(CheckpointSpec {
+            path: "/ckpt/a".into(),
+            interval_seconds: Some(60),
+            keep: 3,
+        }),
+        restart_policy: RestartPolicy::default(),
+        priority: 0,
+        scheduling: Default::default(),
+        suspend: false,
+        active_deadline_seconds: None,
+        ttl_seconds_after_finished: None,
+    }
+}
+
+fn placement(workers: i32) -> Placement {
+    Placement {
+        workers: (0..workers)
+            .map(|rank| WorkerPlacement {
+                rank,
+                node: format!("node-{}", rank / 2),
+                gpus: vec![0, 1],
+            })
+            .collect(),
+    }
+}
+
+fn status(phase: JobPhase, attempt: Option<i32>) -> TrainingJobStatus {
+    TrainingJobStatus {
+        phase,
+        phase_transition_time: Some(Time(at(0))),
+        start_time: attempt.map(|_| Time(at(0))),
+        attempt: attempt.map(|number| Attempt {
+            number,
+            placement: placement(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Case {
+    spec: TrainingJobSpec,
+    status: TrainingJobStatus,
+    now: Timestamp,
+    validity: Result<(), InvalidSpec>,
+    candidate: Option<Result<Placement, Unschedulable>>,
+    report: AttemptReport,
+}
+
+impl Case {
+    fn new(phase: JobPhase, attempt: Option<i32>) -> Self {
+        Case {
+            spec: spec(2),
+            status: status(phase, attempt),
+            now: at(1),
+            validity: Ok(()),
+            candidate: None,
+            report: AttemptReport { all_stopped: attempt.is_none(), ..Default::default() },
+        }
+    }
+
+    fn decide(&self) -> Transition {
+        decide(&JobFacts {
+            now: self.now,
+            generation: 7,
+            spec: &self.spec,
+            status: &self.status,
+            validity: self.validity.clone(),
+            candidate: self.candidate.clone(),
+            report: self.report.clone(),
+        })
+    }
+}
+
+fn exit(rank: i32, code: i32) -> WorkerExit {
+    WorkerExit { rank, code: Some(code), signal: None }
+}
+
+fn condition<'a>(t: &'a Transition, type_: &str) -> Option<&'a str> {
+    t.status.conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
+}
+
+#[test]
+fn pending_valid_job_is_queued_with_an_event() {
+    let t = Case::new(JobPhase::Pending, None).decide();
+    assert_eq!(t.status.phase, JobPhase::Queued);
+    assert_eq!(t.status.observed_generation, Some(7));
+    assert_eq!(condition(&t, "Valid"), Some("True"));
+    assert_eq!(t.event.as_ref().map(|e| e.reason), Some("Queued"));
+    assert!(t.effects.is_empty());
+}
+
+#[test]
+fn invalid_job_stays_pending_with_valid_false_naming_the_field() {
+    let mut c = Case::new(JobPhase::Pending, None);
+    c.validity =
+        Err(InvalidSpec { field: "spec.scheduling.nodeSelector".into(), message: "bad".into() });
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Pending);
+    let valid = t.status.conditions.iter().find(|c| c.type_ == "Valid").unwrap();
+    assert_eq!(valid.status, "False");
+    assert!(valid.message.contains("spec.scheduling.nodeSelector"));
+    assert!(t.effects.is_empty());
+}
+
+#[test]
+fn invalid_running_job_keeps_running_but_reports_valid_false() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.validity = Err(InvalidSpec { field: "spec.x".into(), message: "bad".into() });
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert_eq!(condition(&t, "Valid"), Some("False"));
+    assert!(t.effects.is_empty());
+}
+
+#[test]
+fn queued_with_placement_writes_attempt_one_then_launches() {
+    let mut c = Case::new(JobPhase::Queued, None);
+    c.candidate = Some(Ok(placement(2)));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Scheduled);
+    let attempt = t.status.attempt.as_ref().unwrap();
+    assert_eq!(attempt.number, 1);
+    assert_eq!(attempt.placement, placement(2));
+    assert_eq!(t.effects, vec![Effect::Launch { attempt: 1 }]);
+    assert_eq!(t.status.start_time, Some(Time(at(1))));
+}
+
+#[test]
+fn queued_without_placement_stays_queued_unschedulable() {
+    let mut c = Case::new(JobPhase::Queued, None);
+    c.candidate = Some(Err(Unschedulable { message: "needs 2 nodes".into() }));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Queued);
+    assert_eq!(condition(&t, "Scheduled"), Some("False"));
+    assert!(t.effects.is_empty());
+    assert!(t.requeue_after.is_some());
+}
+
+#[test]
+fn next_attempt_waits_until_the_previous_is_confirmed_stopped() {
+    let mut c = Case::new(JobPhase::Queued, Some(3));
+    c.candidate = Some(Ok(placement(2)));
+    c.report.all_stopped = false;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Queued);
+    assert!(t.effects.is_empty(), "no launch while attempt 3 may still run");
+    c.report.all_stopped = true;
+    let t = c.decide();
+    assert_eq!(t.status.attempt.as_ref().unwrap().number, 4);
+    assert_eq!(t.effects, vec![Effect::Launch { attempt: 4 }]);
+}
+
+#[test]
+fn scheduled_becomes_running_when_every_worker_runs() {
+    let mut c = Case::new(JobPhase::Scheduled, Some(1));
+    c.report.running = 1;
+    assert_eq!(c.decide().status.phase, JobPhase::Scheduled);
+    c.report.running = 2;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert_eq!(condition(&t, "Ready"), Some("True"));
+    assert!(t.status.attempt.unwrap().start_time.is_some());
+}
+
+#[test]
+fn all_workers_exiting_zero_succeeds() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.exits = vec![exit(0, 0)];
+    c.report.running = 1;
+    assert_eq!(c.decide().status.phase, JobPhase::Running);
+    c.report.exits = vec![exit(0, 0), exit(1, 0)];
+    c.report.running = 0;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Succeeded);
+    assert_eq!(condition(&t, "Complete"), Some("True"));
+    assert!(t.status.completion_time.is_some());
+}
+
+#[test]
+fn retryable_exit_restarts_and_spends_the_budget() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.exits = vec![exit(1, 1)];
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!(t.status.restarts, 1);
+    assert_eq!(t.status.hardware_restarts, 0);
+    assert_eq!(
+        t.effects,
+        vec![Effect::Stop { attempt: 1, reason: "worker 1 exited with code 1".into() }]
+    );
+    let record = t.status.restart_history.last().unwrap();
+    assert_eq!(
+        (record.cause, record.exit_code, record.attempt),
+        (RestartCause::WorkerExit, Some(1), 1)
+    );
+    assert!(t.event.unwrap().warning);
+}
+
+#[test]
+fn spent_budget_fails_the_job() {
+    let mut c = Case::new(JobPhase::Running, Some(4));
+    c.status.restarts = 3;
+    c.report.exits = vec![exit(0, 2)];
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Failed);
+    assert_eq!(t.event.unwrap().reason, "RestartBudgetSpent");
+    assert!(
+        t.effects
+            .contains(&Effect::Stop { attempt: 4, reason: "worker 0 exited with code 2".into() })
+    );
+}
+
+#[test]
+fn zero_budget_fails_on_first_failure() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.spec.restart_policy.max_restarts = 0;
+    c.report.exits = vec![exit(0, 1)];
+    assert_eq!(c.decide().status.phase, JobPhase::Failed);
+}
+
+#[test]
+fn hardware_faults_restart_without_spending_the_budget() {
+    let mut c = Case::new(JobPhase::Running, Some(2));
+    c.status.restarts = 3; // budget already spent: a hardware fault still restarts
+    c.report.fault = Some(HardwareFault {
+        node: "node-1".into(),
+        gpu: Some(3),
+        xid: Some(79),
+        message: "XID 79".into(),
+    });
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!((t.status.restarts, t.status.hardware_restarts), (3, 1));
+    let r = t.status.restart_history.last().unwrap();
+    assert_eq!(
+        (r.cause, r.xid, r.gpu, r.node.as_deref()),
+        (RestartCause::HardwareFault, Some(79), Some(3), Some("node-1"))
+    );
+}
+
+#[test]
+fn lost_node_restarts_as_hardware() {
+    let mut c = Case::new(JobPhase::Scheduled, Some(1));
+    c.report.node_lost = Some("node-0".into());
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!(t.status.restart_history.last().unwrap().cause, RestartCause::NodeLost);
+    assert_eq!(t.status.restarts, 0);
+}
+
+#[test]
+fn exit_code_classes_follow_the_policy() {
+    let mut p = RestartPolicy::default();
+    let e = |code| WorkerExit { rank: 0, code: Some(code), signal: None };
+    assert_eq!(classify_exit(&p, &e(0)), ExitClass::Success);
+    assert_eq!(classify_exit(&p, &e(1)), ExitClass::Retryable);
+    p.fatal_exit_codes = vec![42];
+    assert_eq!(classify_exit(&p, &e(42)), ExitClass::Fatal);
+    p.retryable_exit_codes = vec![137, 1];
+    assert_eq!(classify_exit(&p, &e(1)), ExitClass::Retryable);
+    assert_eq!(classify_exit(&p, &e(2)), ExitClass::Fatal);
+    let killed = WorkerExit { rank: 0, code: None, signal: Some(9) };
+    assert_eq!(classify_exit(&p, &killed), ExitClass::Retryable);
+}
+
+#[test]
+fn fatal_exit_fails_without_restart() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.spec.restart_policy.fatal_exit_codes = vec![3];
+    c.report.exits = vec![exit(1, 3)];
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Failed);
+    assert_eq!(t.status.restarts, 0);
+    assert_eq!(t.event.unwrap().reason, "FatalExitCode");
+}
+
+#[test]
+fn backoff_doubles_and_is_capped() {
+    let p = RestartPolicy { backoff_seconds: 10, max_backoff_seconds: 35, ..Default::default() };
+    let secs: Vec<i64> = (1..=4).map(|n| backoff(&p, n).as_secs()).collect();
+    assert_eq!(secs, vec![10, 20, 35, 35]);
+}
+
+#[test]
+fn restarting_waits_for_stop_and_backoff_then_requeues() {
+    let mut c = Case::new(JobPhase::Restarting, Some(1));
+    c.status.restarts = 2; // backoff 20 s
+    c.status.restart_history = vec![RestartRecord {
+        time: Time(at(0)),
+        attempt: 1,
+        cause: RestartCause::WorkerExit,
+        reason: String::new(),
+        exit_code: Some(1),
+        node: None,
+        gpu: None,
+        xid: None,
+        steps_lost: None,
+    }];
+    c.report.all_stopped = false;
+    c.now = at(100);
+    assert_eq!(c.decide().status.phase, JobPhase::Restarting, "workers not confirmed dead");
+    c.report.all_stopped = true;
+    c.now = at(5);
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!(t.requeue_after, Some(SignedDuration::from_secs(15)));
+    c.now = at(20);
+    assert_eq!(c.decide().status.phase, JobPhase::Queued);
+}
+
+#[test]
+fn suspend_stops_a_live_attempt_and_resume_requeues() {
+    for phase in [JobPhase::Scheduled, JobPhase::Running] {
+        let mut c = Case::new(phase, Some(2));
+        c.spec.suspend = true;
+        let t = c.decide();
+        assert_eq!(t.status.phase, JobPhase::Suspended);
+        assert!(matches!(t.effects.as_slice(), [Effect::Stop { attempt: 2, .. }]));
+    }
+    let mut c = Case::new(JobPhase::Queued, None);
+    c.spec.suspend = true;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Suspended);
+    assert!(t.effects.is_empty());
+    let c = Case::new(JobPhase::Suspended, Some(2));
+    assert_eq!(c.decide().status.phase, JobPhase::Queued);
+}
+
+#[test]
+fn deadline_fails_a_live_job_and_stops_it() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.spec.active_deadline_seconds = Some(60);
+    c.now = at(30);
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert_eq!(t.requeue_after, Some(SignedDuration::from_secs(30)));
+    c.now = at(60);
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Failed);
+    assert_eq!(t.event.as_ref().unwrap().reason, "DeadlineExceeded");
+    assert!(matches!(t.effects.as_slice(), [Effect::Stop { attempt: 1, .. }]));
+}
+
+#[test]
+fn ttl_deletes_a_finished_job_only_after_it_passes() {
+    for phase in [JobPhase::Succeeded, JobPhase::Failed] {
+        let mut c = Case::new(phase, Some(1));
+        c.spec.ttl_seconds_after_finished = Some(100);
+        c.status.completion_time = Some(Time(at(0)));
+        c.now = at(40);
+        let t = c.decide();
+        assert!(t.effects.is_empty());
+        assert_eq!(t.requeue_after, Some(SignedDuration::from_secs(60)));
+        c.now = at(100);
+        assert_eq!(c.decide().effects, vec![Effect::Delete]);
+    }
+}
+
+#[test]
+fn terminal_phases_never_change_or_launch() {
+    for phase in [JobPhase::Succeeded, JobPhase::Failed] {
+        let mut c = Case::new(phase, Some(1));
+        c.candidate = Some(Ok(placement(2)));
+        c.report.exits = vec![exit(0, 1)];
+        c.spec.suspend = true;
+        let t = c.decide();
+        assert_eq!(t.status.phase, phase);
+        assert!(t.effects.is_empty());
+        assert!(t.event.is_none());
+    }
+}
+
+#[test]
+fn every_phase_change_emits_exactly_one_event_and_idle_steps_emit_none() {
+    let c = Case::new(JobPhase::Running, Some(1));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert!(t.event.is_none(), "nothing changed, nothing to announce");
+}
+
+#[test]
+fn progress_is_summarised_and_steps_lost_recorded() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.progress = Some(Progress {
+        step: 250,
+        total_steps: Some(1000),
+        last_checkpoint_step: Some(200),
+        ..Default::default()
+    });
+    c.report.exits = vec![exit(0, 1)];
+    let t = c.decide();
+    let p = t.status.progress.as_ref().unwrap();
+    assert_eq!((p.percent, p.summary.as_deref()), (Some(25), Some("250/1000 (25%)")));
+    assert_eq!(t.status.restart_history.last().unwrap().steps_lost, Some(50));
+}
+
+#[test]
+fn resumed_attempt_records_its_checkpoint_step() {
+    let mut c = Case::new(JobPhase::Queued, Some(1));
+    c.report.all_stopped = true;
+    c.status.progress =
+        Some(Progress { step: 130, last_checkpoint_step: Some(100), ..Default::default() });
+    c.candidate = Some(Ok(placement(2)));
+    let t = c.decide();
+    assert_eq!(t.status.attempt.unwrap().resumed_from_step, Some(100));
+}

@@ -1,0 +1,127 @@
+//! The operator's own checks of a spec: what the API server's schema and CEL rules cannot know.
+
+use crate::crd::TrainingJob;
+use crate::lifecycle::InvalidSpec;
+
+/// A label key as Kubernetes accepts it: an optional DNS-subdomain prefix and a name of at most
+/// 63 characters.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    name_ok && prefix_ok
+}
+
+/// Check one job against the rules only the operator can apply; `others` are the other jobs
+/// in the cluster (for conflicts between jobs).
+pub fn training_job(job: &TrainingJob, others: &[&TrainingJob]) -> Result<(), InvalidSpec> {
+    for key in job.spec.scheduling.node_selector.keys() {
+        if !is_label_key(key) {
+            return Err(InvalidSpec {
+                field: format!("spec.scheduling.nodeSelector[{key:?}]"),
+                message: "expected a label key (optional DNS prefix, '/', then at most 63 alphanumerics, '-', '_' or '.')".into(),
+            });
+        }
+    }
+    if let Some(path) = job.spec.checkpoint.as_ref().map(|c| c.path.as_str()) {
+        let clash = others.iter().find(|o| {
+            o.metadata.uid != job.metadata.uid
+                && o.metadata.namespace == job.metadata.namespace
+                && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
+                && o.spec.checkpoint.as_ref().is_some_and(|c| c.path == path)
+                && o.metadata.creation_timestamp < job.metadata.creation_timestamp
+        });
+        if let Some(other) = clash {
+            return Err(InvalidSpec {
+                field: "spec.checkpoint.path".into(),
+                message: format!(
+                    "expected a directory no other active job writes to; {path:?} is used by TrainingJob {}",
+                    other.metadata.name.as_deref().unwrap_or("?")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::training_job::{CheckpointSpec, TrainingJobSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn job(name: &str, path: &str, created: i64) -> TrainingJob {
+        let mut j = TrainingJob::new(
+            name,
+            TrainingJobSpec {
+                workers: 1,
+                gpus_per_worker: 1,
+                engine: None,
+                command: None,
+                checkpoint: Some(CheckpointSpec {
+                    path: path.into(),
+                    interval_seconds: Some(60),
+                    keep: 1,
+                }),
+                restart_policy: Default::default(),
+                priority: 0,
+                scheduling: Default::default(),
+                suspend: false,
+                active_deadline_seconds: None,
+                ttl_seconds_after_finished: None,
+            },
+        );
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some(name.into());
+        j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        j
+    }
+
+    #[test]
+    fn label_keys() {
+        for ok in ["zone", "flotilla.dev/pool", "a-b_c.d", "x"] {
+            assert!(is_label_key(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "UPPER.case/x", "/x", &"a".repeat(64), "a b"] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_node_selector_key_names_the_field() {
+        let mut j = job("a", "/ckpt/a", 1);
+        j.spec.scheduling.node_selector.insert("bad key".into(), "v".into());
+        let err = training_job(&j, &[]).unwrap_err();
+        assert!(err.field.starts_with("spec.scheduling.nodeSelector"), "{}", err.field);
+    }
+
+    #[test]
+    fn the_younger_of_two_jobs_sharing_a_checkpoint_path_is_invalid() {
+        let (old, young) = (job("old", "/ckpt/x", 1), job("young", "/ckpt/x", 2));
+        assert!(training_job(&old, &[&young]).is_ok());
+        let err = training_job(&young, &[&old]).unwrap_err();
+        assert_eq!(err.field, "spec.checkpoint.path");
+        assert!(err.message.contains("old"));
+        let elsewhere = job("other", "/ckpt/y", 0);
+        assert!(training_job(&young, &[&elsewhere]).is_ok());
+    }
+}
