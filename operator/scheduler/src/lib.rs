@@ -1,1 +1,44 @@
 //! The pure gang scheduler: no kube, no tonic, no tokio.
+//!
+//! Input is the fleet ([`Fleet`] of [`Node`]s and [`Gpu`]s with health, cordons, NVLink domains,
+//! racks and zones), the jobs running on it ([`RunningJob`]) and the queue ([`JobRequest`]).
+//! Output is a [`Decision`]: gangs to start ([`Placement`]), running jobs to stop first
+//! ([`Preemption`]), GPUs held for the job first in line ([`Reservation`]), and a human reason
+//! for every job that waits ([`WaitReason`]).
+//!
+//! Two entry points: [`schedule`], a pure function over plain data, and [`Scheduler`], which
+//! indexes the fleet once and keeps running jobs between passes (what the benchmark drives).
+//!
+//! Rules, in the order a pass applies them:
+//! - gangs are all or nothing: a job gets every GPU at once or none, and nothing is held in
+//!   part, so two gangs can never deadlock;
+//! - a worker's GPUs sit on one node inside one NVLink domain; a gang goes on one node, else one
+//!   rack, else one zone, else anywhere (unless its [`Locality`] requires a rack or zone), and
+//!   on the fullest scope and nodes that take it (best fit), keeping whole nodes free;
+//! - strict priority between levels; within a level the namespace with the least GPUs per unit
+//!   of weight goes first (weighted fair share), FIFO within a namespace;
+//! - a job that does not fit may preempt jobs of strictly lower priority, those that lose the
+//!   least work first, and only when the freed GPUs make it fit;
+//! - the first job that still cannot start gets a reservation; later jobs backfill around the
+//!   reserved GPUs, or onto them only if they are expected to end before its start;
+//! - failed, degraded (draining) and cordoned GPUs are never chosen.
+
+#![forbid(unsafe_code)]
+
+mod decision;
+mod fairshare;
+mod model;
+mod occupancy;
+mod place;
+mod preempt;
+mod scheduler;
+
+pub use decision::{
+    Decision, Placement, Preemption, Reservation, ScheduleError, Scope, Shortfall, WaitReason,
+    Waiting,
+};
+pub use model::{
+    Fleet, Gpu, GpuState, JobId, JobRequest, Locality, Node, Policy, RunningJob, Seconds, Spread,
+    WorkerPlacement,
+};
+pub use scheduler::{FleetStats, Scheduler, schedule};

@@ -1,0 +1,413 @@
+//! The stateful scheduler: the fleet indexed once, running jobs kept, passes over the queue.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::decision::{
+    Decision, Placement, Reservation, ScheduleError, Shortfall, WaitReason, Waiting,
+};
+use crate::fairshare::FairOrder;
+use crate::model::{Fleet, JobId, JobRequest, Policy, RunningJob, Seconds, WorkerPlacement};
+use crate::occupancy::{FREE, Occupancy, RESERVED, Topology};
+use crate::place::{Gang, Need, Search};
+
+/// Sort key for a running job whose end is unknown: after every known end.
+const UNKNOWN_END: u64 = u64::MAX;
+
+/// A running job as the scheduler keeps it.
+#[derive(Debug, Clone)]
+pub(crate) struct Slot {
+    pub id: JobId,
+    pub namespace: String,
+    pub priority: i32,
+    pub gpus: Vec<u32>,
+    pub workers: Vec<WorkerPlacement>,
+    pub started_at: Seconds,
+    pub expected_end: Option<Seconds>,
+    pub last_checkpoint: Option<Seconds>,
+}
+
+impl Slot {
+    /// GPU-seconds lost if the job stops now.
+    pub fn lost_work(&self, now: Seconds) -> u64 {
+        let since = self.last_checkpoint.unwrap_or(self.started_at);
+        self.gpus.len() as u64 * now.saturating_sub(since)
+    }
+}
+
+/// The reservation in force during one pass.
+pub(crate) struct ActiveReservation {
+    pub job: JobId,
+    pub start: Option<Seconds>,
+    pub gpus: Vec<u32>,
+    /// The occupancy as if nothing were reserved, for jobs that end before the start.
+    pub lifted: Occupancy,
+}
+
+/// Fill levels of the fleet, for metrics and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetStats {
+    /// GPUs new work may use or that jobs hold (healthy, not cordoned).
+    pub schedulable: u64,
+    /// Schedulable GPUs held by jobs.
+    pub allocated: u64,
+    /// Schedulable GPUs free.
+    pub free: u64,
+    /// Free GPUs on nodes whose schedulable GPUs are all free.
+    pub free_on_whole_nodes: u64,
+}
+
+impl FleetStats {
+    /// Allocated share of the schedulable GPUs, 0 to 1.
+    pub fn allocation(&self) -> f64 {
+        self.allocated as f64 / self.schedulable.max(1) as f64
+    }
+
+    /// Share of free GPUs stranded on partly used nodes, 0 (none) to 1 (all).
+    pub fn fragmentation(&self) -> f64 {
+        if self.free == 0 { 0.0 } else { 1.0 - self.free_on_whole_nodes as f64 / self.free as f64 }
+    }
+}
+
+/// The gang scheduler over one fleet; decisions it returns are already applied to its state.
+#[derive(Debug)]
+pub struct Scheduler {
+    pub(crate) topo: Topology,
+    pub(crate) occ: Occupancy,
+    /// Every schedulable GPU free: tells "never fits" from "not now".
+    pub(crate) empty: Occupancy,
+    pub(crate) jobs: Vec<Option<Slot>>,
+    pub(crate) by_id: HashMap<JobId, u32>,
+    /// Running jobs by expected end (unknown last).
+    pub(crate) by_end: BTreeSet<(u64, u32)>,
+    pub(crate) usage: HashMap<String, u64>,
+    pub(crate) policy: Policy,
+    vacant: Vec<u32>,
+}
+
+impl Scheduler {
+    /// Indexes the fleet and the jobs running on it; refuses inconsistent input.
+    pub fn new(
+        fleet: &Fleet,
+        running: &[RunningJob],
+        policy: Policy,
+    ) -> Result<Self, ScheduleError> {
+        let topo = Topology::new(fleet)?;
+        let occ = Occupancy::new(&topo);
+        let empty = occ.clone();
+        let mut scheduler = Scheduler {
+            topo,
+            occ,
+            empty,
+            jobs: Vec::new(),
+            by_id: HashMap::new(),
+            by_end: BTreeSet::new(),
+            usage: HashMap::new(),
+            policy,
+            vacant: Vec::new(),
+        };
+        for job in running {
+            scheduler.admit_running(job)?;
+        }
+        Ok(scheduler)
+    }
+
+    fn admit_running(&mut self, job: &RunningJob) -> Result<(), ScheduleError> {
+        if self.by_id.contains_key(&job.id) {
+            return Err(ScheduleError::DuplicateJob(job.id.clone()));
+        }
+        let mut gpus = Vec::new();
+        for worker in &job.workers {
+            let unknown_node =
+                || ScheduleError::UnknownNode { job: job.id.clone(), node: worker.node.clone() };
+            let node = *self.topo.node_by_name.get(&worker.node).ok_or_else(unknown_node)?;
+            for &index in &worker.gpus {
+                let gpu =
+                    self.topo.gpu_id(node, index).ok_or_else(|| ScheduleError::UnknownGpu {
+                        job: job.id.clone(),
+                        node: worker.node.clone(),
+                        index,
+                    })?;
+                let owner = self.occ.owner[gpu as usize];
+                // Below the sentinels an owner is a job slot: someone holds it already.
+                if owner < RESERVED || gpus.contains(&gpu) {
+                    return Err(ScheduleError::GpuHeldTwice {
+                        job: job.id.clone(),
+                        node: worker.node.clone(),
+                        index,
+                    });
+                }
+                gpus.push(gpu);
+            }
+        }
+        self.insert(Slot {
+            id: job.id.clone(),
+            namespace: job.namespace.clone(),
+            priority: job.priority,
+            gpus,
+            workers: job.workers.clone(),
+            started_at: job.started_at,
+            expected_end: job.expected_end,
+            last_checkpoint: job.last_checkpoint,
+        });
+        Ok(())
+    }
+
+    /// Records a slot as running and gives it its GPUs.
+    fn insert(&mut self, slot: Slot) -> u32 {
+        let index = self.vacant.pop().unwrap_or(self.jobs.len() as u32);
+        for &gpu in &slot.gpus {
+            self.occ.set_owner(&self.topo, gpu, index);
+        }
+        *self.usage.entry(slot.namespace.clone()).or_default() += slot.gpus.len() as u64;
+        self.by_id.insert(slot.id.clone(), index);
+        self.by_end.insert((slot.expected_end.unwrap_or(UNKNOWN_END), index));
+        if index as usize == self.jobs.len() {
+            self.jobs.push(Some(slot));
+        } else {
+            self.jobs[index as usize] = Some(slot);
+        }
+        index
+    }
+
+    /// Forgets a running job and frees its GPUs; returns it.
+    pub(crate) fn remove(&mut self, index: u32) -> Slot {
+        let slot = self.jobs[index as usize].take().expect("removing a live slot");
+        for &gpu in &slot.gpus {
+            self.occ.release(&self.topo, gpu);
+        }
+        if let Some(used) = self.usage.get_mut(&slot.namespace) {
+            *used -= slot.gpus.len() as u64;
+        }
+        self.by_id.remove(&slot.id);
+        self.by_end.remove(&(slot.expected_end.unwrap_or(UNKNOWN_END), index));
+        self.vacant.push(index);
+        slot
+    }
+
+    /// A running job ended (or was stopped): its GPUs are free again. False if unknown.
+    pub fn finish(&mut self, job: &JobId) -> bool {
+        match self.by_id.get(job) {
+            Some(&index) => {
+                self.remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A running job wrote a complete checkpoint at `at`. False if unknown.
+    pub fn record_checkpoint(&mut self, job: &JobId, at: Seconds) -> bool {
+        let Some(&index) = self.by_id.get(job) else { return false };
+        if let Some(slot) = self.jobs[index as usize].as_mut() {
+            slot.last_checkpoint = Some(at);
+        }
+        true
+    }
+
+    /// Whether a job holds GPUs now.
+    pub fn is_running(&self, job: &JobId) -> bool {
+        self.by_id.contains_key(job)
+    }
+
+    /// The jobs running now, as the scheduler sees them.
+    pub fn running(&self) -> Vec<RunningJob> {
+        self.jobs
+            .iter()
+            .flatten()
+            .map(|slot| RunningJob {
+                id: slot.id.clone(),
+                namespace: slot.namespace.clone(),
+                priority: slot.priority,
+                workers: slot.workers.clone(),
+                started_at: slot.started_at,
+                expected_end: slot.expected_end,
+                last_checkpoint: slot.last_checkpoint,
+            })
+            .collect()
+    }
+
+    /// How full and how fragmented the fleet is.
+    pub fn stats(&self) -> FleetStats {
+        let mut stats =
+            FleetStats { schedulable: 0, allocated: 0, free: 0, free_on_whole_nodes: 0 };
+        for (node, facts) in self.topo.nodes.iter().enumerate() {
+            let schedulable =
+                facts.gpus.clone().filter(|&g| self.topo.gpus[g as usize].schedulable).count()
+                    as u64;
+            let free = u64::from(self.occ.node_free[node]);
+            stats.schedulable += schedulable;
+            stats.free += free;
+            if free == schedulable {
+                stats.free_on_whole_nodes += free;
+            }
+        }
+        stats.allocated = stats.schedulable - stats.free;
+        stats
+    }
+
+    /// One pass over the queue at time `now`: places what fits, preempts where a higher
+    /// priority needs it, reserves GPUs for the first job that waits, and says why each waits.
+    /// Jobs already running are skipped. Placements and preemptions are applied at once.
+    pub fn schedule(&mut self, queue: &[JobRequest], now: Seconds) -> Decision {
+        let mut decision = Decision::default();
+        let mut reservation: Option<ActiveReservation> = None;
+        let mut order = FairOrder::new(queue);
+        loop {
+            let job = {
+                let (usage, policy) = (&self.usage, &self.policy);
+                order.next(|ns| usage.get(ns).copied().unwrap_or(0) as f64 / policy.weight_of(ns))
+            };
+            let Some(job) = job else { break };
+            if self.by_id.contains_key(&job.id) {
+                continue;
+            }
+            if let Some(reason) = self.attempt(job, now, &mut decision, &mut reservation) {
+                decision.waiting.push(Waiting { job: job.id.clone(), reason });
+            }
+        }
+        if let Some(active) = reservation {
+            decision.reservation = Some(Reservation {
+                job: active.job.clone(),
+                start: active.start,
+                workers: self.workers_of(std::slice::from_ref(&active.gpus)),
+            });
+            self.lift(&active);
+        }
+        decision
+    }
+
+    /// Tries every way to start one job; the reason it waits if none works.
+    fn attempt(
+        &mut self,
+        job: &JobRequest,
+        now: Seconds,
+        decision: &mut Decision,
+        reservation: &mut Option<ActiveReservation>,
+    ) -> Option<WaitReason> {
+        let need = Need::of(job);
+        if need.workers == 0 {
+            return Some(WaitReason::NeverFits(
+                Search::new(&self.topo, &self.empty, need).shortfall(),
+            ));
+        }
+        if let Some(gang) = Search::new(&self.topo, &self.occ, need).find() {
+            self.start(job, gang, now, decision, reservation);
+            return None;
+        }
+        if let Some(active) = reservation.as_ref() {
+            let ends_in_time = match (active.start, job.expected_duration) {
+                (Some(start), Some(duration)) => now.saturating_add(duration) <= start,
+                _ => false,
+            };
+            if ends_in_time && let Some(gang) = Search::new(&self.topo, &active.lifted, need).find()
+            {
+                self.start(job, gang, now, decision, reservation);
+                return None;
+            }
+        }
+        if self.policy.preemption
+            && let Some((victims, gang)) = self.plan_preemption(job, need, now)
+        {
+            self.evict(&victims, job, now, decision, reservation);
+            self.start(job, gang, now, decision, reservation);
+            return None;
+        }
+        if !Search::new(&self.topo, &self.empty, need).fits() {
+            return Some(WaitReason::NeverFits(
+                Search::new(&self.topo, &self.empty, need).shortfall(),
+            ));
+        }
+        if reservation.is_none()
+            && let Some((start, gang)) = self.plan_reservation(need)
+        {
+            let start = start.map(|at| at.max(now));
+            *reservation = Some(self.hold(job, start, gang));
+            return Some(WaitReason::Reserved { start });
+        }
+        let mut short: Shortfall = Search::new(&self.topo, &self.occ, need).shortfall();
+        if let Some(active) = reservation.as_ref() {
+            short.reserved_for = Some((active.job.clone(), active.gpus.len() as u64));
+        }
+        Some(WaitReason::Insufficient(short))
+    }
+
+    /// Gives a job its gang and records the placement.
+    fn start(
+        &mut self,
+        job: &JobRequest,
+        gang: Gang,
+        now: Seconds,
+        decision: &mut Decision,
+        reservation: &mut Option<ActiveReservation>,
+    ) {
+        let workers = self.workers_of(&gang);
+        let gpus: Vec<u32> = gang.into_iter().flatten().collect();
+        let slot = Slot {
+            id: job.id.clone(),
+            namespace: job.namespace.clone(),
+            priority: job.priority,
+            gpus,
+            workers: workers.clone(),
+            started_at: now,
+            expected_end: job.expected_duration.map(|d| now.saturating_add(d)),
+            last_checkpoint: None,
+        };
+        let index = self.insert(slot);
+        if let Some(active) = reservation.as_mut() {
+            let slot = self.jobs[index as usize].as_ref().expect("just inserted");
+            for &gpu in &slot.gpus {
+                active.lifted.set_owner(&self.topo, gpu, index);
+            }
+        }
+        decision.placements.push(Placement { job: job.id.clone(), workers });
+    }
+
+    /// Marks a reservation's free GPUs as held, keeping an unreserved view beside them.
+    fn hold(&mut self, job: &JobRequest, start: Option<Seconds>, gang: Gang) -> ActiveReservation {
+        let lifted = self.occ.clone();
+        let gpus: Vec<u32> = gang.into_iter().flatten().collect();
+        for &gpu in &gpus {
+            self.occ.reserved[gpu as usize] = true;
+            if self.occ.owner[gpu as usize] == FREE {
+                self.occ.set_owner(&self.topo, gpu, RESERVED);
+            }
+        }
+        ActiveReservation { job: job.id.clone(), start, gpus, lifted }
+    }
+
+    /// Ends a pass's reservation: held GPUs that are still free become plainly free.
+    fn lift(&mut self, active: &ActiveReservation) {
+        for &gpu in &active.gpus {
+            self.occ.reserved[gpu as usize] = false;
+            if self.occ.owner[gpu as usize] == RESERVED {
+                self.occ.set_owner(&self.topo, gpu, FREE);
+            }
+        }
+    }
+
+    /// Node names and GPU indices for flat GPU ids, worker by worker.
+    fn workers_of(&self, gang: &[Vec<u32>]) -> Vec<WorkerPlacement> {
+        gang.iter()
+            .filter(|gpus| !gpus.is_empty())
+            .map(|gpus| {
+                let node = self.topo.gpus[gpus[0] as usize].node;
+                let mut indices: Vec<u32> =
+                    gpus.iter().map(|&gpu| self.topo.gpus[gpu as usize].index).collect();
+                indices.sort_unstable();
+                WorkerPlacement { node: self.topo.nodes[node as usize].name.clone(), gpus: indices }
+            })
+            .collect()
+    }
+}
+
+/// One pass over a fleet as plain data: the pure entry point for callers without state.
+pub fn schedule(
+    fleet: &Fleet,
+    running: &[RunningJob],
+    queue: &[JobRequest],
+    policy: &Policy,
+    now: Seconds,
+) -> Result<Decision, ScheduleError> {
+    let mut scheduler = Scheduler::new(fleet, running, policy.clone())?;
+    Ok(scheduler.schedule(queue, now))
+}
