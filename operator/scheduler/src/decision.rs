@@ -11,6 +11,8 @@ pub struct Placement {
     pub job: JobId,
     /// One entry per worker, in rank order.
     pub workers: Vec<WorkerPlacement>,
+    /// Started while GPUs were held for an earlier job: a backfill around its reservation.
+    pub backfill: bool,
 }
 
 impl Placement {

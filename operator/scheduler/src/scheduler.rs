@@ -359,7 +359,8 @@ impl Scheduler {
                 active.lifted.set_owner(&self.topo, gpu, index);
             }
         }
-        decision.placements.push(Placement { job: job.id.clone(), workers });
+        let backfill = reservation.is_some();
+        decision.placements.push(Placement { job: job.id.clone(), workers, backfill });
     }
 
     /// Marks a reservation's free GPUs as held, keeping an unreserved view beside them.

@@ -1,0 +1,308 @@
+//! Property tests over random small fleets, running jobs and queues.
+//!
+//! Each case runs one pass and checks the decision against the input with a deliberately simple
+//! reference: per node, whole workers that fit in each NVLink domain's free GPUs.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use common::NOW;
+use flotilla_scheduler::{
+    Decision, Fleet, GpuState, JobRequest, Locality, Node, Policy, RunningJob, Spread, WaitReason,
+    WorkerPlacement, schedule,
+};
+use proptest::prelude::*;
+
+/// A GPU named by node and index.
+type GpuKey = (String, u32);
+
+fn gpu_state() -> impl Strategy<Value = (GpuState, bool)> {
+    prop_oneof![
+        8 => Just((GpuState::Healthy, false)),
+        1 => Just((GpuState::Degraded, false)),
+        1 => Just((GpuState::Failed, false)),
+        1 => Just((GpuState::Healthy, true)),
+    ]
+}
+
+fn node(index: usize) -> impl Strategy<Value = Node> {
+    let shape = (prop_oneof![Just(2u32), Just(4), Just(8)], 1u32..=2, 0u32..2, 0u32..2);
+    (
+        shape,
+        prop::bool::weighted(0.5),
+        prop::bool::weighted(0.1),
+        prop::collection::vec(gpu_state(), 8),
+    )
+        .prop_map(move |((gpus, domains, zone, rack), labelled, cordoned, states)| {
+            let mut node = Node::new(format!("n{index}"), gpus)
+                .in_rack(format!("z{zone}"), format!("r{rack}"))
+                .nvlink_domains(domains);
+            if labelled {
+                node = node.label("pool", "a");
+            }
+            if cordoned {
+                node = node.cordon();
+            }
+            for (gpu, (state, cordon)) in node.gpus.iter_mut().zip(states) {
+                gpu.state = state;
+                gpu.cordoned = cordon;
+            }
+            node
+        })
+}
+
+fn fleet() -> impl Strategy<Value = Fleet> {
+    (1usize..7).prop_flat_map(|count| (0..count).map(node).collect::<Vec<_>>().prop_map(Fleet::new))
+}
+
+/// Running jobs: each GPU of the fleet is held by one of five jobs or by nobody.
+fn running(fleet: &Fleet) -> impl Strategy<Value = Vec<RunningJob>> + use<> {
+    let gpu_count: usize = fleet.nodes.iter().map(|n| n.gpus.len()).sum();
+    let layout: Vec<(String, u32)> =
+        fleet.nodes.iter().flat_map(|n| n.gpus.iter().map(|g| (n.name.clone(), g.index))).collect();
+    let attrs = prop::collection::vec((0i32..4, 0u64..NOW, prop::option::of(0u64..2 * NOW)), 5);
+    (prop::collection::vec(prop::option::weighted(0.6, 0usize..5), gpu_count), attrs).prop_map(
+        move |(holders, attrs)| {
+            let mut by_job: BTreeMap<usize, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
+            for ((node, index), holder) in layout.iter().zip(holders) {
+                if let Some(job) = holder {
+                    by_job.entry(job).or_default().entry(node.clone()).or_default().push(*index);
+                }
+            }
+            by_job
+                .into_iter()
+                .map(|(job, nodes)| {
+                    let workers =
+                        nodes.into_iter().map(|(node, gpus)| WorkerPlacement { node, gpus });
+                    let (priority, checkpoint, end) = attrs[job];
+                    let mut running = RunningJob::new(format!("run{job}"), workers.collect())
+                        .priority(priority)
+                        .last_checkpoint(checkpoint);
+                    running.expected_end = end;
+                    running
+                })
+                .collect()
+        },
+    )
+}
+
+fn request(index: usize) -> impl Strategy<Value = JobRequest> {
+    let shape = (1u32..=4, prop_oneof![Just(1u32), Just(2), Just(4), Just(8)]);
+    let order = (0i32..4, 0u64..10, prop_oneof![Just("a"), Just("b")]);
+    let locality = prop_oneof![
+        4 => Just(Locality::Preferred),
+        1 => Just(Locality::Zone),
+        1 => Just(Locality::Rack)
+    ];
+    let extra = (prop::bool::weighted(0.2), prop::bool::weighted(0.2), prop::option::of(1u64..NOW));
+    (shape, order, locality, extra).prop_map(
+        move |((workers, per), (priority, arrival, namespace), locality, (spread, select, dur))| {
+            let mut job = JobRequest::new(format!("job{index}"), workers, per)
+                .priority(priority)
+                .arrival(arrival)
+                .namespace(namespace)
+                .locality(locality);
+            if spread {
+                job = job.spread(Spread::Spread);
+            }
+            if select {
+                job = job.select("pool", "a");
+            }
+            job.expected_duration = dur;
+            job
+        },
+    )
+}
+
+fn queue() -> impl Strategy<Value = Vec<JobRequest>> {
+    (1usize..8).prop_flat_map(|count| (0..count).map(request).collect::<Vec<_>>())
+}
+
+fn case() -> impl Strategy<Value = (Fleet, Vec<RunningJob>, Vec<JobRequest>, bool)> {
+    fleet().prop_flat_map(|fleet| {
+        let running = running(&fleet);
+        (Just(fleet), running, queue(), prop::bool::weighted(0.8))
+    })
+}
+
+/// Schedulable GPUs: healthy, not cordoned, on a node that is not cordoned.
+fn schedulable(fleet: &Fleet) -> BTreeSet<GpuKey> {
+    fleet
+        .nodes
+        .iter()
+        .filter(|n| !n.cordoned)
+        .flat_map(|n| {
+            n.gpus.iter().filter(|g| g.is_schedulable()).map(|g| (n.name.clone(), g.index))
+        })
+        .collect()
+}
+
+fn keys(workers: &[WorkerPlacement]) -> impl Iterator<Item = GpuKey> + '_ {
+    workers.iter().flat_map(|w| w.gpus.iter().map(|&i| (w.node.clone(), i)))
+}
+
+/// The reference: whether the job's workers fit in the given free GPUs.
+fn fits(fleet: &Fleet, free: &BTreeSet<GpuKey>, job: &JobRequest) -> bool {
+    let mut groups: HashMap<(String, String), u32> = HashMap::new();
+    for node in &fleet.nodes {
+        if !job.node_selector.iter().all(|(k, v)| node.labels.get(k) == Some(v)) {
+            continue;
+        }
+        let mut per_domain: BTreeMap<u32, u32> = BTreeMap::new();
+        for gpu in &node.gpus {
+            if free.contains(&(node.name.clone(), gpu.index)) {
+                *per_domain.entry(gpu.nvlink_domain).or_default() += 1;
+            }
+        }
+        let mut cap: u32 = per_domain.values().map(|f| f / job.gpus_per_worker).sum();
+        if job.spread == Spread::Spread {
+            cap = cap.min(1);
+        }
+        let group = match job.locality {
+            Locality::Preferred => (String::new(), String::new()),
+            Locality::Zone => (node.zone.clone(), String::new()),
+            Locality::Rack => (node.zone.clone(), node.rack.clone()),
+        };
+        *groups.entry(group).or_default() += cap;
+    }
+    groups.values().any(|&cap| cap >= job.workers)
+}
+
+/// Placements have the requested shape on schedulable GPUs, and nothing is held twice.
+fn check_shapes(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d: &Decision) {
+    let usable = schedulable(fleet);
+    let nodes: HashMap<&str, &Node> = fleet.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let victims: BTreeSet<&str> = d.preemptions.iter().map(|p| p.victim.0.as_str()).collect();
+    let mut held = BTreeSet::new();
+    for job in running.iter().filter(|r| !victims.contains(r.id.0.as_str())) {
+        for key in keys(&job.workers) {
+            assert!(held.insert(key), "input held a GPU twice");
+        }
+    }
+    for placement in &d.placements {
+        let job = queue.iter().find(|j| j.id == placement.job).expect("placed job is queued");
+        assert_eq!(placement.workers.len() as u32, job.workers, "gang is whole: {placement:?}");
+        for worker in &placement.workers {
+            let node = nodes[worker.node.as_str()];
+            assert_eq!(worker.gpus.len() as u32, job.gpus_per_worker);
+            let domains: BTreeSet<u32> = worker
+                .gpus
+                .iter()
+                .map(|&i| node.gpus.iter().find(|g| g.index == i).unwrap().nvlink_domain)
+                .collect();
+            assert_eq!(domains.len(), 1, "worker crosses NVLink domains: {worker:?}");
+            assert!(job.node_selector.iter().all(|(k, v)| node.labels.get(k) == Some(v)));
+        }
+        for key in keys(&placement.workers) {
+            assert!(usable.contains(&key), "unschedulable GPU {key:?} chosen");
+            assert!(held.insert(key.clone()), "GPU {key:?} allocated twice");
+        }
+        let spots: BTreeSet<(&str, &str)> = placement
+            .workers
+            .iter()
+            .map(|w| (nodes[w.node.as_str()].zone.as_str(), nodes[w.node.as_str()].rack.as_str()))
+            .collect();
+        let zones: BTreeSet<&str> = spots.iter().map(|s| s.0).collect();
+        match job.locality {
+            Locality::Rack => assert_eq!(spots.len(), 1, "gang left its rack"),
+            Locality::Zone => assert_eq!(zones.len(), 1, "gang left its zone"),
+            Locality::Preferred => {}
+        }
+        if job.spread == Spread::Spread {
+            assert_eq!(placement.node_count(), placement.workers.len(), "spread shares a node");
+        }
+    }
+    let decided: BTreeSet<&str> = d
+        .placements
+        .iter()
+        .map(|p| p.job.0.as_str())
+        .chain(d.waiting.iter().map(|w| w.job.0.as_str()))
+        .collect();
+    assert_eq!(decided.len(), d.placements.len() + d.waiting.len(), "a job decided twice");
+    assert_eq!(decided.len(), queue.len(), "every queued job is placed or waits");
+}
+
+/// Free GPUs after the decision.
+fn free_after(fleet: &Fleet, running: &[RunningJob], d: &Decision) -> BTreeSet<GpuKey> {
+    let victims: BTreeSet<&str> = d.preemptions.iter().map(|p| p.victim.0.as_str()).collect();
+    let mut free = schedulable(fleet);
+    for job in running.iter().filter(|r| !victims.contains(r.id.0.as_str())) {
+        keys(&job.workers).for_each(|k| {
+            free.remove(&k);
+        });
+    }
+    for placement in &d.placements {
+        keys(&placement.workers).for_each(|k| {
+            free.remove(&k);
+        });
+    }
+    free
+}
+
+/// No waiting job would fit if a lower-priority job placed in this pass stepped aside.
+fn check_priority(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d: &Decision) {
+    let free = free_after(fleet, running, d);
+    let reserved: BTreeSet<GpuKey> =
+        d.reservation.iter().flat_map(|r| keys(&r.workers).collect::<Vec<_>>()).collect();
+    let by_id: HashMap<&str, &JobRequest> = queue.iter().map(|j| (j.id.0.as_str(), j)).collect();
+    for waiting in &d.waiting {
+        let job = by_id[waiting.job.0.as_str()];
+        let holds = d.reservation.as_ref().is_some_and(|r| r.job == waiting.job);
+        for placement in &d.placements {
+            let lower = by_id[placement.job.0.as_str()];
+            if lower.priority >= job.priority {
+                continue;
+            }
+            let mut offered = free.clone();
+            offered.extend(keys(&placement.workers));
+            if !holds {
+                offered.retain(|k| !reserved.contains(k));
+            }
+            assert!(!fits(fleet, &offered, job), "{} blocked by lower {}", job.id, lower.id);
+        }
+        let never = !fits(fleet, &schedulable(fleet), job);
+        assert_eq!(matches!(waiting.reason, WaitReason::NeverFits(_)), never, "{waiting:?}");
+    }
+}
+
+/// Preemptions target lower priorities and each victim's GPUs are used by its preemptor;
+/// backfill onto reserved GPUs only by jobs that end before the reserved start.
+fn check_preemption_and_reservation(running: &[RunningJob], queue: &[JobRequest], d: &Decision) {
+    for preemption in &d.preemptions {
+        let victim = running.iter().find(|r| r.id == preemption.victim).expect("victim runs");
+        let job = queue.iter().find(|j| j.id == preemption.for_job).expect("preemptor queued");
+        assert!(victim.priority < job.priority, "preempted an equal or higher priority");
+        let placement = d.placements.iter().find(|p| p.job == job.id).expect("preemptor placed");
+        let used: BTreeSet<GpuKey> = keys(&placement.workers).collect();
+        assert!(keys(&victim.workers).any(|k| used.contains(&k)), "preempted for nothing");
+    }
+    let Some(reservation) = &d.reservation else { return };
+    assert!(d.waiting.iter().any(|w| w.job == reservation.job));
+    let reserved: BTreeSet<GpuKey> = keys(&reservation.workers).collect();
+    for placement in d.placements.iter().filter(|p| p.backfill) {
+        if keys(&placement.workers).any(|k| reserved.contains(&k)) {
+            let job = queue.iter().find(|j| j.id == placement.job).unwrap();
+            let ends = job.expected_duration.map(|dur| NOW + dur);
+            assert!(
+                matches!((ends, reservation.start), (Some(e), Some(s)) if e <= s),
+                "{} took reserved GPUs and may delay {}",
+                job.id,
+                reservation.job
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn decisions_hold_every_invariant((fleet, running, queue, preemption) in case()) {
+        let policy = Policy { preemption, ..Policy::default() };
+        let decision = schedule(&fleet, &running, &queue, &policy, NOW).expect("valid input");
+        check_shapes(&fleet, &running, &queue, &decision);
+        check_priority(&fleet, &running, &queue, &decision);
+        check_preemption_and_reservation(&running, &queue, &decision);
+    }
+}
