@@ -1,0 +1,167 @@
+//! `flotilla-worker train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use flotilla_engine::collective::{GroupSpec, Ring};
+use flotilla_engine::metrics::{Metrics, TrainMetrics};
+use flotilla_engine::progress::{ProgressLine, ProgressReporter};
+use flotilla_engine::train::Trainer;
+
+use super::{ConfigSource, EXIT_TERMINATED, check_group, runtime};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    source: ConfigSource,
+    /// Directory for checkpoints; the run resumes from the newest complete one found there.
+    #[arg(long, env = "FLOTILLA_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Override `training.checkpointInterval` (steps; 0 = only at the end and on SIGTERM).
+    #[arg(long, env = "FLOTILLA_CHECKPOINT_INTERVAL")]
+    checkpoint_interval: Option<u64>,
+    /// Override `training.steps`.
+    #[arg(long, env = "FLOTILLA_STEPS")]
+    steps: Option<u64>,
+    /// Serve Prometheus metrics on this port (0 picks a free one); off when absent.
+    #[arg(long, env = "FLOTILLA_METRICS_PORT")]
+    metrics_port: Option<u16>,
+    /// Address rank 0 listens on for rendezvous.
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Port rank 0 listens on for rendezvous.
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    master_port: u16,
+    /// This worker's rank.
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    rank: usize,
+    /// Number of workers.
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    world_size: usize,
+    /// Restart attempt number, recorded in checkpoints.
+    #[arg(long, env = "FLOTILLA_ATTEMPT", default_value_t = 0)]
+    attempt: u64,
+    /// Unix socket of the agent, which receives one JSON progress line per step.
+    #[arg(long, env = "FLOTILLA_PROGRESS_SOCKET")]
+    progress_socket: Option<PathBuf>,
+    /// Log lines instead of a progress bar even on a terminal.
+    #[arg(long, env = "FLOTILLA_NO_PROGRESS_BAR")]
+    no_progress_bar: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut config = args.source.load()?;
+    if let Some(steps) = args.steps {
+        config.training.steps = steps;
+    }
+    if let Some(interval) = args.checkpoint_interval {
+        config.training.checkpoint_interval = interval;
+    }
+    config.validate().map_err(|e| super::InvalidConfig(e.to_string()))?;
+    check_group(args.rank, args.world_size)?;
+
+    let rt = runtime()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.spawn(watch_signals(stop.clone()));
+    let metrics = Metrics::new();
+    let train_metrics = TrainMetrics::new(&metrics).context("registering metrics")?;
+    if let Some(port) = args.metrics_port {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("0.0.0.0", port)))
+            .context("metrics port")?;
+        let addr = listener.local_addr()?;
+        println!("metrics on {addr}");
+        let registry = metrics.clone();
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(move || std::future::ready(registry.render())));
+        rt.spawn(async move { axum::serve(listener, app).await });
+    }
+
+    let timeout = Duration::from_secs(config.training.collective_timeout_seconds);
+    let spec = GroupSpec { rank: args.rank, world: args.world_size, timeout };
+    let master = format!("{}:{}", args.master_addr, args.master_port);
+    let ring = Ring::connect(spec, &master)?;
+    let total = config.training.steps;
+    let interval = config.training.checkpoint_interval;
+    let target = config.training.target_loss;
+    let mut trainer = Trainer::new(config, ring, args.checkpoint_dir.clone(), args.attempt)?;
+    if trainer.step() > 0 {
+        tracing::info!(step = trainer.step(), "resumed from checkpoint");
+    }
+    tracing::info!(
+        rank = args.rank,
+        world = args.world_size,
+        params = trainer.model().num_params(),
+        "training"
+    );
+    let socket = if args.rank == 0 { args.progress_socket.clone() } else { None };
+    let mut progress = ProgressReporter::new(
+        total,
+        trainer.step(),
+        socket,
+        !args.no_progress_bar && args.rank == 0,
+    );
+    let layers: Vec<usize> = trainer.model().moe_blocks().map(|(i, _)| i).collect();
+    while trainer.step() < total {
+        let report = trainer.train_step(stop.load(Ordering::SeqCst))?;
+        let biases: Vec<Vec<f32>> =
+            trainer.model().moe_blocks().map(|(_, b)| b.bias.clone()).collect();
+        train_metrics.observe_step(&report, &layers, &biases);
+        let due = interval > 0 && report.step % interval == 0;
+        if (report.stop || due || report.step == total)
+            && let Some(seconds) = trainer.checkpoint()?
+        {
+            train_metrics.observe_checkpoint(seconds);
+            tracing::debug!(step = report.step, seconds, "checkpoint written");
+        }
+        progress.report(&ProgressLine {
+            step: report.step,
+            total_steps: total,
+            loss: report.loss,
+            tokens_per_second: report.tokens as f64 / report.seconds.max(1e-9),
+            last_checkpoint_step: trainer.last_checkpoint_step,
+        });
+        if report.stop {
+            progress.finish();
+            eprintln!("stopped by signal at step {} after checkpointing", report.step);
+            return Ok(ExitCode::from(EXIT_TERMINATED));
+        }
+    }
+    progress.finish();
+    let final_loss = trainer.losses().last().copied().unwrap_or(f32::NAN);
+    match target {
+        Some(t) => println!(
+            "finished {total} steps: final loss {final_loss} (target {t}: {})",
+            if f64::from(final_loss) <= t { "reached" } else { "not reached" }
+        ),
+        None => println!("finished {total} steps: final loss {final_loss}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first SIGTERM or SIGINT asks for a checkpoint and a clean stop; a second one exits at once.
+async fn watch_signals(stop: Arc<AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    for _ in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("second signal: exiting without a checkpoint");
+            std::process::exit(i32::from(EXIT_TERMINATED));
+        }
+        tracing::warn!("signal received: checkpointing after this step");
+    }
+}

@@ -1,0 +1,134 @@
+//! The OpenAI-compatible server over real HTTP on loopback.
+#![cfg(feature = "runtime")]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use candle_core::Device;
+use flotilla_engine::config::EngineConfig;
+use flotilla_engine::metrics::{Metrics, ServeMetrics};
+use flotilla_engine::model::Model;
+use flotilla_engine::serve::batcher::Batcher;
+use flotilla_engine::serve::{ServeState, router};
+use serde_json::Value;
+
+/// Starts a server with the tiny model on a free port; returns its address.
+fn start_server() -> String {
+    let config = EngineConfig::preset("tiny").expect("tiny");
+    let model = Model::new(&config.model, 1, &Device::Cpu).expect("model");
+    let metrics = Metrics::new();
+    let serve_metrics = ServeMetrics::new(&metrics, "flotilla-moe").expect("metrics");
+    let batcher = Batcher::spawn(model, 4, serve_metrics);
+    let state = Arc::new(ServeState::new(batcher, "flotilla-moe".into(), 128, 8, metrics));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr").to_string()).expect("send addr");
+            axum::serve(listener, router(state)).await.expect("serve");
+        });
+    });
+    rx.recv().expect("address")
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    (status, if chunked { dechunk(body) } else { body.to_owned() })
+}
+
+/// Removes HTTP chunked framing (sizes on their own lines).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_owned() };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[test]
+fn completions_streaming_errors_and_metrics_over_http() {
+    let addr = start_server();
+    let (status, body) = request(&addr, "GET", "/health", "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(&addr, "GET", "/ready", "");
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = request(&addr, "GET", "/v1/models", "");
+    let models: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(models["data"][0]["id"], "flotilla-moe");
+
+    let (status, body) = request(
+        &addr,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"flotilla-moe","prompt":"The ship","max_tokens":5,"temperature":0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let completion: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(completion["usage"]["completion_tokens"], 5);
+    assert_eq!(completion["usage"]["prompt_tokens"], 8);
+    assert_eq!(completion["choices"][0]["finish_reason"], "length");
+
+    let chat = r#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":4,"stream":true}"#;
+    let (status, body) = request(&addr, "POST", "/v1/chat/completions", chat);
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let first: Value = serde_json::from_str(events[0]).expect("chunk json");
+    assert_eq!(first["object"], "chat.completion.chunk");
+    let last_chunk: Value = serde_json::from_str(events[events.len() - 2]).expect("chunk json");
+    assert_eq!(last_chunk["choices"][0]["finish_reason"], "length");
+
+    for (path, body, want) in [
+        ("/v1/completions", "{not json", 400),
+        ("/v1/completions", r#"{"prompt":3}"#, 400),
+        ("/v1/completions", r#"{"prompt":"x","model":"gpt-9"}"#, 404),
+        ("/v1/chat/completions", r#"{"messages":[]}"#, 400),
+    ] {
+        let (status, text) = request(&addr, "POST", path, body);
+        assert_eq!(status, want, "{body} -> {text}");
+        let err: Value = serde_json::from_str(&text).expect("error body is JSON");
+        assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{text}");
+    }
+
+    // Concurrent requests are batched and all answered.
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = format!(r#"{{"prompt":"request {i}","max_tokens":3}}"#);
+                request(&addr, "POST", "/v1/completions", &body).0
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().expect("client"), 200);
+    }
+
+    let (_, metrics) = request(&addr, "GET", "/metrics", "");
+    assert!(
+        metrics.contains("vllm:generation_tokens_total{model_name=\"flotilla-moe\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vllm:time_to_first_token_seconds_bucket"), "{metrics}");
+}

@@ -1,0 +1,149 @@
+//! The `flotilla-worker` binary: two ranks on loopback train, are stopped by SIGTERM after a
+//! checkpoint, resume exactly; a killed rank is named by the survivor, which exits promptly.
+#![cfg(feature = "runtime")]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running rank and the lines of its stderr.
+struct Worker {
+    child: Child,
+    stderr: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Worker {
+    fn start(rank: usize, port: u16, dir: &Path, steps: u64) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"))
+            .args(["train", "--preset", "tiny", "--no-progress-bar", "--checkpoint-interval", "0"])
+            .args(["--steps", &steps.to_string()])
+            .arg("--checkpoint-dir")
+            .arg(dir)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn worker");
+        let (tx, stderr) = channel();
+        let pipe = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, stderr, seen: Vec::new() }
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(100)) {
+                let hit = line.contains(needle);
+                self.seen.push(line);
+                if hit {
+                    return;
+                }
+            }
+        }
+        panic!("no line containing {needle:?} within {limit:?}; saw {:#?}", self.seen);
+    }
+
+    /// Waits for exit; returns (code, stdout, all stderr).
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "worker did not exit within {limit:?}: it hangs");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        }
+        self.seen.extend(self.stderr.try_iter());
+        (status.code(), out, self.seen.join("\n"))
+    }
+
+    fn signal(&self, name: &str) {
+        let ok =
+            Command::new("kill").args([name, &self.child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+    }
+}
+
+fn final_loss(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.split("final loss ").nth(1))
+        .expect("final loss line")
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn a_killed_rank_is_named_and_the_survivor_exits_promptly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut rank0 = Worker::start(0, port, dir.path(), 1_000_000);
+    let mut rank1 = Worker::start(1, port, dir.path(), 1_000_000);
+    rank0.wait_for("training", Duration::from_secs(60));
+    rank1.child.kill().expect("kill rank 1");
+    let (code, _, stderr) = rank0.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("lost rank 1"), "{stderr}");
+    let _ = rank1.finish(Duration::from_secs(5));
+}
+
+#[test]
+fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
+    let steps = 60;
+    let straight = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let a = Worker::start(0, port, straight.path(), steps);
+    let b = Worker::start(1, port, straight.path(), steps);
+    let (code, expected_out, stderr) = a.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(b.finish(Duration::from_secs(10)).0, Some(0));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut a = Worker::start(0, port, dir.path(), steps);
+    let b = Worker::start(1, port, dir.path(), steps);
+    a.wait_for("step=4", Duration::from_secs(60));
+    a.signal("-TERM");
+    b.signal("-TERM");
+    let (code, _, stderr) = a.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(143), "{stderr}");
+    assert_eq!(b.finish(Duration::from_secs(10)).0, Some(143));
+    let latest = std::fs::read_to_string(dir.path().join("latest")).expect("latest written");
+    assert!(latest.starts_with("step-"), "{latest}");
+
+    let port = free_port();
+    let a = Worker::start(0, port, dir.path(), steps);
+    let b = Worker::start(1, port, dir.path(), steps);
+    let (code, resumed_out, stderr) = a.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("resumed from checkpoint"), "{stderr}");
+    assert_eq!(b.finish(Duration::from_secs(10)).0, Some(0));
+    assert_eq!(final_loss(&resumed_out), final_loss(&expected_out));
+}
