@@ -39,6 +39,8 @@ pub(crate) struct ActiveReservation {
     pub job: JobId,
     pub start: Option<Seconds>,
     pub gpus: Vec<u32>,
+    /// The same GPUs as the workers the job is expected to get.
+    pub workers: Vec<WorkerPlacement>,
     /// The occupancy as if nothing were reserved, for jobs that end before the start.
     pub lifted: Occupancy,
 }
@@ -269,7 +271,7 @@ impl Scheduler {
             decision.reservation = Some(Reservation {
                 job: active.job.clone(),
                 start: active.start,
-                workers: self.workers_of(std::slice::from_ref(&active.gpus)),
+                workers: active.workers.clone(),
             });
             self.lift(&active);
         }
@@ -366,6 +368,7 @@ impl Scheduler {
     /// Marks a reservation's free GPUs as held, keeping an unreserved view beside them.
     fn hold(&mut self, job: &JobRequest, start: Option<Seconds>, gang: Gang) -> ActiveReservation {
         let lifted = self.occ.clone();
+        let workers = self.workers_of(&gang);
         let gpus: Vec<u32> = gang.into_iter().flatten().collect();
         for &gpu in &gpus {
             self.occ.reserved[gpu as usize] = true;
@@ -373,7 +376,7 @@ impl Scheduler {
                 self.occ.set_owner(&self.topo, gpu, RESERVED);
             }
         }
-        ActiveReservation { job: job.id.clone(), start, gpus, lifted }
+        ActiveReservation { job: job.id.clone(), start, gpus, workers, lifted }
     }
 
     /// Ends a pass's reservation: held GPUs that are still free become plainly free.
