@@ -220,7 +220,7 @@ impl EngineConfig {
                 warmup_steps: 10,
                 dataset: Dataset::Synthetic,
                 checkpoint_interval: 0,
-                target_loss: Some(0.6),
+                target_loss: Some(0.15),
                 ..TrainingConfig::default()
             },
             serving: ServingConfig::default(),

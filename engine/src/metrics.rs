@@ -244,3 +244,42 @@ impl ServeMetrics {
         self.e2e_latency.with_label_values(&self.label()).observe(seconds);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_and_serving_metrics_render_under_their_names() {
+        let metrics = Metrics::new();
+        let train = TrainMetrics::new(&metrics).expect("train metrics");
+        let report = StepReport {
+            step: 1,
+            loss: 2.5,
+            tokens: 100,
+            seconds: 0.5,
+            allreduce_seconds: 0.1,
+            expert_load: vec![vec![3.0, 1.0]],
+            max_violation: vec![0.5],
+            grad_norm: 1.0,
+            learning_rate: 1e-3,
+            stop: false,
+        };
+        train.observe_step(&report, &[1], &[vec![0.001, -0.001]]);
+        train.observe_checkpoint(0.2);
+        let serve = ServeMetrics::new(&metrics, "m").expect("serve metrics");
+        serve.observe_token(0.01, true);
+        let text = metrics.render();
+        for needle in [
+            "flotilla_train_loss 2.5",
+            "flotilla_train_tokens_per_second 200",
+            "flotilla_moe_expert_load{expert=\"0\",layer=\"1\"} 3",
+            "flotilla_moe_max_violation{layer=\"1\"} 0.5",
+            "flotilla_moe_router_bias{expert=\"1\",layer=\"1\"} -0.001",
+            "flotilla_train_checkpoint_seconds_count 1",
+            "vllm:generation_tokens_total{model_name=\"m\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+}

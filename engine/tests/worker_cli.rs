@@ -1,9 +1,11 @@
-//! The `flotilla-worker` binary: two ranks on loopback train, are stopped by SIGTERM after a
-//! checkpoint, resume exactly; a killed rank is named by the survivor, which exits promptly.
+//! The `flotilla-worker` binary: two ranks on loopback train (reporting progress to an agent
+//! socket), are stopped by SIGTERM after a checkpoint and resume exactly; a killed rank is named
+//! by the survivor, which exits promptly.
 #![cfg(feature = "runtime")]
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
@@ -25,6 +27,10 @@ struct Worker {
 
 impl Worker {
     fn start(rank: usize, port: u16, dir: &Path, steps: u64) -> Self {
+        Self::start_with(rank, port, dir, steps, &[])
+    }
+
+    fn start_with(rank: usize, port: u16, dir: &Path, steps: u64, env: &[(&str, &Path)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"))
             .args(["train", "--preset", "tiny", "--no-progress-bar", "--checkpoint-interval", "0"])
             .args(["--steps", &steps.to_string()])
@@ -35,6 +41,7 @@ impl Worker {
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", "2")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -119,11 +126,28 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
     let steps = 60;
     let straight = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let a = Worker::start(0, port, straight.path(), steps);
+    let socket_path = straight.path().join("progress.sock");
+    let agent = UnixListener::bind(&socket_path).expect("agent socket");
+    let agent = std::thread::spawn(move || {
+        let (conn, _) = agent.accept().expect("worker connects");
+        BufReader::new(conn).lines().map_while(Result::ok).collect::<Vec<_>>()
+    });
+    let env = [("FLOTILLA_PROGRESS_SOCKET", socket_path.as_path())];
+    let a = Worker::start_with(0, port, straight.path(), steps, &env);
     let b = Worker::start(1, port, straight.path(), steps);
     let (code, expected_out, stderr) = a.finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(b.finish(Duration::from_secs(10)).0, Some(0));
+    let lines = agent.join().expect("agent thread");
+    assert_eq!(lines.len() as u64, steps, "one progress line per step");
+    let last: serde_json::Value = serde_json::from_str(&lines[lines.len() - 1]).expect("JSON line");
+    assert_eq!(last["step"], steps);
+    assert_eq!(last["totalSteps"], steps);
+    assert_eq!(last["lastCheckpointStep"], steps);
+    assert!(
+        last["loss"].as_f64().is_some_and(|l| l > 0.0)
+            && last["tokensPerSecond"].as_f64().is_some()
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
