@@ -1,0 +1,218 @@
+//! Command line: `run` (the agent), `certs` (development certificates), `inject` and `clear`
+//! (drive a running agent's admin endpoint). Every flag also reads an environment variable.
+
+use crate::link::{ClientTlsFiles, LinkConfig};
+use crate::{AgentOptions, BackendChoice};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The Flotilla node agent.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-agent", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Generate a development CA, an operator certificate and per-node client certificates.
+    Certs(CertsArgs),
+    /// Inject a fault into a simulated GPU of a running agent.
+    Inject(InjectArgs),
+    /// Clear a GPU's Failed/Degraded state (admin override) on a running agent.
+    Clear(ClearArgs),
+}
+
+/// GPU backend.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendKind {
+    /// Real GPUs through NVML.
+    Nvml,
+    /// Simulated GPUs.
+    Simulated,
+}
+
+/// `flotilla-agent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Node name; must match the client certificate.
+    #[arg(long, env = "FLOTILLA_NODE_NAME")]
+    pub node: String,
+    /// Operator gRPC endpoint.
+    #[arg(long, env = "FLOTILLA_OPERATOR_URL", default_value = "https://127.0.0.1:7443")]
+    pub operator: String,
+    /// GPU backend.
+    #[arg(long, env = "FLOTILLA_BACKEND", value_enum, default_value = "simulated")]
+    pub backend: BackendKind,
+    /// Simulated GPUs per node.
+    #[arg(long, env = "FLOTILLA_SIM_GPUS", default_value_t = 8)]
+    pub gpus: u32,
+    /// Simulated GPU model (H100, H200, A100, L40S).
+    #[arg(long, env = "FLOTILLA_SIM_GPU_MODEL", default_value = "H100")]
+    pub gpu_model: String,
+    /// Simulated telemetry seed.
+    #[arg(long, env = "FLOTILLA_SIM_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Telemetry period, milliseconds.
+    #[arg(long, env = "FLOTILLA_SAMPLE_INTERVAL_MS", default_value_t = 1000)]
+    pub sample_interval_ms: u64,
+    /// Admin server (metrics, health, injection) address.
+    #[arg(long, env = "FLOTILLA_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:9400")]
+    pub admin_addr: SocketAddr,
+    /// CA certificate that signed the operator's certificate (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's client key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Name the operator's certificate must carry.
+    #[arg(long, env = "FLOTILLA_TLS_SERVER_NAME", default_value = "localhost")]
+    pub tls_server_name: String,
+    /// Kill workers after this long without the operator, seconds (until the operator says).
+    #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_S", default_value_t = 30)]
+    pub fence_timeout_s: u64,
+}
+
+impl RunArgs {
+    /// Agent options; TLS needs all three files or none (plaintext only for `http://`).
+    pub fn options(&self) -> anyhow::Result<AgentOptions> {
+        let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(ClientTlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: self.tls_server_name.clone(),
+            }),
+            (None, None, None) if self.operator.starts_with("http://") => None,
+            _ => anyhow::bail!(
+                "--tls-ca, --tls-cert and --tls-key: expected all three for an https:// operator \
+                 (got ca={:?}, cert={:?}, key={:?}, operator={})",
+                self.tls_ca,
+                self.tls_cert,
+                self.tls_key,
+                self.operator
+            ),
+        };
+        let backend = match self.backend {
+            BackendKind::Nvml => BackendChoice::Nvml,
+            BackendKind::Simulated => BackendChoice::Simulated {
+                gpus: self.gpus,
+                model: self.gpu_model.clone(),
+                seed: self.seed,
+            },
+        };
+        Ok(AgentOptions {
+            node: self.node.clone(),
+            backend,
+            link: LinkConfig {
+                endpoint: self.operator.clone(),
+                tls,
+                backoff_min: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(10),
+                fence_timeout: Duration::from_secs(self.fence_timeout_s),
+            },
+            sample_interval: Duration::from_millis(self.sample_interval_ms.max(50)),
+            admin_addr: Some(self.admin_addr),
+        })
+    }
+}
+
+/// `flotilla-agent certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Output directory.
+    #[arg(long, env = "FLOTILLA_CERTS_OUT", default_value = "certs")]
+    pub out: PathBuf,
+    /// Node names, one client certificate each.
+    #[arg(long = "node", env = "FLOTILLA_CERTS_NODES", value_delimiter = ',', required = true)]
+    pub nodes: Vec<String>,
+    /// Names (DNS or IP) the operator's certificate is valid for.
+    #[arg(long = "operator-name", env = "FLOTILLA_CERTS_OPERATOR_NAMES", value_delimiter = ',', default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    pub operator_names: Vec<String>,
+}
+
+/// `flotilla-agent inject`.
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// Agent admin address.
+    #[arg(long, env = "FLOTILLA_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:9400")]
+    pub agent: String,
+    /// GPU index.
+    #[arg(long)]
+    pub gpu: u32,
+    /// Raise this XID.
+    #[arg(long, conflicts_with = "fault")]
+    pub xid: Option<u32>,
+    /// Other faults: double_bit_ecc, ecc_storm, gpu_lost, overheat, recover.
+    #[arg(long)]
+    pub fault: Option<String>,
+}
+
+/// `flotilla-agent clear`.
+#[derive(Debug, Args)]
+pub struct ClearArgs {
+    /// Agent admin address.
+    #[arg(long, env = "FLOTILLA_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:9400")]
+    pub agent: String,
+    /// GPU index.
+    #[arg(long)]
+    pub gpu: u32,
+}
+
+/// Runs the parsed command (the binary's whole body).
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let handle =
+                crate::start(args.options()?, std::sync::Arc::new(crate::supervisor::NoWorkers))
+                    .await?;
+            tracing::info!(node = %args.node, admin = ?handle.admin_addr, "agent started");
+            tokio::signal::ctrl_c().await?;
+            let _ = handle.shutdown.send(true);
+            handle.link.await??;
+        }
+        Command::Certs(args) => {
+            let files = crate::certs::generate(&args.out, &args.operator_names, &args.nodes)?;
+            println!(
+                "wrote {} (CA), {} (operator), {} node certificates",
+                files.ca.display(),
+                files.operator.0.display(),
+                files.nodes.len()
+            );
+        }
+        Command::Inject(args) => {
+            let fault = match (args.xid, args.fault.as_deref()) {
+                (Some(xid), None) => serde_json::json!({ "xid": xid }),
+                (None, Some(f)) => serde_json::Value::String(f.to_owned()),
+                _ => anyhow::bail!("--xid or --fault: expected exactly one"),
+            };
+            let body = serde_json::json!({ "gpu": args.gpu, "fault": fault });
+            println!(
+                "{}",
+                crate::admin::post_json(&args.agent, "/inject", &body)
+                    .await
+                    .map_err(anyhow::Error::msg)?
+            );
+        }
+        Command::Clear(args) => {
+            let body = serde_json::json!({ "gpu": args.gpu });
+            println!(
+                "{}",
+                crate::admin::post_json(&args.agent, "/clear", &body)
+                    .await
+                    .map_err(anyhow::Error::msg)?
+            );
+        }
+    }
+    Ok(())
+}
