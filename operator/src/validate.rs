@@ -41,6 +41,21 @@ pub fn training_job(job: &TrainingJob, others: &[&TrainingJob]) -> Result<(), In
             });
         }
     }
+    if let Some(engine) = &job.spec.engine
+        && let Err(errors) = engine.validate()
+    {
+        let first = errors.0.first();
+        return Err(InvalidSpec {
+            field: first
+                .map_or_else(|| "spec.engine".into(), |e| format!("spec.engine.{}", e.path)),
+            message: errors
+                .0
+                .iter()
+                .map(|e| format!("spec.engine.{e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
     if let Some(path) = job.spec.checkpoint.as_ref().map(|c| c.path.as_str()) {
         let clash = others.iter().find(|o| {
             o.metadata.uid != job.metadata.uid
@@ -94,6 +109,27 @@ mod tests {
         j.metadata.uid = Some(name.into());
         j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
         j
+    }
+
+    #[test]
+    fn engine_rules_beyond_the_schema_name_the_field() {
+        let mut j = job("a", "/ckpt/a", 1);
+        let mut engine = crate::crd::engine::EngineConfig::preset("tiny").expect("tiny preset");
+        assert!(
+            training_job(
+                &TrainingJob {
+                    spec: TrainingJobSpec { engine: Some(engine.clone()), ..j.spec.clone() },
+                    ..j.clone()
+                },
+                &[]
+            )
+            .is_ok()
+        );
+        engine.model.num_expert_groups = 3; // does not divide the 8 routed experts
+        j.spec.engine = Some(engine);
+        let err = training_job(&j, &[]).unwrap_err();
+        assert_eq!(err.field, "spec.engine.model.numExpertGroups", "{err:?}");
+        assert!(err.message.contains("got 3"), "{}", err.message);
     }
 
     #[test]

@@ -20,6 +20,12 @@ fn training_job(name: &str) -> Value {
     })
 }
 
+/// The engine's `tiny` preset, as the engine crate serialises it.
+fn engine() -> Value {
+    let preset = flotilla_operator::crd::engine::EngineConfig::preset("tiny").expect("tiny preset");
+    serde_json::to_value(preset).expect("engine config serialises")
+}
+
 fn inference_service(name: &str) -> Value {
     json!({
         "apiVersion": "flotilla.dev/v1alpha1",
@@ -82,10 +88,33 @@ fn create_cases() -> Vec<Bad> {
         ),
         bad("unknown field", with(tj(), "/spec/replicas", json!(3)), "spec.replicas"),
         bad("neither engine nor command", with(tj(), "/spec/command", Value::Null), "spec.engine"),
+        bad("both engine and command", with(tj(), "/spec/engine", engine()), "spec.command"),
         bad(
-            "both engine and command",
-            with(tj(), "/spec/engine", json!({"steps": 10})),
-            "spec.command",
+            "engine with an unknown field",
+            with(
+                with(tj(), "/spec/command", Value::Null),
+                "/spec/engine",
+                with(engine(), "/model/expertCount", json!(8)),
+            ),
+            "spec.engine.model.expertCount",
+        ),
+        bad(
+            "engine field of the wrong type",
+            with(
+                with(tj(), "/spec/command", Value::Null),
+                "/spec/engine",
+                with(engine(), "/model/hiddenSize", json!("big")),
+            ),
+            "spec.engine.model.hiddenSize",
+        ),
+        bad(
+            "engine without its model",
+            with(
+                with(tj(), "/spec/command", Value::Null),
+                "/spec/engine",
+                with(engine(), "/model", Value::Null),
+            ),
+            "spec.engine.model",
         ),
         bad(
             "empty command",
@@ -232,7 +261,7 @@ fn edit_cases() -> Vec<BadEdit> {
             "switch command to engine",
             "trainingjob",
             training_job("e4"),
-            json!({"spec": {"command": null, "engine": {"steps": 5}}}),
+            json!({"spec": {"command": null, "engine": engine()}}),
             "spec.engine",
         ),
         edit(

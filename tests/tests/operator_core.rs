@@ -174,6 +174,24 @@ async fn samples_move_through_their_phases() {
         "nothing was placed"
     );
 
+    // The engine's own cross-field rules, which no schema expresses, also give Valid=False.
+    let mut bad: TrainingJob = serde_yaml::from_str(
+        &std::fs::read_to_string(examples.join("trainingjob-engine.yaml")).unwrap(),
+    )
+    .unwrap();
+    bad.metadata.name = Some("bad-engine".into());
+    bad.spec.checkpoint.as_mut().unwrap().path = "/shared/checkpoints/bad-engine".into();
+    bad.spec.engine.as_mut().unwrap().model.num_expert_groups = 3;
+    jobs.create(&PostParams::default(), &bad).await.expect("the API server accepts it");
+    let valid = eventually(WAIT, "Valid=False on bad-engine", || async {
+        let s = jobs.get("bad-engine").await.ok()?.status?;
+        s.conditions.into_iter().find(|c| c.type_ == "Valid" && c.status == "False")
+    })
+    .await
+    .expect("Valid=False");
+    assert!(valid.message.contains("spec.engine.model.numExpertGroups"), "{}", valid.message);
+    assert!(event_reasons(&client, &ns, "bad-engine").await.iter().any(|r| r == "InvalidSpec"));
+
     // Deleting a job goes through the finalizer and completes.
     jobs.delete("custom-script", &Default::default()).await.expect("delete");
     eventually(WAIT, "custom-script gone", || async {

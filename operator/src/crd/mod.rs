@@ -25,6 +25,33 @@ pub const GENERATED_HEADER: &str =
 /// Every CRD the operator serves, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![TrainingJob::crd(), InferenceService::crd(), GpuNode::crd()]
+        .into_iter()
+        .map(without_unknown_formats)
+        .collect()
+}
+
+/// Drop the `uint32`/`uint64` formats schemars writes for unsigned integers: the API server
+/// warns about them on every apply, and `minimum: 0` already says what they mean.
+fn without_unknown_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map
+                    .get("format")
+                    .and_then(|f| f.as_str())
+                    .is_some_and(|f| f == "uint32" || f == "uint64")
+                {
+                    map.remove("format");
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD serialises");
+    walk(&mut value);
+    serde_json::from_value(value).expect("removing formats keeps a valid CRD")
 }
 
 /// One CRD as the YAML file committed under `deploy/crds/`, header included.
