@@ -285,8 +285,15 @@ async fn run_controllers(
     );
     let nodes = Controller::new(Api::<DeserializeGuard<GpuNode>>::all(client.clone()), cfg);
     let (job_store, node_store) = (jobs.store(), nodes.store());
-    let mut ctx =
-        Context::new(client, reporter, fleet, metrics, node_store.clone(), job_store.clone());
+    let mut ctx = Context::new(
+        client,
+        reporter,
+        fleet,
+        metrics,
+        node_store.clone(),
+        job_store.clone(),
+        services.store(),
+    );
     ctx.fence_timeout = fence_timeout;
     let ctx = Arc::new(ctx);
     let ready = admin.ready.clone();

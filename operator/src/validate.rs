@@ -30,17 +30,23 @@ fn is_label_key(key: &str) -> bool {
     name_ok && prefix_ok
 }
 
+/// Every key of `spec.scheduling.nodeSelector` must be a label key.
+pub fn node_selector(
+    selector: &std::collections::BTreeMap<String, String>,
+) -> Result<(), InvalidSpec> {
+    match selector.keys().find(|k| !is_label_key(k)) {
+        Some(key) => Err(InvalidSpec {
+            field: format!("spec.scheduling.nodeSelector[{key:?}]"),
+            message: "expected a label key (optional DNS prefix, '/', then at most 63 alphanumerics, '-', '_' or '.')".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Check one job against the rules only the operator can apply; `others` are the other jobs
 /// in the cluster (for conflicts between jobs).
 pub fn training_job(job: &TrainingJob, others: &[&TrainingJob]) -> Result<(), InvalidSpec> {
-    for key in job.spec.scheduling.node_selector.keys() {
-        if !is_label_key(key) {
-            return Err(InvalidSpec {
-                field: format!("spec.scheduling.nodeSelector[{key:?}]"),
-                message: "expected a label key (optional DNS prefix, '/', then at most 63 alphanumerics, '-', '_' or '.')".into(),
-            });
-        }
-    }
+    node_selector(&job.spec.scheduling.node_selector)?;
     if let Some(engine) = &job.spec.engine
         && let Err(errors) = engine.validate()
     {

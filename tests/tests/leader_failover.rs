@@ -69,6 +69,19 @@ async fn standby_takes_over_without_double_action_and_a_deposed_leader_stops() {
         .expect("status");
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+
+    // SIGTERM drains: the leader exits 0 and hands the lease back instead of letting it expire.
+    let mut first = Operator::start(cp, "op-0", &ns, logs.path()).expect("op-0 starts");
+    eventually(WAIT, "op-0 leads", || async { (holder(&leases).await? == "op-0").then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nop-0:\n{}", first.log()));
+    let pid = first.child.id().to_string();
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(sent.success());
+    let status = first.child.wait().expect("op-0 exits");
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}\n{}", first.log());
+    assert_eq!(holder(&leases).await, None, "the lease was released on SIGTERM");
+
     let mut a = Operator::start(cp, "op-a", &ns, logs.path()).expect("a starts");
     eventually(WAIT, "op-a leads", || async { (holder(&leases).await? == "op-a").then_some(()) })
         .await

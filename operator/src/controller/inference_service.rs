@@ -48,6 +48,9 @@ pub fn plan(
     status.observed_generation = svc.meta().generation;
     status.gpus_per_replica = spec.workers_per_replica * spec.gpus_per_worker;
     let mut effects = Vec::new();
+    if let Err(invalid) = crate::validate::node_selector(&spec.scheduling.node_selector) {
+        return invalid_plan(svc, status, invalid, now);
+    }
     let mut in_use = in_use.clone();
     let req = PlacementRequest {
         workers: spec.workers_per_replica,
@@ -171,6 +174,44 @@ pub fn plan(
     ServicePlan { status, effects, event }
 }
 
+/// An invalid service: Valid=False, phase Failed, every placed replica stopped.
+fn invalid_plan(
+    svc: &InferenceService,
+    mut status: InferenceServiceStatus,
+    invalid: crate::lifecycle::InvalidSpec,
+    now: Timestamp,
+) -> ServicePlan {
+    let message = format!("{}: {}", invalid.field, invalid.message);
+    let effects = status
+        .replicas
+        .drain(..)
+        .filter(|r| !r.placement.workers.is_empty())
+        .map(|r| (r.index, Effect::Stop { attempt: r.attempt, reason: "invalid spec".into() }))
+        .collect();
+    set_condition(
+        &mut status.conditions,
+        Condition {
+            type_: ct::VALID.into(),
+            status: "False".into(),
+            reason: "InvalidSpec".into(),
+            message: message.clone(),
+            observed_generation: svc.meta().generation,
+            last_transition_time: Time(now),
+        },
+    );
+    status.ready_replicas = 0;
+    status.endpoints.clear();
+    let changed = status.phase != ServicePhase::Failed;
+    if changed {
+        status.phase = ServicePhase::Failed;
+        status.phase_transition_time = Some(Time(now));
+    }
+    let event = (changed || status.message.as_deref() != Some(&message))
+        .then(|| (true, "InvalidSpec", message.clone()));
+    status.message = Some(message);
+    ServicePlan { status, effects, event }
+}
+
 fn key(svc: &InferenceService, replica: i32) -> Result<WorkloadKey> {
     Ok(WorkloadKey {
         kind: KIND,
@@ -207,14 +248,22 @@ pub async fn reconcile(
     ctx.metrics.reconciles.with_label_values(&[KIND]).inc();
     let ns = svc.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<InferenceService> = Api::namespaced(ctx.client.clone(), &ns);
-    let booked = ctx.booked.lock().await;
+    let mut booked = ctx.booked.lock().await;
+    ctx.prune_bookings(&mut booked);
     let guards = ctx.jobs.state();
     let jobs: Vec<_> = guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
-    let in_use = super::training_job::gpus_in_use(&jobs, &booked);
+    let uid = svc.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let in_use = super::training_job::gpus_in_use(&jobs, &ctx.held_by_services(&booked), &uid);
     let nodes = ctx.gpu_nodes();
     let p = plan(svc, &reports(svc, ctx.fleet.as_ref())?, &nodes, &in_use, Timestamp::now());
     if svc.status.as_ref() != Some(&p.status) {
         apply_status(&api, &svc.name_any(), &p.status).await?;
+    }
+    booked.retain(|key, _| !key.starts_with(&format!("{uid}#")));
+    for r in &p.status.replicas {
+        if !r.placement.workers.is_empty() {
+            booked.insert(format!("{uid}#{}", r.index), r.placement.clone());
+        }
     }
     drop(booked);
     if let Some((warning, reason, note)) = &p.event {
@@ -252,4 +301,127 @@ pub fn error_policy(
         Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
     };
     ctx.error_policy(KIND, &key, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::gpu_node::{GpuHealth, GpuNodeSpec, GpuNodeStatus, GpuState};
+    use crate::crd::inference_service::{InferenceServiceSpec, ModelSource};
+    use crate::lifecycle::WorkerExit;
+
+    fn node(name: &str, gpus: i32) -> GpuNode {
+        let mut n = GpuNode::new(name, GpuNodeSpec::default());
+        n.status = Some(GpuNodeStatus {
+            gpus: (0..gpus)
+                .map(|index| GpuState { index, health: GpuHealth::Healthy, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        });
+        n
+    }
+
+    fn service(replicas: i32) -> InferenceService {
+        let mut s = InferenceService::new(
+            "chat",
+            InferenceServiceSpec {
+                replicas,
+                workers_per_replica: 1,
+                gpus_per_worker: 2,
+                model: ModelSource { checkpoint_path: "/ckpt/a".into(), ..Default::default() },
+                serving: Default::default(),
+                priority: 0,
+                scheduling: Default::default(),
+            },
+        );
+        s.metadata.generation = Some(1);
+        s
+    }
+
+    fn step(
+        svc: &mut InferenceService,
+        reports: &BTreeMap<i32, AttemptReport>,
+        gpus: i32,
+    ) -> ServicePlan {
+        let p = plan(svc, reports, &[node("n", gpus)], &BTreeMap::new(), Timestamp::now());
+        svc.status = Some(p.status.clone());
+        p
+    }
+
+    fn running() -> AttemptReport {
+        AttemptReport { running: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn replicas_are_placed_launched_then_ready() {
+        let mut svc = service(2);
+        let p = step(&mut svc, &BTreeMap::new(), 4);
+        assert_eq!(p.status.phase, ServicePhase::Starting);
+        assert_eq!(p.status.gpus_per_replica, 2);
+        assert_eq!(
+            p.effects,
+            vec![(0, Effect::Launch { attempt: 1 }), (1, Effect::Launch { attempt: 1 })]
+        );
+        let gpus: Vec<_> =
+            p.status.replicas.iter().map(|r| r.placement.workers[0].gpus.clone()).collect();
+        assert_eq!(gpus, vec![vec![0, 1], vec![2, 3]]);
+        let p = step(&mut svc, &BTreeMap::from([(0, running())]), 4);
+        assert_eq!(p.status.phase, ServicePhase::Degraded);
+        assert!(p.effects.is_empty());
+        let p = step(&mut svc, &BTreeMap::from([(0, running()), (1, running())]), 4);
+        assert_eq!(p.status.phase, ServicePhase::Ready);
+        assert_eq!(p.status.ready_replicas, 2);
+        assert_eq!(p.status.endpoints, vec!["http://n:8000", "http://n:8000"]);
+    }
+
+    #[test]
+    fn a_failed_replica_is_stopped_and_placed_again_with_a_new_attempt() {
+        let mut svc = service(1);
+        step(&mut svc, &BTreeMap::new(), 2);
+        let failed = AttemptReport {
+            exits: vec![WorkerExit { rank: 0, code: Some(1), signal: None }],
+            ..Default::default()
+        };
+        let p = step(&mut svc, &BTreeMap::from([(0, failed)]), 2);
+        assert!(matches!(p.effects.as_slice(), [(0, Effect::Stop { attempt: 1, .. })]));
+        assert!(p.status.replicas[0].placement.workers.is_empty());
+        let p = step(&mut svc, &BTreeMap::new(), 2);
+        assert_eq!(p.effects, vec![(0, Effect::Launch { attempt: 2 })]);
+    }
+
+    #[test]
+    fn scaling_down_stops_the_highest_replicas() {
+        let mut svc = service(2);
+        step(&mut svc, &BTreeMap::new(), 4);
+        svc.spec.replicas = 1;
+        let p = step(&mut svc, &BTreeMap::from([(0, running()), (1, running())]), 4);
+        assert!(matches!(p.effects.as_slice(), [(1, Effect::Stop { attempt: 1, .. })]));
+        assert_eq!(p.status.replicas.len(), 1);
+        assert_eq!(p.status.phase, ServicePhase::Ready);
+    }
+
+    #[test]
+    fn an_invalid_selector_fails_the_service_naming_the_field() {
+        let mut svc = service(1);
+        step(&mut svc, &BTreeMap::new(), 2);
+        svc.spec.scheduling.node_selector.insert("bad key".into(), "x".into());
+        let p = step(&mut svc, &BTreeMap::new(), 2);
+        assert_eq!(p.status.phase, ServicePhase::Failed);
+        assert!(matches!(p.effects.as_slice(), [(0, Effect::Stop { attempt: 1, .. })]));
+        let valid = p.status.conditions.iter().find(|c| c.type_ == "Valid").unwrap();
+        assert!(valid.message.starts_with("spec.scheduling.nodeSelector"), "{}", valid.message);
+    }
+
+    #[test]
+    fn without_free_gpus_the_service_is_queued_and_unschedulable() {
+        let mut svc = service(1);
+        let p = step(&mut svc, &BTreeMap::new(), 1);
+        assert_eq!(p.status.phase, ServicePhase::Queued);
+        let scheduled = p.status.conditions.iter().find(|c| c.type_ == "Scheduled").unwrap();
+        assert_eq!(
+            (scheduled.status.as_str(), scheduled.reason.as_str()),
+            ("False", "Unschedulable")
+        );
+        assert!(p.effects.is_empty());
+    }
 }

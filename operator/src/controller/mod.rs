@@ -7,7 +7,7 @@ pub mod gpu_node;
 pub mod inference_service;
 pub mod training_job;
 
-use crate::crd::{GpuNode, Placement, TrainingJob};
+use crate::crd::{GpuNode, InferenceService, Placement, TrainingJob};
 use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
@@ -38,6 +38,8 @@ pub struct Context {
     pub nodes: Store<kube::core::DeserializeGuard<GpuNode>>,
     /// Cached `TrainingJob`s (for conflicts and GPUs in use).
     pub jobs: Store<kube::core::DeserializeGuard<TrainingJob>>,
+    /// Cached `InferenceService`s (for GPUs in use).
+    pub services: Store<kube::core::DeserializeGuard<InferenceService>>,
     /// Placements this process wrote, by job UID; held while placing so two jobs never take
     /// the same GPUs from a cache that has not caught up.
     pub booked: tokio::sync::Mutex<BTreeMap<String, Placement>>,
@@ -56,6 +58,7 @@ impl Context {
         metrics: Metrics,
         nodes: Store<kube::core::DeserializeGuard<GpuNode>>,
         jobs: Store<kube::core::DeserializeGuard<TrainingJob>>,
+        services: Store<kube::core::DeserializeGuard<InferenceService>>,
     ) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
         Context {
@@ -65,6 +68,7 @@ impl Context {
             metrics,
             nodes,
             jobs,
+            services,
             booked: Default::default(),
             fence_timeout: k8s_openapi::jiff::SignedDuration::from_secs(30),
             failures: Mutex::default(),
@@ -94,6 +98,32 @@ impl Context {
     /// The valid cached `GpuNode`s.
     pub fn gpu_nodes(&self) -> Vec<GpuNode> {
         self.nodes.state().iter().filter_map(|n| n.0.as_ref().ok().cloned()).collect()
+    }
+
+    /// Drop bookings of objects no longer in either cache (deleted without a finalizer).
+    pub fn prune_bookings(&self, booked: &mut BTreeMap<String, Placement>) {
+        let mut live: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        live.extend(self.jobs.state().iter().filter_map(|g| g.0.as_ref().ok()?.uid()));
+        live.extend(self.services.state().iter().filter_map(|g| g.0.as_ref().ok()?.uid()));
+        booked.retain(|key, _| live.contains(key.split('#').next().unwrap_or(key)));
+    }
+
+    /// `booked` plus the cached service replicas' placements, keyed `uid#replica`.
+    pub fn held_by_services(
+        &self,
+        booked: &BTreeMap<String, Placement>,
+    ) -> BTreeMap<String, Placement> {
+        let mut held = booked.clone();
+        for guard in self.services.state() {
+            let Ok(svc) = &guard.0 else { continue };
+            let Some(uid) = svc.uid() else { continue };
+            for r in svc.status.iter().flat_map(|s| &s.replicas) {
+                if !r.placement.workers.is_empty() {
+                    held.entry(format!("{uid}#{}", r.index)).or_insert_with(|| r.placement.clone());
+                }
+            }
+        }
+        held
     }
 
     /// Forget an object's transient failures (after a successful reconciliation).

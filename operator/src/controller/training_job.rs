@@ -84,11 +84,13 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     let others: Vec<&TrainingJob> =
         guards.iter().filter_map(|g| g.0.as_ref().ok()).filter(|o| o.uid() != job.uid()).collect();
     let nodes = ctx.gpu_nodes();
+    ctx.prune_bookings(&mut booked);
+    let held = ctx.held_by_services(&booked);
     let report = match job.status.as_ref().and_then(|s| s.attempt.as_ref()) {
         Some(a) => ctx.fleet.report(&key, a.number),
         None => AttemptReport { all_stopped: true, ..Default::default() },
     };
-    let t = plan(job, &others, &nodes, &booked, report, Timestamp::now());
+    let t = plan(job, &others, &nodes, &held, report, Timestamp::now());
 
     let old = job.status.clone().unwrap_or_default();
     if job.status.as_ref() != Some(&t.status) {
@@ -158,11 +160,13 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// GPUs held by other jobs' live attempts, from the cache and from this process's own bookings
-/// (which the cache may not show yet).
+/// GPUs held by others: live attempts of `others` in the cache, and every placement in `held`
+/// (this process's bookings, which the cache may not show yet, and service replicas) except
+/// those of `me` (keys `uid` or `uid#replica`).
 pub fn gpus_in_use(
     others: &[&TrainingJob],
-    booked: &BTreeMap<String, Placement>,
+    held: &BTreeMap<String, Placement>,
+    me: &str,
 ) -> BTreeMap<String, BTreeSet<i32>> {
     let mut used: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
     let mut add = |p: &Placement| {
@@ -177,7 +181,11 @@ pub fn gpus_in_use(
         {
             add(&a.placement);
         }
-        if let Some(p) = o.uid().and_then(|uid| booked.get(&uid)) {
+    }
+    let mine =
+        |key: &str| key == me || key.strip_prefix(me).is_some_and(|rest| rest.starts_with('#'));
+    for (key, p) in held {
+        if !mine(key) {
             add(p);
         }
     }
@@ -205,7 +213,8 @@ pub fn plan(
             strategy: job.spec.scheduling.strategy,
             node_selector: &job.spec.scheduling.node_selector,
         };
-        StandInPlacement.place(&req, nodes, &gpus_in_use(others, booked))
+        let me = job.uid().unwrap_or_default();
+        StandInPlacement.place(&req, nodes, &gpus_in_use(others, booked, &me))
     });
     lifecycle::decide(&JobFacts {
         now,
