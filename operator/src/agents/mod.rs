@@ -6,6 +6,7 @@
 
 mod convert;
 pub mod identity;
+pub mod mirror;
 pub mod server;
 pub mod state;
 
