@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         },
         sample_interval: Duration::from_secs(1),
         admin_addr: None,
+        state_file: None,
     };
     let agent =
         flotilla_agent::start(options, Arc::new(flotilla_agent::supervisor::NoWorkers)).await?;

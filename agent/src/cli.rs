@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// Name the operator's certificate must carry.
     #[arg(long, env = "FLOTILLA_TLS_SERVER_NAME", default_value = "localhost")]
     pub tls_server_name: String,
+    /// File that keeps health verdicts and unacknowledged events across agent restarts (a
+    /// hostPath in the DaemonSet); unset keeps them in memory only.
+    #[arg(long, env = "FLOTILLA_AGENT_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
     /// Kill workers after this long without the operator, seconds (until the operator says).
     #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_S", default_value_t = 30)]
     pub fence_timeout_s: u64,
@@ -123,6 +127,7 @@ impl RunArgs {
             },
             sample_interval: Duration::from_millis(self.sample_interval_ms.max(50)),
             admin_addr: Some(self.admin_addr),
+            state_file: self.state_file.clone(),
         })
     }
 }

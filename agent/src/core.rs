@@ -7,6 +7,7 @@ use crate::health::{
 };
 use crate::metrics::AgentMetrics;
 use crate::outbox::{CriticalKind, CriticalRecord, Outbox};
+use crate::persist::{self, PersistedState};
 use crate::supervisor::{AttemptFence, SupervisorError};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -38,6 +39,7 @@ struct State {
 pub struct AgentCore {
     node: String,
     instance_id: String,
+    state_file: Option<std::path::PathBuf>,
     backend: Arc<dyn GpuBackend>,
     devices: Vec<GpuDevice>,
     state: Mutex<State>,
@@ -58,31 +60,79 @@ impl std::fmt::Debug for AgentCore {
 }
 
 impl AgentCore {
-    /// Reads the inventory and starts from all-healthy.
-    pub fn new(node: &str, backend: Arc<dyn GpuBackend>) -> Result<Arc<Self>, BackendError> {
+    /// Reads the inventory and starts from all-healthy, or — with a state file from an earlier
+    /// run on this node — from the health and unacknowledged events it recorded.
+    pub fn new(
+        node: &str,
+        backend: Arc<dyn GpuBackend>,
+        state_file: Option<std::path::PathBuf>,
+    ) -> Result<Arc<Self>, BackendError> {
         let devices = backend.inventory()?;
         let metrics = AgentMetrics::new(node)
             .map_err(|e| BackendError::Unsupported(format!("registering metrics: {e}")))?;
-        for d in &devices {
-            metrics.observe_health(d, crate::health::Health::Healthy);
-        }
+        let saved = match state_file.as_deref().map(persist::load).transpose() {
+            Ok(saved) => saved.flatten().filter(|s| s.node == node),
+            Err(e) => {
+                tracing::error!(error = %e, "ignoring the agent state file");
+                None
+            }
+        };
         let n = devices.len();
-        Ok(Arc::new(Self {
+        let mut trackers = vec![GpuHealthTracker::default(); n];
+        let (instance_id, outbox) = match saved {
+            Some(saved) => {
+                for (tracker, d) in trackers.iter_mut().zip(&devices) {
+                    if let Some(status) = saved.health.get(&d.uuid) {
+                        *tracker = GpuHealthTracker::from_status(status.clone());
+                    }
+                }
+                tracing::info!(instance = %saved.instance_id, unacked = saved.outbox.len(), "restored agent state");
+                (saved.instance_id, saved.outbox)
+            }
+            None => (uuid::Uuid::new_v4().to_string(), Outbox::default()),
+        };
+        for (d, t) in devices.iter().zip(&trackers) {
+            metrics.observe_health(d, t.status().health);
+        }
+        metrics.unacked_events.set(outbox.len() as i64);
+        let core = Arc::new(Self {
             node: node.to_owned(),
-            instance_id: uuid::Uuid::new_v4().to_string(),
+            instance_id,
+            state_file,
             backend,
             devices,
             state: Mutex::new(State {
-                trackers: vec![GpuHealthTracker::default(); n],
+                trackers,
                 previous: vec![None; n],
                 cordoned: HashSet::new(),
-                outbox: Outbox::default(),
+                outbox,
                 attempts: AttemptFence::default(),
             }),
             critical_raised: Notify::new(),
             samples: watch::channel(Arc::new(Vec::new())).0,
             metrics,
-        }))
+        });
+        core.persist(&core.lock());
+        Ok(core)
+    }
+
+    /// Writes health and the outbox to the state file, if there is one.
+    fn persist(&self, state: &State) {
+        let Some(path) = &self.state_file else { return };
+        let saved = PersistedState {
+            node: self.node.clone(),
+            instance_id: self.instance_id.clone(),
+            health: self
+                .devices
+                .iter()
+                .zip(&state.trackers)
+                .map(|(d, t)| (d.uuid.clone(), t.status().clone()))
+                .collect(),
+            outbox: state.outbox.clone(),
+        };
+        if let Err(e) = persist::save(path, &saved) {
+            tracing::error!(error = %e, "could not save the agent state");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -144,6 +194,7 @@ impl AgentCore {
         self.metrics.observe_health(device, status.health);
         state.outbox.push(&device.uuid, kind, status, flotilla_proto::now_unix_nanos());
         self.metrics.unacked_events.set(state.outbox.len() as i64);
+        self.persist(state);
         self.critical_raised.notify_one();
     }
 
@@ -272,8 +323,12 @@ impl AgentCore {
     /// The operator applied every event up to `upto`.
     pub fn ack(&self, upto: u64) {
         let mut state = self.lock();
+        let before = state.outbox.acked();
         state.outbox.ack(upto);
         self.metrics.unacked_events.set(state.outbox.len() as i64);
+        if state.outbox.acked() != before {
+            self.persist(&state);
+        }
     }
 
     /// Highest sequence number raised and acknowledged.
@@ -319,7 +374,7 @@ mod tests {
     fn core_with(n: u32) -> (Arc<AgentCore>, Arc<SimulatedBackend>) {
         let sim =
             Arc::new(SimulatedBackend::new("node-a", n, find_model("H100").expect("model"), 1));
-        let core = AgentCore::new("node-a", sim.clone()).expect("core");
+        let core = AgentCore::new("node-a", sim.clone(), None).expect("core");
         (core, sim)
     }
 
@@ -365,6 +420,31 @@ mod tests {
         sim.inject(0, Injection::Recover).expect("recover");
         core.record_samples(sim.sample().expect("sample"));
         assert_eq!(core.health()[0].health, Health::Healthy);
+    }
+
+    #[test]
+    fn a_restart_keeps_failed_gpus_failed_and_unacked_events_pending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("state.json");
+        let sim =
+            || Arc::new(SimulatedBackend::new("node-a", 4, find_model("H100").expect("model"), 1));
+        let first = AgentCore::new("node-a", sim(), Some(file.clone())).expect("core");
+        first.handle_event(GpuEvent { index: 1, fault: Fault::Xid(79) });
+        first.handle_event(GpuEvent { index: 2, fault: Fault::Xid(13) });
+        first.ack(1);
+        let instance = first.instance_id().to_owned();
+        drop(first);
+
+        let second = AgentCore::new("node-a", sim(), Some(file.clone())).expect("core");
+        assert_eq!(second.instance_id(), instance, "same instance: the operator dedups resends");
+        assert_eq!(second.health()[1].health, Health::Failed);
+        assert_eq!(second.seqs(), (2, 1));
+        let pending: Vec<u64> = second.critical_after(1).0.iter().map(|e| e.seq).collect();
+        assert_eq!(pending, vec![2]);
+
+        let other_node = AgentCore::new("node-b", sim(), Some(file)).expect("core");
+        assert_ne!(other_node.instance_id(), instance, "a file from another node is ignored");
+        assert_eq!(other_node.health()[1].health, Health::Healthy);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Failed until validation passes or an admin clears it (the NVIDIA device plugin never heals,
 //! which operators complain about; Flotilla does).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What an XID says about the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -33,7 +33,7 @@ pub fn classify_xid(xid: u32) -> XidClass {
 }
 
 /// Health of one GPU, ordered by severity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Health {
     /// Fine to schedule.
     Healthy,
@@ -55,7 +55,7 @@ impl Health {
 }
 
 /// A fault observed on a GPU, from the backend's event loop or derived from samples.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Fault {
     /// An XID error.
     Xid(u32),
@@ -122,7 +122,7 @@ impl Fault {
 }
 
 /// The health of one GPU with the reason for it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthStatus {
     /// The classification.
     pub health: Health,

@@ -12,6 +12,7 @@ pub mod health;
 pub mod link;
 pub mod metrics;
 pub mod outbox;
+pub mod persist;
 pub mod supervisor;
 
 use backend::GpuBackend;
@@ -51,6 +52,8 @@ pub struct AgentOptions {
     pub sample_interval: Duration,
     /// Admin server address (`None`: no admin server).
     pub admin_addr: Option<SocketAddr>,
+    /// Where health verdicts and unacknowledged events survive restarts (`None`: memory only).
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// A running agent.
@@ -102,7 +105,7 @@ pub async fn start(
             (sim.clone(), Some(sim))
         }
     };
-    let core = core::AgentCore::new(&options.node, backend)?;
+    let core = core::AgentCore::new(&options.node, backend, options.state_file.clone())?;
     core.start(options.sample_interval)?;
     link::endpoint(&options.link)?; // fail now, not in the background, on a bad endpoint or files
     let admin_addr = match options.admin_addr {

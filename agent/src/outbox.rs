@@ -5,10 +5,11 @@
 //! sends again everything above the operator's acknowledged number.
 
 use crate::health::{Fault, HealthStatus};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// What a critical event reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CriticalKind {
     /// A fault.
     Fault(Fault),
@@ -17,7 +18,7 @@ pub enum CriticalKind {
 }
 
 /// One sequenced critical event.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CriticalRecord {
     /// Sequence number, from 1.
     pub seq: u64,
@@ -37,7 +38,7 @@ pub struct CriticalRecord {
 pub const OUTBOX_CAPACITY: usize = 100_000;
 
 /// Unacknowledged critical events in sequence order.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outbox {
     last_seq: u64,
     acked: u64,

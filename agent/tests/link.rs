@@ -324,3 +324,36 @@ async fn an_agent_cut_off_past_the_fence_timeout_kills_its_workers() {
     assert!(killed, "workers survived past the fence timeout");
     assert_eq!(a.core.metrics.fence_kills.get(), 1);
 }
+
+#[tokio::test]
+async fn an_agent_restart_keeps_verdicts_and_delivers_unacknowledged_events() {
+    let certs = Certs::new(&["node-a"]);
+    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let addr = op.addr;
+    let mut options = agent_options("node-a", addr, Some(certs.client("node-a")), 4);
+    options.state_file = Some(certs.path("agent-state.json"));
+    let first = agent(options.clone()).await;
+    registered(op.fleet(), "node-a").await;
+    op.stop().await;
+    assert!(eventually(|| first.core.metrics.connected.get() == 0).await);
+    first.sim.as_ref().expect("simulated").inject(1, Injection::Xid(79)).expect("inject");
+    assert!(eventually(|| first.core.seqs() == (1, 0)).await, "event raised, not acknowledged");
+    let _ = first.shutdown.send(true);
+    first.link.await.expect("link task").expect("link ends cleanly");
+
+    // The restarted agent's fresh backend sees nothing wrong; the verdict and the event survive.
+    let second = agent(options).await;
+    assert_eq!(second.core.health()[1].reason, "Xid79");
+    let op = operator(&addr.to_string(), FleetState::new(), Some(&certs), fast_config()).await;
+    let delivered = op
+        .fleet()
+        .wait_for(PATIENCE, |f| {
+            f.node("node-a")
+                .is_some_and(|n| n.applied_seq == 1 && n.gpus[1].health == GpuHealth::Failed)
+        })
+        .await;
+    assert!(delivered, "the event raised before the restart was not delivered");
+    let rec = op.fleet().node("node-a").expect("node");
+    assert_eq!(rec.last_fault.as_ref().and_then(|f| f.xid), Some(79));
+    assert_eq!(rec.instance_id, second.core.instance_id());
+}

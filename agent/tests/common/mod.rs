@@ -130,6 +130,7 @@ pub fn agent_options(
         },
         sample_interval: Duration::from_millis(200),
         admin_addr: None,
+        state_file: None,
     }
 }
 
