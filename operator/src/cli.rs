@@ -126,7 +126,8 @@ fn print_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     if args.log_json {
         builder.json().init()
     } else {
@@ -298,8 +299,7 @@ async fn run_controllers(
     let ctx = Arc::new(ctx);
     let ready = admin.ready.clone();
     tokio::spawn(async move {
-        if job_store.wait_until_ready().await.is_ok() && node_store.wait_until_ready().await.is_ok()
-        {
+        if synced(&job_store).await && synced(&node_store).await {
             ready.store(true, Ordering::Relaxed);
             tracing::info!("caches synced; ready");
         }
@@ -327,6 +327,24 @@ async fn run_controllers(
         drain("InferenceService", services),
         drain("GpuNode", nodes)
     );
+}
+
+/// Wait for a store's first full list. Polled again every half second because a store wakes
+/// only the most recent of several concurrent waiters (the controller itself also waits), so a
+/// single long wait can miss the wake-up.
+async fn synced<K: kube::runtime::reflector::Lookup + Clone + 'static>(
+    store: &kube::runtime::reflector::Store<K>,
+) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) =
+            tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await
+        {
+            return result.is_ok();
+        }
+    }
 }
 
 /// Run a controller's stream to its end, logging what went wrong (the error policy already

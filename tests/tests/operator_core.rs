@@ -65,6 +65,11 @@ async fn samples_move_through_their_phases() {
     add_node(&client, "sim-node-1", 4).await;
     let operator = Operator::start(cp, "op-a", &ns, logs.path()).expect("operator starts");
 
+    eventually(WAIT, "the operator ready on /ready", || async { operator.admin_get("/ready") })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log()));
+    assert!(operator.admin_get("/live").is_some());
+
     let examples = operator_support::workspace().join("deploy/examples");
     for file in ["trainingjob-engine.yaml", "trainingjob-command.yaml", "inferenceservice.yaml"] {
         let out = kubectl(
@@ -191,6 +196,14 @@ async fn samples_move_through_their_phases() {
     .expect("Valid=False");
     assert!(valid.message.contains("spec.engine.model.numExpertGroups"), "{}", valid.message);
     assert!(event_reasons(&client, &ns, "bad-engine").await.iter().any(|r| r == "InvalidSpec"));
+
+    let metrics = operator.admin_get("/metrics").expect("/metrics answers");
+    for line in [
+        "flotilla_operator_is_leader 1",
+        "flotilla_operator_phase_transitions_total{kind=\"TrainingJob\",phase=\"Scheduled\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics:\n{metrics}");
+    }
 
     // Deleting a job goes through the finalizer and completes.
     jobs.delete("custom-script", &Default::default()).await.expect("delete");

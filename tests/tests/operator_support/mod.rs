@@ -115,6 +115,21 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// GET `path` from the admin server (its address is in the log); the response body, or
+    /// `None` before the server listens or when the status is not 200.
+    pub fn admin_get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("admin server listening"))?;
+        let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+    }
+
     /// SIGKILL: the process dies without releasing its lease.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
