@@ -27,6 +27,38 @@ impl Scheduler {
         need: Need<'_>,
         now: Seconds,
     ) -> Option<(Vec<u32>, Gang)> {
+        let simple = !need.spread && need.selector.is_empty();
+        let ruled_out = |&(priority, workers, per_worker, locality): &(i32, u32, u32, _)| {
+            job.priority <= priority
+                && need.workers >= workers
+                && need.per_worker >= per_worker
+                && need.locality == locality
+        };
+        if simple && self.preemption_misses.iter().any(ruled_out) {
+            return None;
+        }
+        let plan = self.try_preemption(job, need, now);
+        if plan.is_none() && simple {
+            self.preemption_misses.push((
+                job.priority,
+                need.workers,
+                need.per_worker,
+                need.locality,
+            ));
+        }
+        plan
+    }
+
+    fn try_preemption(
+        &mut self,
+        job: &JobRequest,
+        need: Need<'_>,
+        now: Seconds,
+    ) -> Option<(Vec<u32>, Gang)> {
+        let lower: u64 = self.held_by_priority.range(..job.priority).map(|(_, held)| held).sum();
+        if self.occ.fleet_free + lower < need.total() {
+            return None;
+        }
         let mut candidates: Vec<(u64, i32, Reverse<Seconds>, u32)> = self
             .jobs
             .iter()
@@ -37,10 +69,6 @@ impl Scheduler {
                 (slot.lost_work(now), slot.priority, Reverse(slot.started_at), index)
             })
             .collect();
-        let held: u64 = candidates.iter().map(|c| self.gpus_of(c.3).len() as u64).sum();
-        if self.occ.fleet_free + held < need.total() {
-            return None;
-        }
         candidates.sort_unstable();
         let mut victims = Vec::new();
         let mut fits = false;

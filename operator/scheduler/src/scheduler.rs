@@ -1,12 +1,14 @@
 //! The stateful scheduler: the fleet indexed once, running jobs kept, passes over the queue.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::decision::{
     Decision, Placement, Reservation, ScheduleError, Shortfall, WaitReason, Waiting,
 };
 use crate::fairshare::FairOrder;
-use crate::model::{Fleet, JobId, JobRequest, Policy, RunningJob, Seconds, WorkerPlacement};
+use crate::model::{
+    Fleet, JobId, JobRequest, Locality, Policy, RunningJob, Seconds, WorkerPlacement,
+};
 use crate::occupancy::{FREE, Occupancy, RESERVED, Topology};
 use crate::place::{Gang, Need, Search};
 
@@ -82,7 +84,12 @@ pub struct Scheduler {
     /// Running jobs by expected end (unknown last).
     pub(crate) by_end: BTreeSet<(u64, u32)>,
     pub(crate) usage: HashMap<String, u64>,
+    /// GPUs held by running jobs, per priority level: bounds what preemption could free.
+    pub(crate) held_by_priority: BTreeMap<i32, u64>,
     pub(crate) policy: Policy,
+    /// Shapes (priority, workers, GPUs per worker, locality) that preemption could not serve
+    /// in this pass; a job no easier, at no higher priority, cannot be served either.
+    pub(crate) preemption_misses: Vec<(i32, u32, u32, Locality)>,
     vacant: Vec<u32>,
 }
 
@@ -104,7 +111,9 @@ impl Scheduler {
             by_id: HashMap::new(),
             by_end: BTreeSet::new(),
             usage: HashMap::new(),
+            held_by_priority: BTreeMap::new(),
             policy,
+            preemption_misses: Vec::new(),
             vacant: Vec::new(),
         };
         for job in running {
@@ -161,6 +170,7 @@ impl Scheduler {
             self.occ.set_owner(&self.topo, gpu, index);
         }
         *self.usage.entry(slot.namespace.clone()).or_default() += slot.gpus.len() as u64;
+        *self.held_by_priority.entry(slot.priority).or_default() += slot.gpus.len() as u64;
         self.by_id.insert(slot.id.clone(), index);
         self.by_end.insert((slot.expected_end.unwrap_or(UNKNOWN_END), index));
         if index as usize == self.jobs.len() {
@@ -179,6 +189,9 @@ impl Scheduler {
         }
         if let Some(used) = self.usage.get_mut(&slot.namespace) {
             *used -= slot.gpus.len() as u64;
+        }
+        if let Some(held) = self.held_by_priority.get_mut(&slot.priority) {
+            *held -= slot.gpus.len() as u64;
         }
         self.by_id.remove(&slot.id);
         self.by_end.remove(&(slot.expected_end.unwrap_or(UNKNOWN_END), index));
@@ -253,6 +266,7 @@ impl Scheduler {
     pub fn schedule(&mut self, queue: &[JobRequest], now: Seconds) -> Decision {
         let mut decision = Decision::default();
         let mut reservation: Option<ActiveReservation> = None;
+        self.preemption_misses.clear();
         let mut order = FairOrder::new(queue);
         loop {
             let job = {
@@ -263,8 +277,12 @@ impl Scheduler {
             if self.by_id.contains_key(&job.id) {
                 continue;
             }
+            let (placed, preempted) = (decision.placements.len(), decision.preemptions.len());
             if let Some(reason) = self.attempt(job, now, &mut decision, &mut reservation) {
                 decision.waiting.push(Waiting { job: job.id.clone(), reason });
+            }
+            if (placed, preempted) != (decision.placements.len(), decision.preemptions.len()) {
+                order.usage_changed();
             }
         }
         if let Some(active) = reservation {

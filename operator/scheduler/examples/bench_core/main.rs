@@ -1,0 +1,215 @@
+//! Core benchmark: the scheduler against a naive first-fit on the same job stream.
+//!
+//! `cargo run --release -p flotilla-scheduler --example bench_core [-- SEED]`
+//!
+//! A discrete-event simulation: jobs arrive, run for their true duration and end; after every
+//! event each engine makes one pass over its queue, and that pass is timed (the decision
+//! latency an operator sees after an event). Preempted jobs go back to the queue. Figures over
+//! "saturation" are time-weighted over the spans when jobs were waiting.
+
+mod first_fit;
+mod workload;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use first_fit::FirstFit;
+use flotilla_scheduler::{Fleet, JobId, JobRequest, Policy, Scheduler};
+use workload::{Arrival, NAMESPACES, Rng};
+
+/// What the simulation needs from a scheduler.
+trait Engine {
+    /// One pass: the jobs started and the jobs preempted.
+    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<JobId>);
+    /// A job ended.
+    fn finish(&mut self, job: &JobId);
+    /// Allocated share and fragmentation now.
+    fn fill(&self) -> (f64, f64);
+}
+
+impl Engine for Scheduler {
+    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<JobId>) {
+        let decision = self.schedule(queue, now);
+        let started = decision.placements.into_iter().map(|p| p.job).collect();
+        (started, decision.preemptions.into_iter().map(|p| p.victim).collect())
+    }
+
+    fn finish(&mut self, job: &JobId) {
+        Scheduler::finish(self, job);
+    }
+
+    fn fill(&self) -> (f64, f64) {
+        let stats = self.stats();
+        (stats.allocation(), stats.fragmentation())
+    }
+}
+
+impl Engine for FirstFit {
+    fn pass(&mut self, queue: &[JobRequest], _now: u64) -> (Vec<JobId>, Vec<JobId>) {
+        (self.schedule(queue), Vec::new())
+    }
+
+    fn finish(&mut self, job: &JobId) {
+        FirstFit::finish(self, job);
+    }
+
+    fn fill(&self) -> (f64, f64) {
+        FirstFit::fill(self)
+    }
+}
+
+/// Figures from one simulated run.
+#[derive(Debug, Default)]
+struct Report {
+    placements: u64,
+    preemptions: u64,
+    examined: u64,
+    busy: Duration,
+    latencies: Vec<Duration>,
+    saturated_s: u64,
+    allocation_s: f64,
+    fragmentation_s: f64,
+    waits: Vec<(u64, u64)>,
+    makespan: u64,
+}
+
+/// Runs the job stream through one engine.
+fn simulate(engine: &mut dyn Engine, arrivals: &[Arrival]) -> Report {
+    let index: HashMap<&JobId, usize> =
+        arrivals.iter().enumerate().map(|(i, a)| (&a.request.id, i)).collect();
+    let mut generation = vec![0u32; arrivals.len()];
+    let mut first_start: Vec<Option<u64>> = vec![None; arrivals.len()];
+    let mut ends: BinaryHeap<Reverse<(u64, usize, u32)>> = BinaryHeap::new();
+    let mut queue: Vec<JobRequest> = Vec::new();
+    let (mut report, mut next, mut now, mut fill) = (Report::default(), 0, 0u64, (0.0, 0.0));
+    loop {
+        let arrival = arrivals.get(next).map(|a| a.request.arrival);
+        let end = ends.peek().map(|Reverse((at, _, _))| *at);
+        let Some(at) = [arrival, end].into_iter().flatten().min() else { break };
+        if !queue.is_empty() {
+            let span = at - now;
+            report.saturated_s += span;
+            report.allocation_s += fill.0 * span as f64;
+            report.fragmentation_s += fill.1 * span as f64;
+        }
+        now = at;
+        while arrivals.get(next).is_some_and(|a| a.request.arrival == now) {
+            queue.push(arrivals[next].request.clone());
+            next += 1;
+        }
+        while let Some(&Reverse((at, job, generation_then))) = ends.peek() {
+            if at != now {
+                break;
+            }
+            ends.pop();
+            if generation[job] == generation_then {
+                engine.finish(&arrivals[job].request.id);
+            }
+        }
+        let started_at = Instant::now();
+        let (started, preempted) = engine.pass(&queue, now);
+        let took = started_at.elapsed();
+        report.busy += took;
+        report.latencies.push(took);
+        report.examined += queue.len() as u64;
+        report.placements += started.len() as u64;
+        report.preemptions += preempted.len() as u64;
+        for victim in &preempted {
+            let job = index[victim];
+            generation[job] += 1;
+            queue.push(arrivals[job].request.clone());
+        }
+        let started: HashSet<&JobId> = started.iter().collect();
+        for id in &started {
+            let job = index[*id];
+            ends.push(Reverse((now + arrivals[job].duration, job, generation[job])));
+            first_start[job].get_or_insert(now);
+        }
+        queue.retain(|job| !started.contains(&job.id));
+        fill = engine.fill();
+    }
+    report.makespan = now;
+    report.waits = arrivals
+        .iter()
+        .zip(&first_start)
+        .filter_map(|(a, s)| s.map(|s| (a.request.total_gpus(), s - a.request.arrival)))
+        .collect();
+    report
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(at).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+fn mean_wait(report: &Report, sizes: std::ops::RangeInclusive<u64>) -> (f64, u64) {
+    let waits: Vec<u64> =
+        report.waits.iter().filter(|(g, _)| sizes.contains(g)).map(|w| w.1).collect();
+    let mean = waits.iter().sum::<u64>() as f64 / waits.len().max(1) as f64;
+    (mean / 60.0, waits.iter().max().copied().unwrap_or(0) / 60)
+}
+
+fn print(flotilla: &mut Report, baseline: &mut Report) {
+    let row = |name: &str, a: String, b: String| println!("{name:<36} {a:>14} {b:>14}");
+    row("", "flotilla".into(), "first-fit".into());
+    for (name, pick) in [
+        ("placements", (|r: &Report| r.placements.to_string()) as fn(&Report) -> String),
+        ("preemptions", |r| r.preemptions.to_string()),
+        ("passes (one per event)", |r| r.latencies.len().to_string()),
+        ("placements/s (scheduling time only)", |r| {
+            format!("{:.0}", r.placements as f64 / r.busy.as_secs_f64())
+        }),
+        ("queued jobs examined/s", |r| format!("{:.0}", r.examined as f64 / r.busy.as_secs_f64())),
+        ("allocation at saturation", |r| {
+            format!("{:.1}%", 100.0 * r.allocation_s / r.saturated_s.max(1) as f64)
+        }),
+        ("fragmentation at saturation", |r| {
+            format!("{:.1}%", 100.0 * r.fragmentation_s / r.saturated_s.max(1) as f64)
+        }),
+        ("makespan (h)", |r| format!("{:.1}", r.makespan as f64 / 3600.0)),
+    ] {
+        row(name, pick(flotilla), pick(baseline));
+    }
+    for report in [&mut *flotilla, &mut *baseline] {
+        report.latencies.sort_unstable();
+    }
+    for (name, p) in [
+        ("pass latency p50 (ms)", 0.5),
+        ("pass latency p99 (ms)", 0.99),
+        ("pass latency max (ms)", 1.0),
+    ] {
+        row(
+            name,
+            format!("{:.3}", percentile(&flotilla.latencies, p)),
+            format!("{:.3}", percentile(&baseline.latencies, p)),
+        );
+    }
+    for (name, sizes) in [
+        ("wait 1-8 GPUs, mean / max (min)", 1..=8),
+        ("wait 16-64 GPUs, mean / max (min)", 16..=64),
+        ("wait 128-512 GPUs, mean / max (min)", 128..=512),
+    ] {
+        let (a, b) = (mean_wait(flotilla, sizes.clone()), mean_wait(baseline, sizes));
+        row(name, format!("{:.0} / {}", a.0, a.1), format!("{:.0} / {}", b.0, b.1));
+    }
+}
+
+fn main() {
+    let seed = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(7);
+    let fleet: Fleet = workload::fleet();
+    let arrivals = workload::jobs(&mut Rng::new(seed));
+    let demand: u64 = arrivals.iter().map(|a| a.request.total_gpus()).sum();
+    println!(
+        "fleet: {} GPUs ({} nodes × 8, racks of 16 nodes, zones of 8 racks); {} jobs asking {} GPUs in all; seed {seed}",
+        fleet.nodes.len() * 8,
+        fleet.nodes.len(),
+        arrivals.len(),
+        demand
+    );
+    let policy = NAMESPACES.iter().fold(Policy::default(), |p, (ns, w)| p.weight(*ns, *w));
+    let mut scheduler = Scheduler::new(&fleet, &[], policy).expect("valid fleet");
+    let mut flotilla = simulate(&mut scheduler, &arrivals);
+    let mut baseline = simulate(&mut FirstFit::new(&fleet), &arrivals);
+    print(&mut flotilla, &mut baseline);
+}
