@@ -98,12 +98,14 @@ impl MoeBlock {
         let rows: Vec<u32> = slots.iter().map(|&s| s / top_k as u32).collect();
         let device = x.device();
         let rows_t = Tensor::from_slice(&rows, rows.len(), device)?;
-        let gathered = x.index_select(&rows_t, 0)?;
+        // One gather per expert: the backward of a narrow of one big gather would materialise a
+        // zero-padded copy of the whole gather for every expert.
         let mut outputs = Vec::new();
         let mut start = 0;
         for (expert, members) in self.experts.iter().zip(&by_expert) {
             if !members.is_empty() {
-                outputs.push(expert.forward(&gathered.narrow(0, start, members.len())?)?);
+                let expert_rows = rows_t.narrow(0, start, members.len())?;
+                outputs.push(expert.forward(&x.index_select(&expert_rows, 0)?)?);
                 start += members.len();
             }
         }
