@@ -345,7 +345,10 @@ impl Scheduler {
             return Some(WaitReason::Reserved { start });
         }
         let mut short: Shortfall = Search::new(&self.topo, &self.occ, need).shortfall();
-        if let Some(active) = reservation.as_ref() {
+        // Name the reservation only where it is what stands in the way.
+        if let Some(active) = reservation.as_ref()
+            && short.free + active.gpus.len() as u64 >= need.total()
+        {
             short.reserved_for = Some((active.job.clone(), active.gpus.len() as u64));
         }
         Some(WaitReason::Insufficient(short))

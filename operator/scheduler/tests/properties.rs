@@ -261,6 +261,16 @@ fn check_priority(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d
             }
             assert!(!fits(fleet, &offered, job), "{} blocked by lower {}", job.id, lower.id);
         }
+        // Work-conserving: what is left free (outside the reservation, unless the job holds it
+        // or ends before it starts) does not fit the job either.
+        let ends_in_time = d.reservation.as_ref().is_some_and(
+            |r| matches!((job.expected_duration, r.start), (Some(dur), Some(s)) if NOW + dur <= s),
+        );
+        let mut left = free.clone();
+        if !holds && !ends_in_time {
+            left.retain(|k| !reserved.contains(k));
+        }
+        assert!(!fits(fleet, &left, job), "{} waits though free GPUs fit it", job.id);
         let never = !fits(fleet, &schedulable(fleet), job);
         assert_eq!(matches!(waiting.reason, WaitReason::NeverFits(_)), never, "{waiting:?}");
     }

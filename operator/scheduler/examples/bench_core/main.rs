@@ -20,8 +20,8 @@ use workload::{Arrival, NAMESPACES, Rng};
 
 /// What the simulation needs from a scheduler.
 trait Engine {
-    /// One pass: the jobs started and the jobs preempted.
-    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<JobId>);
+    /// One pass: the jobs started and the jobs preempted, with GPU-seconds the latter lose.
+    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<(JobId, u64)>);
     /// A job ended.
     fn finish(&mut self, job: &JobId);
     /// Allocated share and fragmentation now.
@@ -29,10 +29,11 @@ trait Engine {
 }
 
 impl Engine for Scheduler {
-    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<JobId>) {
+    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<(JobId, u64)>) {
         let decision = self.schedule(queue, now);
         let started = decision.placements.into_iter().map(|p| p.job).collect();
-        (started, decision.preemptions.into_iter().map(|p| p.victim).collect())
+        let preempted = decision.preemptions.into_iter().map(|p| (p.victim, p.lost_gpu_seconds));
+        (started, preempted.collect())
     }
 
     fn finish(&mut self, job: &JobId) {
@@ -46,7 +47,7 @@ impl Engine for Scheduler {
 }
 
 impl Engine for FirstFit {
-    fn pass(&mut self, queue: &[JobRequest], _now: u64) -> (Vec<JobId>, Vec<JobId>) {
+    fn pass(&mut self, queue: &[JobRequest], _now: u64) -> (Vec<JobId>, Vec<(JobId, u64)>) {
         (self.schedule(queue), Vec::new())
     }
 
@@ -64,6 +65,7 @@ impl Engine for FirstFit {
 struct Report {
     placements: u64,
     preemptions: u64,
+    lost_gpu_seconds: u64,
     examined: u64,
     busy: Duration,
     latencies: Vec<Duration>,
@@ -115,7 +117,8 @@ fn simulate(engine: &mut dyn Engine, arrivals: &[Arrival]) -> Report {
         report.examined += queue.len() as u64;
         report.placements += started.len() as u64;
         report.preemptions += preempted.len() as u64;
-        for victim in &preempted {
+        for (victim, lost) in &preempted {
+            report.lost_gpu_seconds += lost;
             let job = index[victim];
             generation[job] += 1;
             queue.push(arrivals[job].request.clone());
@@ -138,6 +141,24 @@ fn simulate(engine: &mut dyn Engine, arrivals: &[Arrival]) -> Report {
     report
 }
 
+/// One pass placing the whole stream into an empty fleet: (placed, decisions, time).
+fn burst(engine: &mut dyn Engine, arrivals: &[Arrival]) -> (usize, usize, Duration) {
+    let queue: Vec<JobRequest> = arrivals.iter().map(|a| a.request.clone()).collect();
+    let started_at = Instant::now();
+    let (started, _) = engine.pass(&queue, 0);
+    (started.len(), queue.len(), started_at.elapsed())
+}
+
+fn print_burst(name: &str, (placed, decisions, took): (usize, usize, Duration)) {
+    println!(
+        "burst, {name:<9}: one pass over {decisions} queued jobs into an empty fleet placed {placed} \
+         in {:.2} ms: {:.0} placements/s, {:.0} decisions/s",
+        took.as_secs_f64() * 1e3,
+        placed as f64 / took.as_secs_f64(),
+        decisions as f64 / took.as_secs_f64()
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(at).map_or(0.0, |d| d.as_secs_f64() * 1e3)
@@ -156,6 +177,7 @@ fn print(flotilla: &mut Report, baseline: &mut Report) {
     for (name, pick) in [
         ("placements", (|r: &Report| r.placements.to_string()) as fn(&Report) -> String),
         ("preemptions", |r| r.preemptions.to_string()),
+        ("GPU-hours lost to preemption", |r| format!("{:.0}", r.lost_gpu_seconds as f64 / 3600.0)),
         ("passes (one per event)", |r| r.latencies.len().to_string()),
         ("placements/s (scheduling time only)", |r| {
             format!("{:.0}", r.placements as f64 / r.busy.as_secs_f64())
@@ -208,6 +230,10 @@ fn main() {
         demand
     );
     let policy = NAMESPACES.iter().fold(Policy::default(), |p, (ns, w)| p.weight(*ns, *w));
+    let mut fresh = Scheduler::new(&fleet, &[], policy.clone()).expect("valid fleet");
+    print_burst("flotilla", burst(&mut fresh, &arrivals));
+    print_burst("first-fit", burst(&mut FirstFit::new(&fleet), &arrivals));
+    println!("\nchurn: jobs arrive, run and end; one pass after every event");
     let mut scheduler = Scheduler::new(&fleet, &[], policy).expect("valid fleet");
     let mut flotilla = simulate(&mut scheduler, &arrivals);
     let mut baseline = simulate(&mut FirstFit::new(&fleet), &arrivals);
