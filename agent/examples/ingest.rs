@@ -130,21 +130,23 @@ async fn synthetic_agent(i: usize, addr: String, stats: Arc<Stats>) {
     tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 1000)).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seq = 0u64;
+    // Built once; each report sends a copy, as an agent re-sending fresh values would.
+    let samples: Vec<pb::GpuSample> = (0..GPUS)
+        .map(|g| pb::GpuSample {
+            gpu_uuid: format!("GPU-{i:08x}-{g}"),
+            temperature_c: 60.0 + g as f32,
+            power_w: 500.0,
+            gpu_util_pct: 90.0,
+            memory_used_bytes: 60 << 30,
+            memory_free_bytes: 20 << 30,
+            sm_clock_mhz: 1980,
+            slowdown_temperature_c: 90.0,
+            ..Default::default()
+        })
+        .collect();
     for n in 0u64.. {
         tick.tick().await;
-        let samples = (0..GPUS)
-            .map(|g| pb::GpuSample {
-                gpu_uuid: format!("GPU-{i:08x}-{g}"),
-                temperature_c: 60.0 + g as f32,
-                power_w: 500.0,
-                gpu_util_pct: 90.0,
-                memory_used_bytes: 60 << 30,
-                memory_free_bytes: 20 << 30,
-                sm_clock_mhz: 1980,
-                slowdown_temperature_c: 90.0,
-                ..Default::default()
-            })
-            .collect();
+        let samples = samples.clone();
         let report =
             pb::HealthReport { sampled_at_unix_nanos: flotilla_proto::now_unix_nanos(), samples };
         if tx.send(pb::AgentMessage { body: Some(Up::Health(report)) }).await.is_err() {
@@ -213,8 +215,16 @@ async fn main() -> anyhow::Result<()> {
         "ingest: operator agent server in a child process, synthetic agents (8 GPUs, 1 Hz reports, event every 5 s) on 127.0.0.1, plaintext"
     );
     println!(
-        "{:>7} {:>7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>8}",
-        "agents", "gpus", "events", "p50 ms", "p99 ms", "max ms", "op CPU %", "op RSS MB"
+        "{:>7} {:>7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>13}",
+        "agents",
+        "gpus",
+        "events",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "op CPU %",
+        "op RSS MB",
+        "loadgen CPU %"
     );
     let mut best = None;
     for level in levels {
@@ -234,10 +244,14 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(5)).await;
         stats.rtts_us.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let (t0, _) = proc_stat(pid);
+        let (g0, _) = proc_stat(std::process::id());
         let start = Instant::now();
         tokio::time::sleep(WINDOW).await;
         let (t1, rss) = proc_stat(pid);
-        let cpu = (t1 - t0) as f64 / 100.0 / start.elapsed().as_secs_f64() * 100.0;
+        let (g1, _) = proc_stat(std::process::id());
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = (t1 - t0) as f64 / 100.0 / secs * 100.0;
+        let loadgen_cpu = (g1 - g0) as f64 / 100.0 / secs * 100.0;
         let mut rtts =
             std::mem::take(&mut *stats.rtts_us.lock().unwrap_or_else(|e| e.into_inner()));
         rtts.sort_unstable();
@@ -247,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let failed = stats.failed.load(Ordering::Relaxed);
         println!(
-            "{:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>10.1} {:>8.1}{}",
+            "{:>7} {:>7} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>10.1} {:>9.1} {:>13.1}{}",
             stats.ready.load(Ordering::Relaxed),
             level * GPUS as usize,
             rtts.len(),
@@ -256,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
             pct(1.0),
             cpu,
             rss as f64 / 1024.0,
+            loadgen_cpu,
             if failed > 0 { format!("  ({failed} streams failed)") } else { String::new() }
         );
         if pct(0.99) >= 100.0 || failed > 0 || rtts.is_empty() {
