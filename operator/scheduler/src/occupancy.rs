@@ -324,6 +324,52 @@ mod tests {
         assert_eq!(occ.fleet_free, 7);
     }
 
+    /// Every aggregate recomputed from the owners alone.
+    fn recount(topo: &Topology, occ: &Occupancy) -> Occupancy {
+        let mut fresh = Occupancy::new(topo);
+        for (gpu, &owner) in occ.owner.iter().enumerate() {
+            fresh.set_owner(topo, gpu as u32, owner);
+        }
+        fresh
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn incremental_counts_match_a_recount(
+            steps in proptest::collection::vec((0u32..24, 0u32..4), 1..200)
+        ) {
+            let fleet = Fleet::new(vec![
+                Node::new("a", 8).in_rack("z1", "r1").nvlink_domains(2),
+                Node::new("b", 8).in_rack("z1", "r2").gpu_state(5, GpuState::Failed),
+                Node::new("c", 8).in_rack("z2", "r1"),
+            ]);
+            let topo = Topology::new(&fleet).unwrap();
+            let mut occ = Occupancy::new(&topo);
+            for (gpu, action) in steps {
+                match action {
+                    0 => occ.release(&topo, gpu),
+                    1 => occ.reserved[gpu as usize] = !occ.reserved[gpu as usize],
+                    job => occ.set_owner(&topo, gpu, job),
+                }
+            }
+            let fresh = recount(&topo, &occ);
+            proptest::prop_assert_eq!(&occ.domain_free, &fresh.domain_free);
+            proptest::prop_assert_eq!(&occ.node_free, &fresh.node_free);
+            proptest::prop_assert_eq!(&occ.rack_hist, &fresh.rack_hist);
+            proptest::prop_assert_eq!(&occ.zone_hist, &fresh.zone_hist);
+            proptest::prop_assert_eq!(&occ.fleet_hist, &fresh.fleet_hist);
+            proptest::prop_assert_eq!((&occ.rack_free, &occ.zone_free), (&fresh.rack_free, &fresh.zone_free));
+            proptest::prop_assert_eq!(occ.fleet_free, fresh.fleet_free);
+            for (free, bucket) in occ.buckets.iter().enumerate() {
+                for &node in bucket {
+                    proptest::prop_assert_eq!(occ.node_free[node as usize], free as u32);
+                    proptest::prop_assert_eq!(occ.buckets[free][occ.bucket_pos[node as usize] as usize], node);
+                }
+            }
+            proptest::prop_assert_eq!(occ.buckets.iter().map(Vec::len).sum::<usize>(), 3);
+        }
+    }
+
     #[test]
     fn refuses_duplicate_gpus() {
         let mut node = Node::new("a", 2);

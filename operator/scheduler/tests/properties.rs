@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use common::NOW;
 use flotilla_scheduler::{
-    Decision, Fleet, GpuState, JobRequest, Locality, Node, Policy, RunningJob, Spread, WaitReason,
-    WorkerPlacement, schedule,
+    Decision, Fleet, GpuState, JobRequest, Locality, Node, Policy, RunningJob, Scheduler, Spread,
+    WaitReason, WorkerPlacement, schedule,
 };
 use proptest::prelude::*;
 
@@ -314,5 +314,31 @@ proptest! {
         check_shapes(&fleet, &running, &queue, &decision);
         check_priority(&fleet, &running, &queue, &decision);
         check_preemption_and_reservation(&running, &queue, &decision);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn state_stays_consistent_across_passes(
+        (fleet, running, queue, _) in case(),
+        finishing in prop::collection::vec(any::<bool>(), 16),
+    ) {
+        let mut scheduler = Scheduler::new(&fleet, &running, Policy::default()).expect("valid");
+        let first = scheduler.schedule(&queue, NOW);
+        for (job, finish) in scheduler.running().into_iter().zip(finishing) {
+            if finish {
+                prop_assert!(scheduler.finish(&job.id));
+            }
+        }
+        let before = scheduler.running();
+        let waiting: Vec<JobRequest> =
+            queue.iter().filter(|j| first.waiting.iter().any(|w| w.job == j.id)).cloned().collect();
+        let second = scheduler.schedule(&waiting, NOW + 10);
+        check_shapes(&fleet, &before, &waiting, &second);
+        let rebuilt = Scheduler::new(&fleet, &scheduler.running(), Policy::default())
+            .expect("the scheduler's own state is valid input");
+        prop_assert_eq!(rebuilt.stats(), scheduler.stats());
     }
 }
