@@ -4,12 +4,14 @@
 //!
 //! Leader-only serving: pass a [`ServingGate`] and flip it from leader election.
 
+pub mod args;
 mod convert;
 pub mod identity;
 pub mod mirror;
 pub mod server;
 pub mod state;
 
+pub use args::{AgentLink, AgentLinkArgs};
 pub use server::{AgentServer, AgentServerConfig, GpuAction, ServingGate, WorkerReport};
 pub use state::{FleetState, GpuHealth, GpuRecord, NodeRecord};
 
