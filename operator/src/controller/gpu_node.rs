@@ -109,10 +109,7 @@ fn current(node: &GpuNode) -> Option<Summary> {
 pub async fn reconcile(guard: Arc<DeserializeGuard<GpuNode>>, ctx: Arc<Context>) -> Result<Action> {
     let node = match &guard.0 {
         Ok(node) => node,
-        Err(invalid) => {
-            let name = invalid.metadata.name.clone().unwrap_or_default();
-            return Err(Error::Malformed { kind: KIND, name, message: invalid.error.clone() });
-        }
+        Err(invalid) => return Err(ctx.malformed(KIND, invalid).await),
     };
     let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[KIND]).start_timer();
     ctx.metrics.reconciles.with_label_values(&[KIND]).inc();

@@ -16,12 +16,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 const KIND: &str = "InferenceService";
+/// Finalizer that stops a deleted service's replicas before the object goes.
+pub const FINALIZER: &str = "flotilla.dev/stop-replicas";
 
 /// The plan for one service: the status to write and effects per replica.
 #[derive(Clone, Debug, PartialEq)]
@@ -239,15 +242,45 @@ pub async fn reconcile(
 ) -> Result<Action> {
     let svc = match &guard.0 {
         Ok(svc) => svc,
-        Err(invalid) => {
-            let name = invalid.metadata.name.clone().unwrap_or_default();
-            return Err(Error::Malformed { kind: KIND, name, message: invalid.error.clone() });
-        }
+        Err(invalid) => return Err(ctx.malformed(KIND, invalid).await),
     };
     let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[KIND]).start_timer();
     ctx.metrics.reconciles.with_label_values(&[KIND]).inc();
     let ns = svc.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<InferenceService> = Api::namespaced(ctx.client.clone(), &ns);
+    let action = finalizer(&api, FINALIZER, Arc::new(svc.clone()), |event| async {
+        match event {
+            Finalizer::Apply(svc) => apply(&svc, &api, &ctx).await,
+            Finalizer::Cleanup(svc) => cleanup(&svc, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    ctx.succeeded(&object_key(svc));
+    Ok(action)
+}
+
+/// Stop every placed replica of a deleted service.
+async fn cleanup(svc: &InferenceService, ctx: &Context) -> Result<Action> {
+    let uid = svc.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    ctx.booked.lock().await.retain(|key, _| !key.starts_with(&format!("{uid}#")));
+    for r in svc.status.iter().flat_map(|s| &s.replicas) {
+        if !r.placement.workers.is_empty() {
+            let k = key(svc, r.index)?;
+            ctx.fleet
+                .stop(&k, r.attempt, "the InferenceService was deleted")
+                .await
+                .map_err(Error::Fleet)?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+async fn apply(
+    svc: &InferenceService,
+    api: &Api<InferenceService>,
+    ctx: &Context,
+) -> Result<Action> {
     let mut booked = ctx.booked.lock().await;
     ctx.prune_bookings(&mut booked);
     let guards = ctx.jobs.state();
@@ -257,7 +290,7 @@ pub async fn reconcile(
     let nodes = ctx.gpu_nodes();
     let p = plan(svc, &reports(svc, ctx.fleet.as_ref())?, &nodes, &in_use, Timestamp::now());
     if svc.status.as_ref() != Some(&p.status) {
-        apply_status(&api, &svc.name_any(), &p.status).await?;
+        apply_status(api, &svc.name_any(), &p.status).await?;
     }
     booked.retain(|key, _| !key.starts_with(&format!("{uid}#")));
     for r in &p.status.replicas {
@@ -282,7 +315,6 @@ pub async fn reconcile(
             Effect::Delete => {}
         }
     }
-    ctx.succeeded(&object_key(svc));
     Ok(Action::requeue(Duration::from_secs(if p.status.phase == ServicePhase::Ready {
         60
     } else {

@@ -95,6 +95,45 @@ impl Context {
         }
     }
 
+    /// Report an object that cannot be read as its kind: a Warning Event on it naming the
+    /// field, and the error for the error policy (which waits for the object to change).
+    pub async fn malformed(
+        &self,
+        kind: &'static str,
+        invalid: &kube::core::error_boundary::InvalidObject,
+    ) -> Error {
+        let meta = &invalid.metadata;
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(format!(
+                "{}/{}",
+                crate::crd::common::GROUP,
+                crate::crd::common::VERSION
+            )),
+            kind: Some(kind.into()),
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "Malformed".into(),
+            note: Some(format!("the object cannot be read as a {kind}: {}", invalid.error)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, "publishing event failed");
+        }
+        let name = format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        );
+        Error::Malformed { kind, name, message: invalid.error.clone() }
+    }
+
     /// The valid cached `GpuNode`s.
     pub fn gpu_nodes(&self) -> Vec<GpuNode> {
         self.nodes.state().iter().filter_map(|n| n.0.as_ref().ok().cloned()).collect()

@@ -28,14 +28,7 @@ pub async fn reconcile(
 ) -> Result<Action> {
     let job = match &guard.0 {
         Ok(job) => job,
-        Err(invalid) => {
-            let name = format!(
-                "{}/{}",
-                invalid.metadata.namespace.as_deref().unwrap_or_default(),
-                invalid.metadata.name.as_deref().unwrap_or_default()
-            );
-            return Err(Error::Malformed { kind: KIND, name, message: invalid.error.clone() });
-        }
+        Err(invalid) => return Err(ctx.malformed(KIND, invalid).await),
     };
     let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[KIND]).start_timer();
     ctx.metrics.reconciles.with_label_values(&[KIND]).inc();

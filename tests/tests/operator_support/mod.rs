@@ -54,8 +54,11 @@ pub fn kubectl(cp: &flotilla_tests::ControlPlane, args: &[&str], stdin: Option<&
 /// Apply the committed CRDs and wait until they are established.
 pub fn install_crds(cp: &flotilla_tests::ControlPlane) -> Result<()> {
     let dir = workspace().join("deploy/crds");
-    let out =
-        kubectl(cp, &["apply", "--server-side", "-f", dir.to_str().expect("utf-8 path")], None);
+    let out = kubectl(
+        cp,
+        &["apply", "--server-side", "--force-conflicts", "-f", dir.to_str().expect("utf-8 path")],
+        None,
+    );
     if !out.status.success() {
         bail!("applying CRDs: {}", String::from_utf8_lossy(&out.stderr));
     }
