@@ -7,13 +7,15 @@
 //! peer turns into [`CollectiveError::PeerLost`] within seconds instead of a hang.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"FLTL";
 const KIND_DATA: u8 = 1;
 const KIND_ABORT: u8 = 2;
 const KIND_HELLO: u8 = 3;
+/// Rendezvous waits at least this long for every rank: workers of a gang may start minutes apart.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Failures of rendezvous and collectives.
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +85,15 @@ impl Ring {
             .next()
             .ok_or_else(|| fail(format!("master {master} resolves to no address")))?;
         if spec.rank == 0 {
-            let listener = TcpListener::bind(addr)
-                .map_err(|e| fail(format!("cannot listen on {addr}: {e}")))?;
+            // MASTER_ADDR may be a service address that is not local: listen on every interface.
+            let any = if addr.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            let bind = SocketAddr::new(any, addr.port());
+            let listener = TcpListener::bind(bind)
+                .map_err(|e| fail(format!("cannot listen on {bind}: {e}")))?;
             Self::lead(spec, listener)
         } else {
             Self::join(spec, addr)
@@ -97,7 +106,7 @@ impl Ring {
             |reason: String| CollectiveError::Rendezvous { rank: 0, world: spec.world, reason };
         let ring_listener =
             bind_like(&listener).map_err(|e| fail(format!("cannot listen: {e}")))?;
-        let deadline = Instant::now() + spec.timeout;
+        let deadline = Instant::now() + spec.timeout.max(RENDEZVOUS_TIMEOUT);
         let mut members: Vec<Option<(TcpStream, SocketAddr)>> =
             (0..spec.world).map(|_| None).collect();
         let own_ip = listener.local_addr().map_err(|e| fail(e.to_string()))?.ip();
@@ -139,7 +148,7 @@ impl Ring {
             world: spec.world,
             reason,
         };
-        let deadline = Instant::now() + spec.timeout;
+        let deadline = Instant::now() + spec.timeout.max(RENDEZVOUS_TIMEOUT);
         let mut stream =
             connect_until(master, deadline).map_err(|e| fail(format!("master {master}: {e}")))?;
         let ring_listener = bind_like_addr(stream.local_addr().map_err(|e| fail(e.to_string()))?)
@@ -148,10 +157,16 @@ impl Ring {
         let hello = [spec.rank as u32, spec.world as u32, u32::from(port)];
         let hello: Vec<u8> = hello.iter().flat_map(|v| v.to_le_bytes()).collect();
         write_frame(&mut stream, KIND_HELLO, 0, &hello).map_err(|e| fail(format!("hello: {e}")))?;
-        stream.set_read_timeout(Some(spec.timeout)).map_err(|e| fail(e.to_string()))?;
+        let remaining =
+            deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        stream.set_read_timeout(Some(remaining)).map_err(|e| fail(e.to_string()))?;
         let (_, payload) =
             read_frame(&mut stream).map_err(|e| fail(format!("waiting for the table: {e}")))?;
-        let table = decode_table(&payload).ok_or_else(|| fail("malformed table".into()))?;
+        let mut table = decode_table(&payload).ok_or_else(|| fail("malformed table".into()))?;
+        // Rank 0 listens on every interface; reach it where its master port was reached.
+        if let Some(first) = table.first_mut() {
+            first.set_ip(master.ip());
+        }
         if table.len() != spec.world {
             return Err(fail(format!("table has {} ranks, expected {}", table.len(), spec.world)));
         }
