@@ -202,6 +202,13 @@ pub enum ScheduleError {
     },
     /// Two running jobs share an id.
     DuplicateJob(JobId),
+    /// An update names a node or GPU the fleet does not have.
+    NoSuchGpu {
+        /// The node named.
+        node: String,
+        /// The GPU index named, if any.
+        index: Option<u32>,
+    },
 }
 
 impl fmt::Display for ScheduleError {
@@ -227,6 +234,12 @@ impl fmt::Display for ScheduleError {
                 "running job {job} holds GPU {index} on node {node}, already held by another job"
             ),
             ScheduleError::DuplicateJob(job) => write!(f, "running job {job} appears twice"),
+            ScheduleError::NoSuchGpu { node, index: Some(index) } => {
+                write!(f, "the fleet has no GPU {index} on node {node}")
+            }
+            ScheduleError::NoSuchGpu { node, index: None } => {
+                write!(f, "the fleet has no node {node}")
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use crate::decision::ScheduleError;
-use crate::model::Fleet;
+use crate::model::{Fleet, GpuState};
 
 /// Owner value of a free, schedulable GPU.
 pub(crate) const FREE: u32 = u32::MAX;
@@ -25,6 +25,7 @@ pub(crate) struct NodeTopo {
     pub rack: u32,
     pub zone: u32,
     pub labels: BTreeMap<String, String>,
+    pub cordoned: bool,
     pub domains: Range<u32>,
     pub gpus: Range<u32>,
 }
@@ -36,6 +37,10 @@ pub(crate) struct GpuTopo {
     pub domain: u32,
     pub index: u32,
     pub schedulable: bool,
+    /// Reported health.
+    pub state: GpuState,
+    /// Cordoned on its own (the node's cordon is kept on the node).
+    pub cordoned: bool,
 }
 
 /// The fleet's shape, fixed for the scheduler's life.
@@ -120,6 +125,8 @@ impl Topology {
                     domain,
                     index: gpu.index,
                     schedulable: gpu.is_schedulable() && !node.cordoned,
+                    state: gpu.state,
+                    cordoned: gpu.cordoned,
                 });
             }
             topo.max_node = topo.max_node.max(node.gpus.len() as u32);
@@ -128,6 +135,7 @@ impl Topology {
                 rack,
                 zone,
                 labels: node.labels.clone(),
+                cordoned: node.cordoned,
                 domains: first_domain..topo.domains.len() as u32,
                 gpus: first_gpu..topo.gpus.len() as u32,
             });
@@ -139,6 +147,21 @@ impl Topology {
     /// The flat id of GPU `index` on `node`, if it exists.
     pub fn gpu_id(&self, node: u32, index: u32) -> Option<u32> {
         self.nodes[node as usize].gpus.clone().find(|&gpu| self.gpus[gpu as usize].index == index)
+    }
+
+    /// Recomputes whether each GPU of a node takes new work; returns the GPUs that changed.
+    pub fn refresh_node(&mut self, node: u32) -> Vec<u32> {
+        let cordoned = self.nodes[node as usize].cordoned;
+        let mut changed = Vec::new();
+        for gpu in self.nodes[node as usize].gpus.clone() {
+            let facts = &mut self.gpus[gpu as usize];
+            let schedulable = facts.state == GpuState::Healthy && !facts.cordoned && !cordoned;
+            if schedulable != facts.schedulable {
+                facts.schedulable = schedulable;
+                changed.push(gpu);
+            }
+        }
+        changed
     }
 
     /// Whether a node carries every label of a selector.
@@ -235,6 +258,15 @@ impl Occupancy {
         }
     }
 
+    /// Brings a GPU whose schedulability changed in line: a free one is blocked or unblocked;
+    /// one held by a job stays with it and is blocked when released.
+    pub fn refresh(&mut self, topo: &Topology, gpu: u32) {
+        let owner = self.owner[gpu as usize];
+        if owner == FREE || owner == BLOCKED || owner == RESERVED {
+            self.release(topo, gpu);
+        }
+    }
+
     /// Frees a GPU: blocked if it is not schedulable, reserved if it is held for the first job.
     pub fn release(&mut self, topo: &Topology, gpu: u32) {
         let owner = if !topo.gpus[gpu as usize].schedulable {
@@ -298,7 +330,7 @@ pub(crate) fn slots_in(bins: &[u32], per_worker: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{GpuState, Node};
+    use crate::model::Node;
 
     #[test]
     fn counts_follow_every_change() {

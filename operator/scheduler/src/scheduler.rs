@@ -7,7 +7,7 @@ use crate::decision::{
 };
 use crate::fairshare::FairOrder;
 use crate::model::{
-    Fleet, JobId, JobRequest, Locality, Policy, RunningJob, Seconds, WorkerPlacement,
+    Fleet, GpuState, JobId, JobRequest, Locality, Policy, RunningJob, Seconds, WorkerPlacement,
 };
 use crate::occupancy::{FREE, Occupancy, RESERVED, Topology};
 use crate::place::{Gang, Need, Search};
@@ -217,6 +217,40 @@ impl Scheduler {
             slot.last_checkpoint = Some(at);
         }
         true
+    }
+
+    /// A GPU's health or cordon changed: a free GPU leaves or rejoins the pool at once, a held
+    /// one stays with its job (the operator decides about the job) and is blocked once freed.
+    pub fn update_gpu(
+        &mut self,
+        node: &str,
+        index: u32,
+        state: GpuState,
+        cordoned: bool,
+    ) -> Result<(), ScheduleError> {
+        let missing = || ScheduleError::NoSuchGpu { node: node.to_owned(), index: Some(index) };
+        let node_id = *self.topo.node_by_name.get(node).ok_or_else(missing)?;
+        let gpu = self.topo.gpu_id(node_id, index).ok_or_else(missing)?;
+        let facts = &mut self.topo.gpus[gpu as usize];
+        (facts.state, facts.cordoned) = (state, cordoned);
+        self.refresh_node(node_id);
+        Ok(())
+    }
+
+    /// A node was cordoned or uncordoned: none of its GPUs takes new work while cordoned.
+    pub fn cordon_node(&mut self, node: &str, cordoned: bool) -> Result<(), ScheduleError> {
+        let missing = || ScheduleError::NoSuchGpu { node: node.to_owned(), index: None };
+        let node_id = *self.topo.node_by_name.get(node).ok_or_else(missing)?;
+        self.topo.nodes[node_id as usize].cordoned = cordoned;
+        self.refresh_node(node_id);
+        Ok(())
+    }
+
+    fn refresh_node(&mut self, node: u32) {
+        for gpu in self.topo.refresh_node(node) {
+            self.occ.refresh(&self.topo, gpu);
+            self.empty.refresh(&self.topo, gpu);
+        }
     }
 
     /// Whether a job holds GPUs now.

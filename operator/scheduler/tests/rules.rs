@@ -263,3 +263,24 @@ fn finished_jobs_free_their_gpus() {
     assert_eq!(placed(&scheduler.schedule(&queue, NOW)), ["j"]);
     assert_eq!(scheduler.stats().allocation(), 1.0);
 }
+
+#[test]
+fn health_changes_apply_to_a_live_scheduler() {
+    let fleet = Fleet::new(vec![Node::new("n", 2)]);
+    let held = running("held", &[("n", &[1])]);
+    let mut scheduler = Scheduler::new(&fleet, &[held], Policy::default()).unwrap();
+    scheduler.update_gpu("n", 0, GpuState::Failed, false).unwrap();
+    scheduler.update_gpu("n", 1, GpuState::Degraded, false).unwrap();
+    let one = [JobRequest::new("one", 1, 1)];
+    assert!(scheduler.schedule(&one, NOW).placements.is_empty());
+    assert!(scheduler.finish(&"held".into()));
+    assert!(scheduler.schedule(&one, NOW).placements.is_empty(), "a drained GPU stays out");
+    assert_eq!(scheduler.stats().schedulable, 0);
+    scheduler.update_gpu("n", 0, GpuState::Healthy, false).unwrap();
+    assert_eq!(workers_of(&scheduler.schedule(&one, NOW), "one")[0].gpus, [0]);
+    scheduler.cordon_node("n", true).unwrap();
+    scheduler.update_gpu("n", 1, GpuState::Healthy, false).unwrap();
+    let two = [JobRequest::new("two", 1, 1)];
+    assert!(scheduler.schedule(&two, NOW).placements.is_empty(), "the node is cordoned");
+    assert!(scheduler.update_gpu("n", 7, GpuState::Healthy, false).is_err());
+}
