@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod persist;
 pub mod supervisor;
+pub mod workers;
 
 use backend::GpuBackend;
 use backend::simulated::SimulatedBackend;

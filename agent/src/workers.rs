@@ -40,7 +40,7 @@ pub struct WorkerFiles {
 pub struct ProcessSupervisor {
     files: WorkerFiles,
     updates: OnceLock<UnboundedSender<WorkerUpdate>>,
-    workers: Mutex<HashMap<WorkerId, RunningWorker>>,
+    workers: Registry,
 }
 
 // === impl ProcessSupervisor ===
@@ -50,14 +50,13 @@ impl ProcessSupervisor {
     /// orphaned grandchildren are re-parented to it and can be reaped.
     pub fn new(files: WorkerFiles) -> Result<Arc<Self>, SupervisorError> {
         for dir in [&files.log_dir, &files.socket_dir] {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                SupervisorError::Failed(format!("creating {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| SupervisorError::Failed(format!("creating {}: {e}", dir.display())))?;
         }
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             tracing::warn!(error = %e, "cannot become a child subreaper; grandchildren of workers may escape reaping");
         }
-        Ok(Arc::new(Self { files, updates: OnceLock::new(), workers: Mutex::default() }))
+        Ok(Arc::new(Self { files, updates: OnceLock::new(), workers: Registry::default() }))
     }
 
     /// Connects the channel updates are reported through (the agent's, known once it started).
@@ -93,7 +92,7 @@ impl ProcessSupervisor {
 impl WorkerSupervisor for ProcessSupervisor {
     fn launch(&self, launch: WorkerLaunch) -> Result<(), SupervisorError> {
         let id = launch.id.clone();
-        if self.workers.lock().map_err(poisoned)?.contains_key(&id) {
+        if self.workers.contains(&id) {
             return Err(SupervisorError::Failed(format!(
                 "job {} attempt {} rank {}: already running",
                 id.job_uid, id.attempt, id.rank
@@ -138,19 +137,18 @@ impl WorkerSupervisor for ProcessSupervisor {
             gpu_uuids: launch.gpu_uuids.clone(),
             started_at_unix_nanos: unix_nanos(),
         };
-        self.workers.lock().map_err(poisoned)?.insert(id.clone(), running);
+        self.workers.insert(running);
         tracing::info!(job = %id.job_uid, attempt = id.attempt, rank = id.rank, pid, command = %launch.command, "worker started");
         self.report(WorkerUpdate::Started(id.clone()));
 
         let log = BoundedLog::new(log_path, self.files.max_log_bytes);
         let stdout = child.stdout.take().map(|s| tokio::spawn(copy_to_log(s, log.clone())));
         let stderr = child.stderr.take().map(|s| tokio::spawn(copy_to_log(s, log.clone())));
-        let progress = tokio::spawn(read_progress(listener, id.clone(), self.updates.get().cloned()));
+        let progress =
+            tokio::spawn(read_progress(listener, id.clone(), self.updates.get().cloned()));
 
         let updates = self.updates.get().cloned();
-        let workers = self as *const Self as usize; // not dereferenced: identity only, see below
-        let _ = workers;
-        let registry = self.registry_handle();
+        let registry = self.workers.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             // The leader is gone; whatever it left in its group goes too, before we say "exited".
@@ -186,17 +184,16 @@ impl WorkerSupervisor for ProcessSupervisor {
     ) -> Result<(), SupervisorError> {
         let targets: Vec<(WorkerId, u32)> = self
             .workers
-            .lock()
-            .map_err(poisoned)?
-            .values()
+            .snapshot()
+            .into_iter()
             .filter(|w| w.id.job_uid == job_uid && w.id.attempt == attempt)
             .filter(|w| rank.is_none_or(|r| w.id.rank == r))
-            .map(|w| (w.id.clone(), w.pid))
+            .map(|w| (w.id, w.pid))
             .collect();
         for (id, pid) in targets {
             tracing::info!(job = %id.job_uid, attempt = id.attempt, rank = id.rank, reason, "stopping worker");
             self.signal_group(pid, Signal::SIGTERM);
-            let registry = self.registry_handle();
+            let registry = self.workers.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 if registry.contains(&id) {
@@ -211,18 +208,14 @@ impl WorkerSupervisor for ProcessSupervisor {
     }
 
     fn kill_all(&self, reason: &str) {
-        let pids: Vec<u32> = match self.workers.lock() {
-            Ok(w) => w.values().map(|w| w.pid).collect(),
-            Err(_) => return,
-        };
-        for pid in pids {
+        for pid in self.workers.snapshot().into_iter().map(|w| w.pid) {
             tracing::warn!(pid, reason, "killing worker");
             self.signal_group(pid, Signal::SIGKILL);
         }
     }
 
     fn running(&self) -> Vec<RunningWorker> {
-        self.workers.lock().map(|w| w.values().cloned().collect()).unwrap_or_default()
+        self.workers.snapshot()
     }
 }
 
@@ -251,6 +244,341 @@ pub fn worker_env(launch: &WorkerLaunch, progress_socket: &Path) -> BTreeMap<Str
     env
 }
 
-/// Shared view of the running set, for tasks that outlive a `&self` borrow.
-#[derive(Clone, Debug)]
+/// The running set, shared with the tasks that watch each worker.
+#[derive(Clone, Debug, Default)]
 struct Registry(Arc<Mutex<HashMap<WorkerId, RunningWorker>>>);
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, RunningWorker>> {
+        // A panic while holding this lock leaves a plain map behind; keep using it.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn contains(&self, id: &WorkerId) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    fn insert(&self, worker: RunningWorker) {
+        self.lock().insert(worker.id.clone(), worker);
+    }
+
+    fn remove(&self, id: &WorkerId) {
+        self.lock().remove(id);
+    }
+
+    fn snapshot(&self) -> Vec<RunningWorker> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+/// Copies a worker's output into its log, line by line where lines are short.
+async fn copy_to_log(mut output: impl AsyncRead + Unpin, log: BoundedLog) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match output.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => log.write(&buf[..n]).await,
+        }
+    }
+}
+
+/// A log file that rotates to `<file>.1` at a size limit, so a chatty worker cannot fill a disk.
+#[derive(Clone, Debug)]
+struct BoundedLog(Arc<tokio::sync::Mutex<BoundedLogState>>);
+
+#[derive(Debug)]
+struct BoundedLogState {
+    path: PathBuf,
+    max_bytes: u64,
+    written: u64,
+    file: Option<tokio::fs::File>,
+}
+
+impl BoundedLog {
+    fn new(path: PathBuf, max_bytes: u64) -> Self {
+        Self(Arc::new(tokio::sync::Mutex::new(BoundedLogState {
+            path,
+            max_bytes: max_bytes.max(1024),
+            written: 0,
+            file: None,
+        })))
+    }
+
+    async fn write(&self, bytes: &[u8]) {
+        let mut state = self.0.lock().await;
+        if state.file.is_none() || state.written + bytes.len() as u64 > state.max_bytes {
+            if state.file.take().is_some() {
+                let rotated = rotated_path(&state.path);
+                let _ = tokio::fs::rename(&state.path, rotated).await;
+            }
+            match tokio::fs::File::create(&state.path).await {
+                Ok(file) => {
+                    state.file = Some(file);
+                    state.written = 0;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %state.path.display(), error = %e, "cannot write worker log");
+                    return;
+                }
+            }
+        }
+        if let Some(file) = state.file.as_mut()
+            && file.write_all(bytes).await.is_ok()
+        {
+            let _ = file.flush().await;
+            state.written += bytes.len() as u64;
+        }
+    }
+}
+
+fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// One progress line as `flotilla-worker` writes it (see the engine's `progress` module).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProgressLine {
+    step: u64,
+    total_steps: u64,
+    loss: f64,
+    tokens_per_second: f64,
+    last_checkpoint_step: Option<u64>,
+}
+
+/// Accepts the worker's progress connections (it reconnects after a failure) and forwards each
+/// well-formed line; a malformed line is logged and skipped, never fatal.
+async fn read_progress(
+    listener: tokio::net::UnixListener,
+    id: WorkerId,
+    updates: Option<UnboundedSender<WorkerUpdate>>,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.len() > 4096 {
+                tracing::warn!(
+                    rank = id.rank,
+                    bytes = line.len(),
+                    "progress line too long; skipped"
+                );
+                continue;
+            }
+            match serde_json::from_str::<ProgressLine>(&line) {
+                Ok(p) => {
+                    let progress = Progress {
+                        step: p.step,
+                        total_steps: p.total_steps,
+                        loss: p.loss,
+                        tokens_per_second: p.tokens_per_second,
+                        last_checkpoint_step: p.last_checkpoint_step.unwrap_or(0),
+                    };
+                    if let Some(tx) = &updates {
+                        let _ = tx.send(WorkerUpdate::Progress(id.clone(), progress));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(rank = id.rank, error = %e, "malformed progress line skipped")
+                }
+            }
+        }
+    }
+}
+
+/// Reaps whatever of a worker's process group was re-parented to this (subreaper) process.
+async fn reap_group(pgid: i32) {
+    for _ in 0..100 {
+        match waitpid(Pid::from_raw(-pgid), Some(WaitPidFlag::WNOHANG)) {
+            // Reaped one; there may be more.
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Ok(_) => {}
+            // ECHILD: no child of ours is left in the group.
+            Err(_) => return,
+        }
+    }
+}
+
+fn short_hash(s: &str) -> String {
+    // FNV-1a: a stable, short file-name component; collisions only cost a clearer error on bind.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:012x}", h & 0xffff_ffff_ffff)
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    fn launch(job: &str, attempt: u64, script: &str) -> WorkerLaunch {
+        WorkerLaunch {
+            id: WorkerId { job_uid: job.into(), attempt, rank: 1 },
+            local_rank: 0,
+            world_size: 2,
+            gpu_uuids: vec!["GPU-a".into(), "GPU-b".into()],
+            command: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: [("USER_VAR".to_string(), "kept".to_string())].into(),
+            checkpoint_dir: "/ckpt/job".into(),
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+        }
+    }
+
+    fn supervisor(dir: &Path) -> (Arc<ProcessSupervisor>, mpsc::UnboundedReceiver<WorkerUpdate>) {
+        let files = WorkerFiles {
+            log_dir: dir.join("logs"),
+            socket_dir: dir.join("s"),
+            max_log_bytes: 4096,
+        };
+        let sup = ProcessSupervisor::new(files).expect("supervisor");
+        let (tx, rx) = mpsc::unbounded_channel();
+        sup.attach(tx);
+        (sup, rx)
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<WorkerUpdate>) -> WorkerUpdate {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("an update within 20 s")
+            .expect("channel open")
+    }
+
+    #[tokio::test]
+    async fn a_worker_gets_the_torchrun_environment_and_its_output_is_logged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sup, mut rx) = supervisor(dir.path());
+        let job = launch("job-1", 3, "env; echo done; exit 7");
+        sup.launch(job.clone()).expect("launch");
+        assert_eq!(next(&mut rx).await, WorkerUpdate::Started(job.id.clone()));
+        match next(&mut rx).await {
+            WorkerUpdate::Exited { id, code, signal } => {
+                assert_eq!((id, code, signal), (job.id.clone(), Some(7), None));
+            }
+            other => panic!("expected Exited, got {other:?}"),
+        }
+        let log = std::fs::read_to_string(sup.log_path(&job.id)).expect("log");
+        for line in [
+            "RANK=1",
+            "LOCAL_RANK=0",
+            "WORLD_SIZE=2",
+            "MASTER_ADDR=127.0.0.1",
+            "MASTER_PORT=29500",
+            "CUDA_VISIBLE_DEVICES=GPU-a,GPU-b",
+            "FLOTILLA_ATTEMPT=3",
+            "FLOTILLA_CHECKPOINT_DIR=/ckpt/job",
+            "USER_VAR=kept",
+            "done",
+        ] {
+            assert!(log.lines().any(|l| l == line), "log lacks {line}:\n{log}");
+        }
+        assert!(sup.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_group_after_the_grace_period() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sup, mut rx) = supervisor(dir.path());
+        // The leader ignores SIGTERM, and leaves a grandchild in its group.
+        let job = launch("job-2", 1, "trap '' TERM; sleep 300 & echo $! > grandchild; wait");
+        let cwd_script = format!("cd {} && {}", dir.path().display(), job.args[1]);
+        let job = WorkerLaunch { args: vec!["-c".into(), cwd_script], ..job };
+        sup.launch(job.clone()).expect("launch");
+        assert_eq!(next(&mut rx).await, WorkerUpdate::Started(job.id.clone()));
+        let pidfile = dir.path().join("grandchild");
+        for _ in 0..200 {
+            if std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n')) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let grandchild: i32 =
+            std::fs::read_to_string(&pidfile).expect("pid file").trim().parse().expect("pid");
+        assert_eq!(sup.running().len(), 1);
+
+        sup.stop("job-2", 1, None, Duration::from_millis(300), "test").expect("stop");
+        match next(&mut rx).await {
+            WorkerUpdate::Exited { id, signal, .. } => {
+                assert_eq!(id, job.id);
+                assert_eq!(signal, Some(9), "SIGTERM was ignored, so SIGKILL ended it");
+            }
+            other => panic!("expected Exited, got {other:?}"),
+        }
+        let alive = nix::sys::signal::kill(Pid::from_raw(grandchild), None).is_ok();
+        assert!(!alive, "grandchild {grandchild} outlived its worker");
+        assert!(sup.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn progress_lines_on_the_socket_become_updates_and_garbage_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sup, mut rx) = supervisor(dir.path());
+        let job = launch("job-3", 2, "echo \"$FLOTILLA_PROGRESS_SOCKET\"; sleep 30");
+        sup.launch(job.clone()).expect("launch");
+        assert_eq!(next(&mut rx).await, WorkerUpdate::Started(job.id.clone()));
+        let log_path = sup.log_path(&job.id);
+        let mut socket = String::new();
+        for _ in 0..200 {
+            socket = std::fs::read_to_string(&log_path).unwrap_or_default().trim().to_string();
+            if !socket.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let mut stream = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+        stream.write_all(b"not json\n").await.expect("write");
+        stream
+            .write_all(b"{\"step\":5,\"totalSteps\":10,\"loss\":1.5,\"tokensPerSecond\":100.0,\"lastCheckpointStep\":4}\n")
+            .await
+            .expect("write");
+        match next(&mut rx).await {
+            WorkerUpdate::Progress(id, p) => {
+                assert_eq!(id, job.id);
+                assert_eq!((p.step, p.total_steps, p.last_checkpoint_step), (5, 10, 4));
+                assert!((p.loss - 1.5).abs() < 1e-9);
+            }
+            other => panic!("expected Progress, got {other:?}"),
+        }
+        sup.kill_all("test over");
+        assert!(matches!(next(&mut rx).await, WorkerUpdate::Exited { signal: Some(9), .. }));
+    }
+
+    #[test]
+    fn logs_rotate_at_the_size_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.log");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let log = BoundedLog::new(path.clone(), 1024);
+            for _ in 0..5 {
+                log.write(&[b'x'; 400]).await;
+            }
+        });
+        let current = std::fs::metadata(&path).expect("current").len();
+        let previous = std::fs::metadata(rotated_path(&path)).expect("rotated").len();
+        assert!(current <= 1024 && previous <= 1024, "current {current}, previous {previous}");
+        assert_eq!(
+            current + previous,
+            1200,
+            "the newest 1200 bytes survive rotation (2000 written)"
+        );
+    }
+}
