@@ -276,23 +276,27 @@ async fn only_the_leader_serves_and_agents_retry_until_it_does() {
 #[derive(Default)]
 struct CountingSupervisor {
     kills: AtomicUsize,
+    launches: std::sync::Mutex<Vec<flotilla_agent::supervisor::WorkerLaunch>>,
+    stops: std::sync::Mutex<Vec<(String, u64, Option<u32>, Duration)>>,
 }
 
 impl flotilla_agent::supervisor::WorkerSupervisor for CountingSupervisor {
     fn launch(
         &self,
-        _: flotilla_agent::supervisor::WorkerLaunch,
+        launch: flotilla_agent::supervisor::WorkerLaunch,
     ) -> Result<(), flotilla_agent::supervisor::SupervisorError> {
+        self.launches.lock().expect("lock").push(launch);
         Ok(())
     }
     fn stop(
         &self,
-        _: &str,
-        _: u64,
-        _: Option<u32>,
-        _: Duration,
+        job_uid: &str,
+        attempt: u64,
+        rank: Option<u32>,
+        grace: Duration,
         _: &str,
     ) -> Result<(), flotilla_agent::supervisor::SupervisorError> {
+        self.stops.lock().expect("lock").push((job_uid.to_owned(), attempt, rank, grace));
         Ok(())
     }
     fn kill_all(&self, _: &str) {
@@ -356,4 +360,82 @@ async fn an_agent_restart_keeps_verdicts_and_delivers_unacknowledged_events() {
     let rec = op.fleet().node("node-a").expect("node");
     assert_eq!(rec.last_fault.as_ref().and_then(|f| f.xid), Some(79));
     assert_eq!(rec.instance_id, second.core.instance_id());
+}
+
+#[tokio::test]
+async fn worker_commands_carry_job_and_attempt_and_stale_attempts_are_refused() {
+    use flotilla_operator::agents::WorkerLaunchSpec;
+    let certs = Certs::new(&["node-a", "node-b"]);
+    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let supervisor = Arc::new(CountingSupervisor::default());
+    let a = agent_with(
+        agent_options("node-a", op.addr, Some(certs.client("node-a")), 2),
+        supervisor.clone(),
+    )
+    .await;
+    let _b = agent(agent_options("node-b", op.addr, Some(certs.client("node-b")), 2)).await;
+    registered(op.fleet(), "node-a").await;
+    registered(op.fleet(), "node-b").await;
+    let gpus: Vec<String> = a.core.devices().iter().map(|d| d.uuid.clone()).collect();
+    let spec = |attempt: u64, gpu: &str| WorkerLaunchSpec {
+        job_uid: "job-1".into(),
+        attempt,
+        rank: 1,
+        world_size: 2,
+        gpu_uuids: vec![gpu.to_owned()],
+        command: "flotilla-worker".into(),
+        env: [("FOO".to_owned(), "bar".to_owned())].into(),
+        master_addr: "127.0.0.1".into(),
+        master_port: 29500,
+        ..Default::default()
+    };
+
+    let ok = op.server.launch_worker("node-a", &spec(2, &gpus[0]), PATIENCE).await;
+    assert_eq!(ok, Ok("launched".to_owned()));
+    let launched = supervisor.launches.lock().expect("lock").clone();
+    assert_eq!(launched.len(), 1);
+    assert_eq!(
+        (launched[0].id.job_uid.as_str(), launched[0].id.attempt, launched[0].id.rank),
+        ("job-1", 2, 1)
+    );
+    assert_eq!(launched[0].env.get("FOO").map(String::as_str), Some("bar"));
+    assert_eq!(launched[0].gpu_uuids, vec![gpus[0].clone()]);
+
+    let stale =
+        op.server.launch_worker("node-a", &spec(1, &gpus[0]), PATIENCE).await.expect_err("stale");
+    assert!(stale.contains("attempt 1 is stale"), "{stale}");
+
+    op.server.gpu_command("node-a", &gpus[1], GpuAction::Cordon, PATIENCE).await.expect("cordon");
+    let cordoned = op
+        .server
+        .launch_worker("node-a", &spec(3, &gpus[1]), PATIENCE)
+        .await
+        .expect_err("cordoned");
+    assert!(cordoned.contains("cordoned"), "{cordoned}");
+
+    let stopped = op
+        .server
+        .stop_workers("node-a", "job-1", 3, Duration::from_secs(5), "test", PATIENCE)
+        .await;
+    assert_eq!(stopped, Ok("stopping".to_owned()));
+    let stops = supervisor.stops.lock().expect("lock").clone();
+    assert_eq!(stops, vec![("job-1".to_owned(), 3, None, Duration::from_secs(5))]);
+    assert_eq!(
+        supervisor.launches.lock().expect("lock").len(),
+        1,
+        "refused launches never reach the supervisor"
+    );
+
+    let none = op
+        .server
+        .launch_worker("node-b", &spec(1, "GPU-x"), PATIENCE)
+        .await
+        .expect_err("foreign GPU");
+    assert!(none.contains("GPU-x"), "{none}");
+    let missing = op
+        .server
+        .launch_worker("node-z", &spec(1, "GPU-x"), PATIENCE)
+        .await
+        .expect_err("no such node");
+    assert!(missing.contains("node-z"), "{missing}");
 }

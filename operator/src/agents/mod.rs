@@ -5,6 +5,7 @@
 //! Leader-only serving: pass a [`ServingGate`] and flip it from leader election.
 
 pub mod args;
+pub mod commands;
 mod convert;
 pub mod identity;
 pub mod mirror;
@@ -12,6 +13,7 @@ pub mod server;
 pub mod state;
 
 pub use args::{AgentLink, AgentLinkArgs};
+pub use commands::WorkerLaunchSpec;
 pub use server::{AgentServer, AgentServerConfig, GpuAction, ServingGate, WorkerReport};
 pub use state::{FleetState, GpuHealth, GpuRecord, NodeRecord};
 

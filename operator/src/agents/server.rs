@@ -160,6 +160,11 @@ impl AgentServer {
         self.0.worker_reports.subscribe()
     }
 
+    /// A fresh command id.
+    pub(super) fn next_command_id(&self) -> u64 {
+        self.0.next_command.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Sends a GPU command to the node's agent and waits for its result (`Ok(message)` when the
     /// agent reports success).
     pub async fn gpu_command(
@@ -183,7 +188,8 @@ impl AgentServer {
         self.call(node, command_id, body, timeout).await
     }
 
-    async fn call(
+    /// Sends a command to a node's agent and waits for its `CommandResult`.
+    pub(super) async fn call(
         &self,
         node: &str,
         command_id: u64,
