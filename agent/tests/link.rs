@@ -273,11 +273,14 @@ async fn only_the_leader_serves_and_agents_retry_until_it_does() {
     registered(op.fleet(), "node-a").await;
 }
 
+/// A stop as the supervisor saw it: job, attempt, rank, grace.
+type Stop = (String, u64, Option<u32>, Duration);
+
 #[derive(Default)]
 struct CountingSupervisor {
     kills: AtomicUsize,
     launches: std::sync::Mutex<Vec<flotilla_agent::supervisor::WorkerLaunch>>,
-    stops: std::sync::Mutex<Vec<(String, u64, Option<u32>, Duration)>>,
+    stops: std::sync::Mutex<Vec<Stop>>,
 }
 
 impl flotilla_agent::supervisor::WorkerSupervisor for CountingSupervisor {
