@@ -128,7 +128,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         });
         if report.stop {
             progress.finish();
-            eprintln!("stopped by signal at step {} after checkpointing", report.step);
+            match trainer.last_checkpoint_step {
+                Some(step) if step == report.step => {
+                    eprintln!("stopped by signal at step {step} after checkpointing");
+                }
+                _ => {
+                    eprintln!("stopped by signal at step {} (no checkpoint directory)", report.step)
+                }
+            }
             return Ok(ExitCode::from(EXIT_TERMINATED));
         }
     }
