@@ -31,13 +31,13 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(
     validation = Rule::new("!self.scheduling.workerOnOneNode || self.gpusPerWorker <= 16")
-        .message("spec.gpusPerWorker: must be at most 16 (the largest node) when spec.scheduling.workerOnOneNode is true")
+        .message("must be at most 16 (the largest node) when spec.scheduling.workerOnOneNode is true")
         .field_path(".gpusPerWorker"),
     validation = Rule::new("self.workersPerReplica == oldSelf.workersPerReplica")
-        .message("spec.workersPerReplica: immutable; create a new service to change the replica shape")
+        .message("immutable; create a new service to change the replica shape")
         .field_path(".workersPerReplica"),
     validation = Rule::new("self.gpusPerWorker == oldSelf.gpusPerWorker")
-        .message("spec.gpusPerWorker: immutable; create a new service to change the replica shape")
+        .message("immutable; create a new service to change the replica shape")
         .field_path(".gpusPerWorker")
 )]
 #[serde(rename_all = "camelCase")]
@@ -81,7 +81,7 @@ fn default_one() -> i32 {
 /// A checkpoint to serve.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, KubeSchema, PartialEq)]
 #[x_kube(validation = Rule::new("!self.checkpointPath.contains('/../') && !self.checkpointPath.endsWith('/..') && !self.checkpointPath.contains('//')")
-    .message("spec.model.checkpointPath: must be a normalised absolute path (no '..' or '//' segments)")
+    .message("must be a normalised absolute path (no '..' or '//' segments)")
     .field_path(".checkpointPath"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {

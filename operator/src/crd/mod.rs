@@ -26,13 +26,23 @@ pub const GENERATED_HEADER: &str =
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![TrainingJob::crd(), InferenceService::crd(), GpuNode::crd()]
         .into_iter()
-        .map(without_unknown_formats)
+        .map(tidy)
         .collect()
 }
 
-/// Drop the `uint32`/`uint64` formats schemars writes for unsigned integers: the API server
-/// warns about them on every apply, and `minimum: 0` already says what they mean.
-fn without_unknown_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+/// Join the hard-wrapped lines of `///` docs so `kubectl explain` can wrap them itself;
+/// blank lines still separate paragraphs.
+fn unwrap_paragraphs(doc: &str) -> String {
+    doc.split("\n\n")
+        .map(|p| p.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// Tidy the generated schema: drop the `uint32`/`uint64` formats schemars writes for unsigned
+/// integers (the API server warns about them on every apply, and `minimum: 0` already says
+/// what they mean) and unwrap hard-wrapped descriptions.
+fn tidy(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     fn walk(v: &mut serde_json::Value) {
         match v {
             serde_json::Value::Object(map) => {
@@ -43,6 +53,9 @@ fn without_unknown_formats(crd: CustomResourceDefinition) -> CustomResourceDefin
                 {
                     map.remove("format");
                 }
+                if let Some(serde_json::Value::String(doc)) = map.get_mut("description") {
+                    *doc = unwrap_paragraphs(doc);
+                }
                 map.values_mut().for_each(walk);
             }
             serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
@@ -51,7 +64,7 @@ fn without_unknown_formats(crd: CustomResourceDefinition) -> CustomResourceDefin
     }
     let mut value = serde_json::to_value(&crd).expect("a CRD serialises");
     walk(&mut value);
-    serde_json::from_value(value).expect("removing formats keeps a valid CRD")
+    serde_json::from_value(value).expect("tidying keeps a valid CRD")
 }
 
 /// One CRD as the YAML file committed under `deploy/crds/`, header included.

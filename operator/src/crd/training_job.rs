@@ -50,13 +50,13 @@ pub const MAX_GPUS_PER_JOB: i64 = 8192;
         .message("spec.workers × spec.gpusPerWorker: a job may use at most 8192 GPUs")
         .field_path(".workers"),
     validation = Rule::new("!self.scheduling.workerOnOneNode || self.gpusPerWorker <= 16")
-        .message("spec.gpusPerWorker: must be at most 16 (the largest node) when spec.scheduling.workerOnOneNode is true")
+        .message("must be at most 16 (the largest node) when spec.scheduling.workerOnOneNode is true")
         .field_path(".gpusPerWorker"),
     validation = Rule::new("self.workers == oldSelf.workers")
-        .message("spec.workers: immutable; delete and recreate the job to change the gang size")
+        .message("immutable; delete and recreate the job to change the gang size")
         .field_path(".workers"),
     validation = Rule::new("self.gpusPerWorker == oldSelf.gpusPerWorker")
-        .message("spec.gpusPerWorker: immutable; delete and recreate the job to change it")
+        .message("immutable; delete and recreate the job to change it")
         .field_path(".gpusPerWorker"),
     validation = Rule::new("has(self.engine) == has(oldSelf.engine) && has(self.command) == has(oldSelf.command)")
         .message("spec.engine and spec.command: a job cannot switch between the built-in engine and a custom command"),
@@ -77,14 +77,14 @@ pub struct TrainingJobSpec {
     /// Configuration of the built-in MoE engine (`flotilla-worker train`). Exactly one of
     /// `engine` and `command` is set. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.engine: immutable; delete and recreate the job to change the engine configuration"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("immutable; delete and recreate the job to change the engine configuration"))]
     pub engine: Option<EngineConfig>,
 
     /// A custom worker program run instead of the built-in engine. The agent sets the
     /// torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) either
     /// way. Exactly one of `engine` and `command` is set. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.command: immutable; delete and recreate the job to change the worker program"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("immutable; delete and recreate the job to change the worker program"))]
     pub command: Option<WorkerCommand>,
 
     /// Where and how often checkpoints are written. Required when restarts are allowed.
@@ -146,7 +146,7 @@ pub struct WorkerCommand {
 /// One environment variable.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, KubeSchema, PartialEq)]
 #[x_kube(validation = Rule::new("!(self.name in ['RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'])")
-    .message("spec.command.env[].name: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set by the agent and cannot be overridden")
+    .message("RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set by the agent and cannot be overridden")
     .field_path(".name"))]
 pub struct EnvVar {
     /// The variable's name: letters, digits and underscores, not starting with a digit.
@@ -161,7 +161,7 @@ pub struct EnvVar {
 /// Where and how often checkpoints are written.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, KubeSchema, PartialEq)]
 #[x_kube(validation = Rule::new("!self.path.contains('/../') && !self.path.endsWith('/..') && !self.path.contains('//')")
-    .message("spec.checkpoint.path: must be a normalised absolute path (no '..' or '//' segments)")
+    .message("must be a normalised absolute path (no '..' or '//' segments)")
     .field_path(".path"))]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointSpec {
@@ -191,10 +191,10 @@ fn default_keep() -> i32 {
 #[derive(Clone, Debug, Deserialize, Serialize, KubeSchema, PartialEq)]
 #[x_kube(
     validation = Rule::new("self.maxBackoffSeconds >= self.backoffSeconds")
-        .message("spec.restartPolicy.maxBackoffSeconds: must be at least spec.restartPolicy.backoffSeconds")
+        .message("must be at least spec.restartPolicy.backoffSeconds")
         .field_path(".maxBackoffSeconds"),
     validation = Rule::new("!self.retryableExitCodes.exists(c, c in self.fatalExitCodes)")
-        .message("spec.restartPolicy.retryableExitCodes: must not share codes with fatalExitCodes")
+        .message("must not share codes with fatalExitCodes")
         .field_path(".retryableExitCodes")
 )]
 #[serde(rename_all = "camelCase")]
