@@ -139,6 +139,30 @@ mod tests {
         assert_eq!(expert_load(&chosen, 8), [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn selection_respects_groups_and_is_the_best_within_them(
+            scores in proptest::collection::vec(0.0f32..1.0, 16),
+            bias in proptest::collection::vec(-0.05f32..0.05, 16),
+        ) {
+            let shape = RoutingShape { experts: 16, groups: 4, topk_groups: 2, top_k: 3 };
+            let chosen = select_experts(&scores, &bias, shape);
+            let mut distinct = chosen.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            proptest::prop_assert_eq!(distinct.len(), 3);
+            let groups: std::collections::BTreeSet<u32> = chosen.iter().map(|e| e / 4).collect();
+            proptest::prop_assert!(groups.len() <= 2);
+            let biased = |e: u32| scores[e as usize] + bias[e as usize];
+            // Every expert of an eligible group that was not chosen scores no higher than the
+            // weakest chosen one.
+            let weakest = chosen.iter().map(|&e| biased(e)).fold(f32::INFINITY, f32::min);
+            for e in (0..16u32).filter(|e| groups.contains(&(e / 4)) && !chosen.contains(e)) {
+                proptest::prop_assert!(biased(e) <= weakest);
+            }
+        }
+    }
+
     #[test]
     fn bias_moves_against_the_load() {
         let mut bias = vec![0.0f32; 4];
