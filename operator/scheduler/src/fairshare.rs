@@ -2,8 +2,8 @@
 //! the namespace with the least weighted usage goes next, FIFO within each namespace.
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
 
+use crate::fasthash::FastMap;
 use crate::model::JobRequest;
 
 /// One namespace's jobs at one priority level, oldest first, as queue positions.
@@ -30,7 +30,7 @@ pub(crate) struct FairOrder<'q> {
 impl<'q> FairOrder<'q> {
     /// Sorts the queue into levels and lanes (numeric keys: this runs on every pass).
     pub fn new(queue: &'q [JobRequest]) -> Self {
-        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut index: FastMap<&str, usize> = FastMap::default();
         let mut namespaces = Vec::new();
         let mut keys: Vec<(Reverse<i32>, usize, u64, usize)> = queue
             .iter()

@@ -27,6 +27,7 @@
 
 mod decision;
 mod fairshare;
+mod fasthash;
 mod model;
 mod occupancy;
 mod place;

@@ -56,7 +56,7 @@ impl Scheduler {
         now: Seconds,
     ) -> Option<(Vec<u32>, Gang)> {
         let lower: u64 = self.held_by_priority.range(..job.priority).map(|(_, held)| held).sum();
-        if self.occ.fleet_free + lower < need.total() {
+        if lower == 0 || self.occ.fleet_free + lower < need.total() {
             return None;
         }
         let mut candidates: Vec<(u64, i32, Reverse<Seconds>, u32)> = self

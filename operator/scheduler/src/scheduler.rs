@@ -1,11 +1,12 @@
 //! The stateful scheduler: the fleet indexed once, running jobs kept, passes over the queue.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::decision::{
     Decision, Placement, Reservation, ScheduleError, Shortfall, WaitReason, Waiting,
 };
 use crate::fairshare::FairOrder;
+use crate::fasthash::FastMap;
 use crate::model::{
     Fleet, GpuState, JobId, JobRequest, Locality, Policy, RunningJob, Seconds, WorkerPlacement,
 };
@@ -80,10 +81,10 @@ pub struct Scheduler {
     /// Every schedulable GPU free: tells "never fits" from "not now".
     pub(crate) empty: Occupancy,
     pub(crate) jobs: Vec<Option<Slot>>,
-    pub(crate) by_id: HashMap<JobId, u32>,
+    pub(crate) by_id: FastMap<JobId, u32>,
     /// Running jobs by expected end (unknown last).
     pub(crate) by_end: BTreeSet<(u64, u32)>,
-    pub(crate) usage: HashMap<String, u64>,
+    pub(crate) usage: FastMap<String, u64>,
     /// GPUs held by running jobs, per priority level: bounds what preemption could free.
     pub(crate) held_by_priority: BTreeMap<i32, u64>,
     pub(crate) policy: Policy,
@@ -108,9 +109,9 @@ impl Scheduler {
             occ,
             empty,
             jobs: Vec::new(),
-            by_id: HashMap::new(),
+            by_id: FastMap::default(),
             by_end: BTreeSet::new(),
-            usage: HashMap::new(),
+            usage: FastMap::default(),
             held_by_priority: BTreeMap::new(),
             policy,
             preemption_misses: Vec::new(),
@@ -299,6 +300,7 @@ impl Scheduler {
     /// Jobs already running are skipped. Placements and preemptions are applied at once.
     pub fn schedule(&mut self, queue: &[JobRequest], now: Seconds) -> Decision {
         let mut decision = Decision::default();
+        decision.waiting.reserve(queue.len());
         let mut reservation: Option<ActiveReservation> = None;
         self.preemption_misses.clear();
         let mut order = FairOrder::new(queue);

@@ -151,7 +151,7 @@ fn burst(engine: &mut dyn Engine, arrivals: &[Arrival]) -> (usize, usize, Durati
 
 fn print_burst(name: &str, (placed, decisions, took): (usize, usize, Duration)) {
     println!(
-        "burst, {name:<9}: one pass over {decisions} queued jobs into an empty fleet placed {placed} \
+        "burst (best of 5), {name:<9}: one pass over {decisions} queued jobs into an empty fleet placed {placed} \
          in {:.2} ms: {:.0} placements/s, {:.0} decisions/s",
         took.as_secs_f64() * 1e3,
         placed as f64 / took.as_secs_f64(),
@@ -230,9 +230,18 @@ fn main() {
         demand
     );
     let policy = NAMESPACES.iter().fold(Policy::default(), |p, (ns, w)| p.weight(*ns, *w));
-    let mut fresh = Scheduler::new(&fleet, &[], policy.clone()).expect("valid fleet");
-    print_burst("flotilla", burst(&mut fresh, &arrivals));
-    print_burst("first-fit", burst(&mut FirstFit::new(&fleet), &arrivals));
+    // Best of five: on a shared machine the slowest runs measure the neighbours.
+    let best = |run: &mut dyn FnMut() -> (usize, usize, Duration)| {
+        (0..5).map(|_| run()).min_by_key(|r| r.2).expect("five runs")
+    };
+    print_burst(
+        "flotilla",
+        best(&mut || {
+            let mut fresh = Scheduler::new(&fleet, &[], policy.clone()).expect("valid fleet");
+            burst(&mut fresh, &arrivals)
+        }),
+    );
+    print_burst("first-fit", best(&mut || burst(&mut FirstFit::new(&fleet), &arrivals)));
     println!("\nchurn: jobs arrive, run and end; one pass after every event");
     let mut scheduler = Scheduler::new(&fleet, &[], policy).expect("valid fleet");
     let mut flotilla = simulate(&mut scheduler, &arrivals);
