@@ -145,7 +145,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("tokio runtime")
 }
 
-/// Checks that a port is free-form valid and refuses a world that cannot form a ring.
+/// Refuses a rank and world size that cannot form a ring (exit code 2).
 pub fn check_group(rank: usize, world: usize) -> anyhow::Result<()> {
     if world == 0 || rank >= world {
         bail!(InvalidConfig(format!(
