@@ -160,6 +160,12 @@ fn watch_signals(token: CancellationToken) {
 /// Run the operator with `fleet` as the agent link until shutdown, or until the lease is lost
 /// (an error: the process must restart as a standby).
 pub async fn run(args: RunArgs, fleet: Arc<dyn Fleet>) -> anyhow::Result<()> {
+    let (duration_s, renew_s) = (args.lease.lease_duration_seconds, args.lease.lease_renew_seconds);
+    anyhow::ensure!(
+        renew_s >= 1 && renew_s * 3 <= duration_s * 2,
+        "--lease-renew-seconds: expected at least 1 and at most two thirds of \
+         --lease-duration-seconds ({duration_s}), got {renew_s}"
+    );
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     let metrics = Metrics::new();

@@ -91,7 +91,8 @@ pub struct TrainingJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointSpec>,
 
-    /// How failed attempts are restarted.
+    /// How failed attempts are restarted: the user's budget, backoff and exit-code classes.
+    /// Hardware faults (GPU XIDs, lost nodes) restart the job without spending the budget.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
 
