@@ -205,6 +205,25 @@ async fn samples_move_through_their_phases() {
         assert!(metrics.contains(line), "{line} missing from /metrics:\n{metrics}");
     }
 
+    // A deadline fails the job; its TTL then deletes it, through the finalizer.
+    let mut short = bad.clone();
+    short.metadata = kube::api::ObjectMeta { name: Some("short".into()), ..Default::default() };
+    short.spec.engine.as_mut().unwrap().model.num_expert_groups = 4;
+    short.spec.checkpoint.as_mut().unwrap().path = "/shared/checkpoints/short".into();
+    short.spec.active_deadline_seconds = Some(2);
+    short.spec.ttl_seconds_after_finished = Some(1);
+    short.status = None;
+    jobs.create(&PostParams::default(), &short).await.expect("short job");
+    eventually(WAIT, "short deleted after its deadline and TTL", || async {
+        jobs.get_opt("short").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log()));
+    let reasons = event_reasons(&client, &ns, "short").await;
+    for reason in ["Scheduled", "DeadlineExceeded", "TtlExpired"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reason} missing from {reasons:?}");
+    }
+
     // Deleting a job goes through the finalizer and completes.
     jobs.delete("custom-script", &Default::default()).await.expect("delete");
     eventually(WAIT, "custom-script gone", || async {
