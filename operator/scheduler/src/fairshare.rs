@@ -111,7 +111,7 @@ mod tests {
         ];
         let mut order = FairOrder::new(&queue);
         let ids: Vec<_> =
-            std::iter::from_fn(|| order.next(|_| 0.0)).map(|j| j.id.0.as_str()).collect();
+            std::iter::from_fn(|| order.next(|_| 0.0)).map(|j| j.id.as_str()).collect();
         assert_eq!(ids, ["high", "early-low", "late-low"]);
     }
 
@@ -123,6 +123,6 @@ mod tests {
         ];
         let mut order = FairOrder::new(&queue);
         let first = order.next(|ns| if ns == "a" { 10.0 } else { 1.0 }).unwrap();
-        assert_eq!(first.id.0, "b1");
+        assert_eq!(first.id.as_str(), "b1");
     }
 }

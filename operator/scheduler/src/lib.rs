@@ -22,6 +22,29 @@
 //! - the first job that still cannot start gets a reservation; later jobs backfill around the
 //!   reserved GPUs, or onto them only if they are expected to end before its start;
 //! - failed, degraded (draining) and cordoned GPUs are never chosen.
+//!
+//! ```
+//! use flotilla_scheduler::{Fleet, JobRequest, Locality, Policy, RunningJob, WorkerPlacement};
+//!
+//! // Two zones, each one rack of two 8-GPU nodes; one node already busy.
+//! let fleet = Fleet::uniform(2, 1, 2, 8);
+//! let busy = WorkerPlacement { node: "z0-r0-n0".into(), gpus: (0..8).collect() };
+//! let running = [RunningJob::new("busy", vec![busy])];
+//! let queue = [
+//!     JobRequest::new("train", 2, 8).locality(Locality::Zone),
+//!     JobRequest::new("probe", 1, 1).arrival(5),
+//!     JobRequest::new("wide", 3, 8).locality(Locality::Zone).arrival(9),
+//! ];
+//! let decision = flotilla_scheduler::schedule(&fleet, &running, &queue, &Policy::default(), 100)?;
+//! assert_eq!(decision.placements[0].workers[0].node, "z1-r0-n0"); // the zone with room
+//! assert_eq!(decision.placements[1].workers[0].node, "z0-r0-n1");
+//! assert_eq!(
+//!     decision.waiting[0].reason.to_string(),
+//!     "can never fit this fleet: needs 24 GPUs in one zone (3 workers × 8); \
+//!      largest free block is 16 (32 GPUs free in all)"
+//! );
+//! # Ok::<(), flotilla_scheduler::ScheduleError>(())
+//! ```
 
 #![forbid(unsafe_code)]
 

@@ -2,13 +2,23 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// Seconds on the caller's clock (Unix time, say); every time in one call shares that clock.
 pub type Seconds = u64;
 
 /// A job's unique identity, for a Kubernetes object its `namespace/name` or UID.
+///
+/// Shared, not copied: a pass hands ids out for every waiting job, and a clone is a counter bump.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobId(pub String);
+pub struct JobId(Arc<str>);
+
+impl JobId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -18,7 +28,13 @@ impl fmt::Display for JobId {
 
 impl From<&str> for JobId {
     fn from(id: &str) -> Self {
-        JobId(id.to_owned())
+        JobId(id.into())
+    }
+}
+
+impl From<String> for JobId {
+    fn from(id: String) -> Self {
+        JobId(id.into())
     }
 }
 
@@ -217,7 +233,7 @@ impl JobRequest {
     /// A request for `workers` × `gpus_per_worker` GPUs, priority 0, namespace `default`.
     pub fn new(id: impl Into<String>, workers: u32, gpus_per_worker: u32) -> Self {
         JobRequest {
-            id: JobId(id.into()),
+            id: JobId::from(id.into()),
             namespace: "default".to_owned(),
             priority: 0,
             arrival: 0,
@@ -310,7 +326,7 @@ impl RunningJob {
     /// A running job of priority 0 in namespace `default`, started at 0, with no estimates.
     pub fn new(id: impl Into<String>, workers: Vec<WorkerPlacement>) -> Self {
         RunningJob {
-            id: JobId(id.into()),
+            id: JobId::from(id.into()),
             namespace: "default".to_owned(),
             priority: 0,
             workers,

@@ -74,7 +74,7 @@ impl FleetStats {
 }
 
 /// The gang scheduler over one fleet; decisions it returns are already applied to its state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     pub(crate) topo: Topology,
     pub(crate) occ: Occupancy,

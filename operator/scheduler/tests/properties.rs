@@ -173,9 +173,9 @@ fn fits(fleet: &Fleet, free: &BTreeSet<GpuKey>, job: &JobRequest) -> bool {
 fn check_shapes(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d: &Decision) {
     let usable = schedulable(fleet);
     let nodes: HashMap<&str, &Node> = fleet.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let victims: BTreeSet<&str> = d.preemptions.iter().map(|p| p.victim.0.as_str()).collect();
+    let victims: BTreeSet<&str> = d.preemptions.iter().map(|p| p.victim.as_str()).collect();
     let mut held = BTreeSet::new();
-    for job in running.iter().filter(|r| !victims.contains(r.id.0.as_str())) {
+    for job in running.iter().filter(|r| !victims.contains(r.id.as_str())) {
         for key in keys(&job.workers) {
             assert!(held.insert(key), "input held a GPU twice");
         }
@@ -216,8 +216,8 @@ fn check_shapes(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d: 
     let decided: BTreeSet<&str> = d
         .placements
         .iter()
-        .map(|p| p.job.0.as_str())
-        .chain(d.waiting.iter().map(|w| w.job.0.as_str()))
+        .map(|p| p.job.as_str())
+        .chain(d.waiting.iter().map(|w| w.job.as_str()))
         .collect();
     assert_eq!(decided.len(), d.placements.len() + d.waiting.len(), "a job decided twice");
     assert_eq!(decided.len(), queue.len(), "every queued job is placed or waits");
@@ -225,9 +225,9 @@ fn check_shapes(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d: 
 
 /// Free GPUs after the decision.
 fn free_after(fleet: &Fleet, running: &[RunningJob], d: &Decision) -> BTreeSet<GpuKey> {
-    let victims: BTreeSet<&str> = d.preemptions.iter().map(|p| p.victim.0.as_str()).collect();
+    let victims: BTreeSet<&str> = d.preemptions.iter().map(|p| p.victim.as_str()).collect();
     let mut free = schedulable(fleet);
-    for job in running.iter().filter(|r| !victims.contains(r.id.0.as_str())) {
+    for job in running.iter().filter(|r| !victims.contains(r.id.as_str())) {
         keys(&job.workers).for_each(|k| {
             free.remove(&k);
         });
@@ -245,12 +245,12 @@ fn check_priority(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d
     let free = free_after(fleet, running, d);
     let reserved: BTreeSet<GpuKey> =
         d.reservation.iter().flat_map(|r| keys(&r.workers).collect::<Vec<_>>()).collect();
-    let by_id: HashMap<&str, &JobRequest> = queue.iter().map(|j| (j.id.0.as_str(), j)).collect();
+    let by_id: HashMap<&str, &JobRequest> = queue.iter().map(|j| (j.id.as_str(), j)).collect();
     for waiting in &d.waiting {
-        let job = by_id[waiting.job.0.as_str()];
+        let job = by_id[waiting.job.as_str()];
         let holds = d.reservation.as_ref().is_some_and(|r| r.job == waiting.job);
         for placement in &d.placements {
-            let lower = by_id[placement.job.0.as_str()];
+            let lower = by_id[placement.job.as_str()];
             if lower.priority >= job.priority {
                 continue;
             }

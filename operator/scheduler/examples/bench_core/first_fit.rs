@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use flotilla_scheduler::{Fleet, JobId, JobRequest};
 
 /// First-fit over nodes in index order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FirstFit {
     node_free: Vec<u32>,
     node_size: Vec<u32>,

@@ -41,12 +41,12 @@ pub fn decide_with(
 
 /// The ids of the placed jobs, in decision order.
 pub fn placed(decision: &Decision) -> Vec<&str> {
-    decision.placements.iter().map(|p| p.job.0.as_str()).collect()
+    decision.placements.iter().map(|p| p.job.as_str()).collect()
 }
 
 /// The ids of the preempted jobs.
 pub fn preempted(decision: &Decision) -> Vec<&str> {
-    decision.preemptions.iter().map(|p| p.victim.0.as_str()).collect()
+    decision.preemptions.iter().map(|p| p.victim.as_str()).collect()
 }
 
 /// The reason a job waits, as the user reads it.
@@ -54,7 +54,7 @@ pub fn reason(decision: &Decision, job: &str) -> String {
     decision
         .waiting
         .iter()
-        .find(|w| w.job.0 == job)
+        .find(|w| w.job.as_str() == job)
         .map(|w| w.reason.to_string())
         .unwrap_or_else(|| panic!("{job} is not waiting: {decision:?}"))
 }
@@ -64,7 +64,7 @@ pub fn workers_of<'d>(decision: &'d Decision, job: &str) -> &'d [WorkerPlacement
     &decision
         .placements
         .iter()
-        .find(|p| p.job.0 == job)
+        .find(|p| p.job.as_str() == job)
         .unwrap_or_else(|| panic!("{job} was not placed: {decision:?}"))
         .workers
 }
