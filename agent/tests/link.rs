@@ -306,7 +306,16 @@ impl flotilla_agent::supervisor::WorkerSupervisor for CountingSupervisor {
         self.kills.fetch_add(1, Ordering::SeqCst);
     }
     fn running(&self) -> Vec<flotilla_agent::supervisor::RunningWorker> {
-        Vec::new()
+        let launches = self.launches.lock().expect("lock");
+        let worker = |(pid, l): (usize, &flotilla_agent::supervisor::WorkerLaunch)| {
+            flotilla_agent::supervisor::RunningWorker {
+                id: l.id.clone(),
+                pid: 1000 + pid as u32,
+                gpu_uuids: l.gpu_uuids.clone(),
+                started_at_unix_nanos: 0,
+            }
+        };
+        launches.iter().enumerate().map(worker).collect()
     }
 }
 
@@ -441,4 +450,54 @@ async fn worker_commands_carry_job_and_attempt_and_stale_attempts_are_refused() 
         .await
         .expect_err("no such node");
     assert!(missing.contains("node-z"), "{missing}");
+}
+
+#[tokio::test]
+async fn worker_events_reach_the_operator_and_a_restarted_operator_learns_running_workers() {
+    use flotilla_agent::supervisor::{WorkerId, WorkerUpdate};
+    use flotilla_operator::agents::{RunningWorkerRecord, WorkerLaunchSpec};
+    let certs = Certs::new(&["node-a"]);
+    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let addr = op.addr;
+    let supervisor = Arc::new(CountingSupervisor::default());
+    let a = agent_with(
+        agent_options("node-a", addr, Some(certs.client("node-a")), 2),
+        supervisor.clone(),
+    )
+    .await;
+    registered(op.fleet(), "node-a").await;
+    let gpu = a.core.devices()[0].uuid.clone();
+    let spec = WorkerLaunchSpec {
+        job_uid: "job-7".into(),
+        attempt: 4,
+        rank: 0,
+        world_size: 1,
+        gpu_uuids: vec![gpu.clone()],
+        ..Default::default()
+    };
+    op.server.launch_worker("node-a", &spec, PATIENCE).await.expect("launched");
+
+    let mut reports = op.server.worker_reports();
+    let id = WorkerId { job_uid: "job-7".into(), attempt: 4, rank: 0 };
+    a.worker_updates.send(WorkerUpdate::Exited { id, code: Some(3), signal: None }).expect("send");
+    let report =
+        tokio::time::timeout(PATIENCE, reports.recv()).await.expect("a report").expect("open");
+    assert_eq!(
+        (report.node.as_str(), report.job_uid.as_str(), report.attempt),
+        ("node-a", "job-7", 4)
+    );
+    assert_eq!((report.phase.as_str(), report.exit_code, report.signal), ("EXITED", Some(3), None));
+
+    op.stop().await;
+    let op = operator(&addr.to_string(), FleetState::new(), Some(&certs), fast_config()).await;
+    registered(op.fleet(), "node-a").await;
+    let workers = op.fleet().node("node-a").expect("node").workers;
+    let expected = RunningWorkerRecord {
+        job_uid: "job-7".into(),
+        attempt: 4,
+        rank: 0,
+        pid: 1000,
+        gpu_uuids: vec![gpu],
+    };
+    assert_eq!(workers, vec![expected]);
 }

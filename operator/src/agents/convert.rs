@@ -1,6 +1,6 @@
 //! `flotilla.agent.v1` messages → fleet state, with validation that names the offending field.
 
-use super::state::{FaultRecord, GpuHealth, GpuRecord, NodeRecord};
+use super::state::{FaultRecord, GpuHealth, GpuRecord, NodeRecord, RunningWorkerRecord};
 use flotilla_proto::v1 as pb;
 use std::collections::HashSet;
 use std::time::Instant;
@@ -75,6 +75,21 @@ pub fn register(r: &pb::Register) -> Result<NodeRecord, String> {
         gpu.message = h.message.clone();
         gpu.last_xid = h.last_xid;
     }
+    let mut workers = Vec::with_capacity(r.workers.len());
+    for (i, w) in r.workers.iter().enumerate() {
+        let Some(id) = w.worker.as_ref().filter(|id| !id.job_uid.is_empty()) else {
+            return Err(format!(
+                "register.workers[{i}].worker.job_uid: expected a job UID, got none"
+            ));
+        };
+        workers.push(RunningWorkerRecord {
+            job_uid: id.job_uid.clone(),
+            attempt: id.attempt,
+            rank: id.rank,
+            pid: w.pid,
+            gpu_uuids: w.gpu_uuids.clone(),
+        });
+    }
     Ok(NodeRecord {
         node: r.node_name.clone(),
         agent_version: r.agent_version.clone(),
@@ -86,6 +101,7 @@ pub fn register(r: &pb::Register) -> Result<NodeRecord, String> {
         lost: false,
         last_heard: Instant::now(),
         last_fault: None,
+        workers,
         session: 0,
     })
 }

@@ -178,6 +178,7 @@ mod tests {
                 message: "XID 79 is a fatal hardware error".into(),
                 observed_at_unix_nanos: 1_700_000_000_000_000_000,
             }),
+            workers: vec![],
             session: 1,
         }
     }

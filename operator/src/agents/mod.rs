@@ -15,7 +15,7 @@ pub mod state;
 pub use args::{AgentLink, AgentLinkArgs};
 pub use commands::WorkerLaunchSpec;
 pub use server::{AgentServer, AgentServerConfig, GpuAction, ServingGate, WorkerReport};
-pub use state::{FleetState, GpuHealth, GpuRecord, NodeRecord};
+pub use state::{FleetState, GpuHealth, GpuRecord, NodeRecord, RunningWorkerRecord};
 
 use std::path::PathBuf;
 use tokio_stream::wrappers::TcpListenerStream;

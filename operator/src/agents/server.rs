@@ -92,7 +92,7 @@ pub struct WorkerReport {
     pub attempt: u64,
     /// Rank.
     pub rank: u32,
-    /// "Started", "Progress", "Exited", "FailedToStart".
+    /// "STARTED", "PROGRESS", "EXITED" or "FAILED_TO_START".
     pub phase: String,
     /// Exit code.
     pub exit_code: Option<i32>,

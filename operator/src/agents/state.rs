@@ -68,6 +68,21 @@ pub struct FaultRecord {
     pub observed_at_unix_nanos: i64,
 }
 
+/// A worker an agent runs, as listed in its registration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningWorkerRecord {
+    /// Job UID.
+    pub job_uid: String,
+    /// Attempt.
+    pub attempt: u64,
+    /// Global rank.
+    pub rank: u32,
+    /// Process-group leader pid on the node.
+    pub pid: u32,
+    /// GPUs it holds.
+    pub gpu_uuids: Vec<String>,
+}
+
 /// Everything the operator knows about one node's agent.
 #[derive(Clone, Debug)]
 pub struct NodeRecord {
@@ -91,6 +106,8 @@ pub struct NodeRecord {
     pub last_heard: Instant,
     /// Most recent fault.
     pub last_fault: Option<FaultRecord>,
+    /// Workers the agent said it runs when it registered (for adoption after an operator restart).
+    pub workers: Vec<RunningWorkerRecord>,
     /// Stream generation; a newer stream for the node supersedes older ones.
     pub session: u64,
 }
@@ -306,6 +323,7 @@ mod tests {
             lost: false,
             last_heard: Instant::now(),
             last_fault: None,
+            workers: Vec::new(),
             session: 0,
         }
     }
