@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use crate::decision::ScheduleError;
-use crate::model::{Fleet, GpuState};
+use crate::model::{Fleet, GpuState, Node};
 
 /// Owner value of a free, schedulable GPU.
 pub(crate) const FREE: u32 = u32::MAX;
@@ -98,37 +98,7 @@ impl Topology {
             topo.zone_nodes[zone as usize].push(node_id);
             topo.rack_nodes[rack as usize].push(node_id);
 
-            let mut gpus: Vec<_> = node.gpus.iter().collect();
-            gpus.sort_by_key(|gpu| (gpu.nvlink_domain, gpu.index));
-            let mut indices: Vec<u32> = gpus.iter().map(|gpu| gpu.index).collect();
-            indices.sort_unstable();
-            if let Some(pair) = indices.windows(2).find(|pair| pair[0] == pair[1]) {
-                return Err(ScheduleError::DuplicateGpu {
-                    node: node.name.clone(),
-                    index: pair[0],
-                });
-            }
-            let first_domain = topo.domains.len() as u32;
-            let first_gpu = topo.gpus.len() as u32;
-            let mut previous_domain = None;
-            for gpu in gpus {
-                if previous_domain != Some(gpu.nvlink_domain) {
-                    previous_domain = Some(gpu.nvlink_domain);
-                    let start = topo.gpus.len() as u32;
-                    topo.domains.push(start..start);
-                    topo.domain_node.push(node_id);
-                }
-                let domain = topo.domains.len() as u32 - 1;
-                topo.domains[domain as usize].end += 1;
-                topo.gpus.push(GpuTopo {
-                    node: node_id,
-                    domain,
-                    index: gpu.index,
-                    schedulable: gpu.is_schedulable() && !node.cordoned,
-                    state: gpu.state,
-                    cordoned: gpu.cordoned,
-                });
-            }
+            let (domains, gpus) = topo.add_gpus(node, node_id)?;
             topo.max_node = topo.max_node.max(node.gpus.len() as u32);
             topo.nodes.push(NodeTopo {
                 name: node.name.clone(),
@@ -136,12 +106,49 @@ impl Topology {
                 zone,
                 labels: node.labels.clone(),
                 cordoned: node.cordoned,
-                domains: first_domain..topo.domains.len() as u32,
-                gpus: first_gpu..topo.gpus.len() as u32,
+                domains,
+                gpus,
             });
         }
         topo.max_domain = topo.domains.iter().map(|d| d.len() as u32).max().unwrap_or(0);
         Ok(topo)
+    }
+
+    /// Gives a node's GPUs flat ids, domain by domain; returns its domain and GPU ranges.
+    fn add_gpus(
+        &mut self,
+        node: &Node,
+        node_id: u32,
+    ) -> Result<(Range<u32>, Range<u32>), ScheduleError> {
+        let mut gpus: Vec<_> = node.gpus.iter().collect();
+        gpus.sort_by_key(|gpu| (gpu.nvlink_domain, gpu.index));
+        let mut indices: Vec<u32> = gpus.iter().map(|gpu| gpu.index).collect();
+        indices.sort_unstable();
+        if let Some(pair) = indices.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(ScheduleError::DuplicateGpu { node: node.name.clone(), index: pair[0] });
+        }
+        let first_domain = self.domains.len() as u32;
+        let first_gpu = self.gpus.len() as u32;
+        let mut previous_domain = None;
+        for gpu in gpus {
+            if previous_domain != Some(gpu.nvlink_domain) {
+                previous_domain = Some(gpu.nvlink_domain);
+                let start = self.gpus.len() as u32;
+                self.domains.push(start..start);
+                self.domain_node.push(node_id);
+            }
+            let domain = self.domains.len() as u32 - 1;
+            self.domains[domain as usize].end += 1;
+            self.gpus.push(GpuTopo {
+                node: node_id,
+                domain,
+                index: gpu.index,
+                schedulable: gpu.is_schedulable() && !node.cordoned,
+                state: gpu.state,
+                cordoned: gpu.cordoned,
+            });
+        }
+        Ok((first_domain..self.domains.len() as u32, first_gpu..self.gpus.len() as u32))
     }
 
     /// The flat id of GPU `index` on `node`, if it exists.
@@ -330,7 +337,6 @@ pub(crate) fn slots_in(bins: &[u32], per_worker: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Node;
 
     #[test]
     fn counts_follow_every_change() {
