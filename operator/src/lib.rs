@@ -10,5 +10,5 @@ pub mod fleet;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
-pub mod placement;
+pub mod scheduling;
 pub mod validate;

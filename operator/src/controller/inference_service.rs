@@ -10,7 +10,7 @@ use crate::crd::{GpuNode, Placement};
 use crate::error::{Error, Result};
 use crate::fleet::{Fleet, WorkloadKey};
 use crate::lifecycle::{AttemptReport, Effect};
-use crate::placement::{PlacementRequest, StandInPlacement};
+use crate::scheduling::{self, Holding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -18,7 +18,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ pub fn plan(
     svc: &InferenceService,
     reports: &BTreeMap<i32, AttemptReport>,
     nodes: &[GpuNode],
-    in_use: &BTreeMap<String, BTreeSet<i32>>,
+    holdings: &[Holding],
     now: Timestamp,
 ) -> ServicePlan {
     let spec = &svc.spec;
@@ -54,13 +54,8 @@ pub fn plan(
     if let Err(invalid) = crate::validate::node_selector(&spec.scheduling.node_selector) {
         return invalid_plan(svc, status, invalid, now);
     }
-    let mut in_use = in_use.clone();
-    let req = PlacementRequest {
-        workers: spec.workers_per_replica,
-        gpus_per_worker: spec.gpus_per_worker,
-        strategy: spec.scheduling.strategy,
-        node_selector: &spec.scheduling.node_selector,
-    };
+    let mut holdings = holdings.to_vec();
+    let uid = svc.uid().unwrap_or_default();
     // Scale down from the top.
     status.replicas.retain(|r| {
         let keep = r.index < spec.replicas;
@@ -109,11 +104,18 @@ pub fn plan(
         if !report.all_stopped {
             continue;
         }
-        match StandInPlacement.place(&req, nodes, &in_use) {
+        let replica = replica_request(svc, &uid, index);
+        match scheduling::place(&replica, &[], nodes, &holdings, scheduling::unix(now)) {
             Ok(p) => {
-                for w in &p.workers {
-                    in_use.entry(w.node.clone()).or_default().extend(w.gpus.iter().copied());
-                }
+                holdings.push(Holding {
+                    id: replica.id.to_string(),
+                    name: object_key(svc),
+                    namespace: replica.namespace.clone(),
+                    priority: spec.priority,
+                    placement: p.clone(),
+                    started_at: None,
+                    expected_end: None,
+                });
                 r.attempt += 1;
                 r.placement = p;
                 effects.push((index, Effect::Launch { attempt: r.attempt }));
@@ -175,6 +177,25 @@ pub fn plan(
     }
     status.message = Some(note);
     ServicePlan { status, effects, event }
+}
+
+/// What one replica asks of the scheduler; its id is `uid#index`, as in the bookings.
+fn replica_request(
+    svc: &InferenceService,
+    uid: &str,
+    index: i32,
+) -> flotilla_scheduler::JobRequest {
+    let spec = &svc.spec;
+    let mut req = flotilla_scheduler::JobRequest::new(
+        format!("{uid}#{index}"),
+        u32::try_from(spec.workers_per_replica).unwrap_or(0),
+        u32::try_from(spec.gpus_per_worker).unwrap_or(0),
+    )
+    .namespace(svc.namespace().unwrap_or_default())
+    .priority(spec.priority)
+    .spread(scheduling::spread(spec.scheduling.strategy));
+    req.node_selector = spec.scheduling.node_selector.clone();
+    req
 }
 
 /// An invalid service: Valid=False, phase Failed, every placed replica stopped.
@@ -286,9 +307,9 @@ async fn apply(
     let guards = ctx.jobs.state();
     let jobs: Vec<_> = guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
     let uid = svc.uid().ok_or(Error::MissingField("metadata.uid"))?;
-    let in_use = super::training_job::gpus_in_use(&jobs, &ctx.held_by_services(&booked), &uid);
+    let holdings = scheduling::holdings(&jobs, &ctx.held_by_services(&booked), &uid);
     let nodes = ctx.gpu_nodes();
-    let p = plan(svc, &reports(svc, ctx.fleet.as_ref())?, &nodes, &in_use, Timestamp::now());
+    let p = plan(svc, &reports(svc, ctx.fleet.as_ref())?, &nodes, &holdings, Timestamp::now());
     if svc.status.as_ref() != Some(&p.status) {
         apply_status(api, &svc.name_any(), &p.status).await?;
     }
@@ -375,7 +396,7 @@ mod tests {
         reports: &BTreeMap<i32, AttemptReport>,
         gpus: i32,
     ) -> ServicePlan {
-        let p = plan(svc, reports, &[node("n", gpus)], &BTreeMap::new(), Timestamp::now());
+        let p = plan(svc, reports, &[node("n", gpus)], &[], Timestamp::now());
         svc.status = Some(p.status.clone());
         p
     }

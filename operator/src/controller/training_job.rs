@@ -5,7 +5,7 @@ use crate::crd::{GpuNode, JobPhase, Placement, TrainingJob};
 use crate::error::{Error, Result};
 use crate::fleet::WorkloadKey;
 use crate::lifecycle::{self, AttemptReport, Effect, JobFacts, Transition};
-use crate::placement::{PlacementRequest, StandInPlacement};
+use crate::scheduling;
 use crate::validate;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams};
@@ -13,7 +13,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,38 +153,6 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// GPUs held by others: live attempts of `others` in the cache, and every placement in `held`
-/// (this process's bookings, which the cache may not show yet, and service replicas) except
-/// those of `me` (keys `uid` or `uid#replica`).
-pub fn gpus_in_use(
-    others: &[&TrainingJob],
-    held: &BTreeMap<String, Placement>,
-    me: &str,
-) -> BTreeMap<String, BTreeSet<i32>> {
-    let mut used: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
-    let mut add = |p: &Placement| {
-        for w in &p.workers {
-            used.entry(w.node.clone()).or_default().extend(w.gpus.iter().copied());
-        }
-    };
-    for o in others {
-        if let Some(s) = &o.status
-            && let Some(a) = &s.attempt
-            && (lifecycle::has_live_attempt(s.phase) || s.phase == JobPhase::Restarting)
-        {
-            add(&a.placement);
-        }
-    }
-    let mine =
-        |key: &str| key == me || key.strip_prefix(me).is_some_and(|rest| rest.starts_with('#'));
-    for (key, p) in held {
-        if !mine(key) {
-            add(p);
-        }
-    }
-    used
-}
-
 /// The pure middle of the pipeline: validate, place, decide.
 pub fn plan(
     job: &TrainingJob,
@@ -200,14 +168,10 @@ pub fn plan(
         && !job.spec.suspend
         && matches!(status.phase, JobPhase::Pending | JobPhase::Queued);
     let candidate = wants_placement.then(|| {
-        let req = PlacementRequest {
-            workers: job.spec.workers,
-            gpus_per_worker: job.spec.gpus_per_worker,
-            strategy: job.spec.scheduling.strategy,
-            node_selector: &job.spec.scheduling.node_selector,
-        };
-        let me = job.uid().unwrap_or_default();
-        StandInPlacement.place(&req, nodes, &gpus_in_use(others, booked, &me))
+        let holdings = scheduling::holdings(others, booked, &job.uid().unwrap_or_default());
+        let waiting = scheduling::waiting_jobs(others, &holdings);
+        let me = scheduling::job_request(job);
+        scheduling::place(&me, &waiting, nodes, &holdings, scheduling::unix(now))
     });
     lifecycle::decide(&JobFacts {
         now,

@@ -1,0 +1,493 @@
+//! The operator's side of the gang scheduler (`flotilla-scheduler`): it builds the scheduler's
+//! fleet from `GpuNode`s, the GPUs already held from placements in status, and the queue from
+//! waiting `TrainingJob`s, then turns the decision for one workload into a [`Placement`] or a
+//! reason a human reads in `kubectl describe`.
+//!
+//! Topology comes from `GpuNode` labels: [`ZONE_LABEL`], [`RACK_LABEL`] and
+//! [`NVLINK_DOMAINS_LABEL`]. A node without them sits in one unnamed zone and rack with all its
+//! GPUs in one NVLink domain.
+//!
+//! Preemption is not executed yet: placements are decided without it, and when preempting
+//! lower-priority jobs would let a waiting job start, its reason says which ones.
+
+use crate::crd::gpu_node::{GpuHealth, GpuNode};
+use crate::crd::training_job::PlacementStrategy;
+use crate::crd::{JobPhase, Placement, TrainingJob, WorkerPlacement};
+use crate::lifecycle::{self, Unschedulable};
+use flotilla_scheduler as sched;
+use kube::ResourceExt;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+/// The zone label of a `GpuNode` (the widest topology domain a gang prefers to stay in).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The rack label of a `GpuNode`, unique within its zone.
+pub const RACK_LABEL: &str = "flotilla.dev/rack";
+/// How many NVLink domains of equal size a node's GPUs form, in index order (default 1).
+pub const NVLINK_DOMAINS_LABEL: &str = "flotilla.dev/nvlink-domains";
+
+/// Priority given to GPUs held by workloads that are not `TrainingJob`s (service replicas), so
+/// no job is ever told that preempting them would help.
+const UNPREEMPTIBLE: i32 = i32::MAX;
+
+/// GPUs a workload holds now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Holding {
+    /// The scheduler's id: a job's UID, or `uid#replica` for a service replica.
+    pub id: String,
+    /// `namespace/name`, for reasons.
+    pub name: String,
+    /// The namespace it is charged to.
+    pub namespace: String,
+    /// Its priority.
+    pub priority: i32,
+    /// Where its workers run.
+    pub placement: Placement,
+    /// When the placement was written (Unix seconds).
+    pub started_at: Option<sched::Seconds>,
+    /// When it must end at the latest (`spec.activeDeadlineSeconds` after its start).
+    pub expected_end: Option<sched::Seconds>,
+}
+
+/// The GPUs held by everyone but `me` (a UID; its `uid#replica` keys are also skipped): live
+/// attempts of `jobs` from the cache, then `held` (this process's bookings, newer than the
+/// cache, and service replicas), which replaces a cached job's placement of the same id.
+pub fn holdings(
+    jobs: &[&TrainingJob],
+    held: &BTreeMap<String, Placement>,
+    me: &str,
+) -> Vec<Holding> {
+    let mine =
+        |key: &str| key == me || key.strip_prefix(me).is_some_and(|rest| rest.starts_with('#'));
+    let by_uid: BTreeMap<String, &TrainingJob> =
+        jobs.iter().filter_map(|j| Some((j.uid()?, *j))).collect();
+    let mut out: BTreeMap<String, Holding> = BTreeMap::new();
+    for (uid, job) in &by_uid {
+        let Some(status) = &job.status else { continue };
+        let Some(attempt) = &status.attempt else { continue };
+        let live =
+            lifecycle::has_live_attempt(status.phase) || status.phase == JobPhase::Restarting;
+        if live && !mine(uid) {
+            let started = attempt.scheduled_time.as_ref().map(|t| unix(t.0));
+            out.insert(uid.clone(), job_holding(uid, job, attempt.placement.clone(), started));
+        }
+    }
+    for (key, placement) in held {
+        if mine(key) {
+            continue;
+        }
+        let holding = match (out.remove(key), by_uid.get(key)) {
+            (Some(h), _) => Holding { placement: placement.clone(), ..h },
+            (None, Some(job)) => job_holding(key, job, placement.clone(), None),
+            (None, None) => Holding {
+                id: key.clone(),
+                name: key.clone(),
+                namespace: String::new(),
+                priority: UNPREEMPTIBLE,
+                placement: placement.clone(),
+                started_at: None,
+                expected_end: None,
+            },
+        };
+        out.insert(key.clone(), holding);
+    }
+    out.into_values().collect()
+}
+
+fn job_holding(
+    uid: &str,
+    job: &TrainingJob,
+    placement: Placement,
+    started_at: Option<sched::Seconds>,
+) -> Holding {
+    let deadline = job.spec.active_deadline_seconds.and_then(|s| u64::try_from(s).ok());
+    Holding {
+        id: uid.to_string(),
+        name: crate::controller::object_key(job),
+        namespace: job.namespace().unwrap_or_default(),
+        priority: job.spec.priority,
+        placement,
+        started_at,
+        expected_end: started_at.zip(deadline).map(|(s, d)| s.saturating_add(d)),
+    }
+}
+
+/// What `job` asks of the scheduler. Its id is the UID.
+pub fn job_request(job: &TrainingJob) -> sched::JobRequest {
+    let spec = &job.spec;
+    let mut req = sched::JobRequest::new(
+        job.uid().unwrap_or_default(),
+        u32::try_from(spec.workers).unwrap_or(0),
+        u32::try_from(spec.gpus_per_worker).unwrap_or(0),
+    )
+    .namespace(job.namespace().unwrap_or_default())
+    .priority(spec.priority)
+    .arrival(job.metadata.creation_timestamp.as_ref().map_or(0, |t| unix(t.0)))
+    .spread(spread(spec.scheduling.strategy));
+    req.node_selector = spec.scheduling.node_selector.clone();
+    req.expected_duration = spec.active_deadline_seconds.and_then(|s| u64::try_from(s).ok());
+    req
+}
+
+/// The scheduler's form of a placement strategy.
+pub fn spread(strategy: PlacementStrategy) -> sched::Spread {
+    match strategy {
+        PlacementStrategy::Pack => sched::Spread::Pack,
+        PlacementStrategy::Spread => sched::Spread::Spread,
+    }
+}
+
+/// The queue around `me`: other valid-looking `Queued`, unsuspended jobs not already holding
+/// GPUs. The scheduler orders it (priority, fair share, arrival).
+pub fn waiting_jobs(others: &[&TrainingJob], holdings: &[Holding]) -> Vec<sched::JobRequest> {
+    let holding: HashSet<&str> = holdings.iter().map(|h| h.id.as_str()).collect();
+    others
+        .iter()
+        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == JobPhase::Queued))
+        .filter(|j| !j.spec.suspend && j.uid().is_some_and(|u| !holding.contains(u.as_str())))
+        .map(|j| job_request(j))
+        .collect()
+}
+
+/// Place `me` in one scheduling pass over `waiting` and `me`: its placement if the pass starts
+/// it, else why it waits.
+pub fn place(
+    me: &sched::JobRequest,
+    waiting: &[sched::JobRequest],
+    nodes: &[GpuNode],
+    holdings: &[Holding],
+    now: sched::Seconds,
+) -> Result<Placement, Unschedulable> {
+    let fleet = fleet(nodes);
+    let running = running(&fleet, holdings);
+    let mut queue = waiting.to_vec();
+    queue.push(me.clone());
+    let pass = |preemption: bool| {
+        let policy = sched::Policy { preemption, ..sched::Policy::default() };
+        sched::schedule(&fleet, &running, &queue, &policy, now).map_err(|e| Unschedulable {
+            message: format!("the scheduler refused the fleet's state: {e}"),
+        })
+    };
+    let decision = pass(false)?;
+    if let Some(p) = decision.placements.iter().find(|p| p.job == me.id) {
+        return Ok(placement(p));
+    }
+    let mut message = decision
+        .waiting
+        .iter()
+        .find(|w| w.job == me.id)
+        .map_or_else(|| "not placed in this scheduling pass".to_string(), |w| w.reason.to_string());
+    if running.iter().any(|r| r.priority < me.priority)
+        && let Ok(with_preemption) = pass(true)
+    {
+        let names: BTreeMap<&str, &str> =
+            holdings.iter().map(|h| (h.id.as_str(), h.name.as_str())).collect();
+        let victims: Vec<&str> = with_preemption
+            .preemptions
+            .iter()
+            .filter(|p| p.for_job == me.id)
+            .map(|p| {
+                let id = p.victim.to_string();
+                names.get(id.as_str()).copied().unwrap_or("a running job")
+            })
+            .collect();
+        if !victims.is_empty() {
+            message.push_str(&format!(
+                "; preempting {} would make room, but the operator does not preempt yet",
+                victims.join(", ")
+            ));
+        }
+    }
+    Err(Unschedulable { message })
+}
+
+/// The scheduler's fleet: every named `GpuNode` once, its GPUs from status with health and
+/// cordons, its zone, rack and NVLink domains from labels. Failed, validating and unknown GPUs
+/// count as failed; degraded ones drain.
+pub fn fleet(nodes: &[GpuNode]) -> sched::Fleet {
+    let mut names = HashSet::new();
+    let nodes = nodes
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.clone()?;
+            if !names.insert(name.clone()) {
+                return None;
+            }
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+            let mut node = sched::Node::new(name, 0).in_rack(label(ZONE_LABEL), label(RACK_LABEL));
+            node.cordoned = n.spec.cordoned;
+            let mut seen = BTreeSet::new();
+            let mut gpus: Vec<sched::Gpu> = n
+                .status
+                .iter()
+                .flat_map(|s| &s.gpus)
+                .filter_map(|g| {
+                    let index = u32::try_from(g.index).ok().filter(|i| seen.insert(*i))?;
+                    Some(sched::Gpu {
+                        index,
+                        nvlink_domain: 0,
+                        state: match g.health {
+                            GpuHealth::Healthy => sched::GpuState::Healthy,
+                            GpuHealth::Degraded => sched::GpuState::Degraded,
+                            GpuHealth::Failed | GpuHealth::Validating | GpuHealth::Unknown => {
+                                sched::GpuState::Failed
+                            }
+                        },
+                        cordoned: n.spec.cordoned_gpus.contains(&g.index),
+                    })
+                })
+                .collect();
+            gpus.sort_by_key(|g| g.index);
+            node.gpus = gpus;
+            if let Some(domains) = labels.get(NVLINK_DOMAINS_LABEL).and_then(|v| v.parse().ok()) {
+                node = node.nvlink_domains(domains);
+            }
+            node.labels = labels;
+            Some(node)
+        })
+        .collect();
+    sched::Fleet::new(nodes)
+}
+
+/// The holdings as the scheduler's running jobs, keeping only GPUs the fleet has and each GPU
+/// for its first holder, so stale or conflicting status never makes the scheduler refuse the
+/// whole fleet (a GPU held twice stays held either way).
+fn running(fleet: &sched::Fleet, holdings: &[Holding]) -> Vec<sched::RunningJob> {
+    let mut unclaimed: HashSet<(&str, u32)> = fleet
+        .nodes
+        .iter()
+        .flat_map(|n| n.gpus.iter().map(move |g| (n.name.as_str(), g.index)))
+        .collect();
+    let mut ids = HashSet::new();
+    let mut out = Vec::new();
+    for h in holdings {
+        if !ids.insert(h.id.as_str()) {
+            continue;
+        }
+        let workers: Vec<sched::WorkerPlacement> = h
+            .placement
+            .workers
+            .iter()
+            .filter_map(|w| {
+                let mut gpus: Vec<u32> = w
+                    .gpus
+                    .iter()
+                    .filter_map(|&g| u32::try_from(g).ok())
+                    .filter(|&g| unclaimed.remove(&(w.node.as_str(), g)))
+                    .collect();
+                gpus.sort_unstable();
+                (!gpus.is_empty()).then(|| sched::WorkerPlacement { node: w.node.clone(), gpus })
+            })
+            .collect();
+        if workers.is_empty() {
+            continue;
+        }
+        let mut job = sched::RunningJob::new(h.id.clone(), workers)
+            .namespace(h.namespace.clone())
+            .priority(h.priority)
+            .started_at(h.started_at.unwrap_or(0));
+        job.expected_end = h.expected_end;
+        out.push(job);
+    }
+    out
+}
+
+fn placement(p: &sched::Placement) -> Placement {
+    Placement {
+        workers: p
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| WorkerPlacement {
+                rank: rank as i32,
+                node: w.node.clone(),
+                gpus: w.gpus.iter().map(|&g| g as i32).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A timestamp on the scheduler's clock (Unix seconds; 0 before 1970).
+pub fn unix(t: k8s_openapi::jiff::Timestamp) -> sched::Seconds {
+    u64::try_from(t.as_second()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Attempt;
+    use crate::crd::gpu_node::{GpuNodeSpec, GpuNodeStatus, GpuState};
+    use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand};
+
+    fn node(name: &str, gpus: i32, labels: &[(&str, &str)]) -> GpuNode {
+        let mut n = GpuNode::new(name, GpuNodeSpec::default());
+        n.metadata.labels =
+            Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        n.status = Some(GpuNodeStatus {
+            gpus: (0..gpus)
+                .map(|index| GpuState { index, health: GpuHealth::Healthy, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        });
+        n
+    }
+
+    fn job(name: &str, workers: i32, gpus: i32, priority: i32) -> TrainingJob {
+        let mut j = TrainingJob::new(
+            name,
+            TrainingJobSpec {
+                workers,
+                gpus_per_worker: gpus,
+                engine: None,
+                command: Some(WorkerCommand {
+                    command: vec!["/bin/true".into()],
+                    ..Default::default()
+                }),
+                checkpoint: None,
+                restart_policy: Default::default(),
+                priority,
+                scheduling: Default::default(),
+                suspend: false,
+                active_deadline_seconds: None,
+                ttl_seconds_after_finished: None,
+            },
+        );
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some(format!("uid-{name}"));
+        j.status = Some(TrainingJobStatus { phase: JobPhase::Queued, ..Default::default() });
+        j
+    }
+
+    fn running(mut j: TrainingJob, seats: &[(&str, &[i32])]) -> TrainingJob {
+        let workers = seats
+            .iter()
+            .enumerate()
+            .map(|(rank, (node, gpus))| WorkerPlacement {
+                rank: rank as i32,
+                node: node.to_string(),
+                gpus: gpus.to_vec(),
+            })
+            .collect();
+        j.status = Some(TrainingJobStatus {
+            phase: JobPhase::Running,
+            attempt: Some(Attempt {
+                number: 1,
+                placement: Placement { workers },
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        j
+    }
+
+    fn place_alone(
+        me: &TrainingJob,
+        others: &[&TrainingJob],
+        nodes: &[GpuNode],
+    ) -> Result<Placement, Unschedulable> {
+        let holdings = holdings(others, &BTreeMap::new(), &me.uid().unwrap());
+        let waiting = waiting_jobs(others, &holdings);
+        place(&job_request(me), &waiting, nodes, &holdings, 100)
+    }
+
+    fn seats(p: &Placement) -> Vec<(&str, Vec<i32>)> {
+        p.workers.iter().map(|w| (w.node.as_str(), w.gpus.clone())).collect()
+    }
+
+    #[test]
+    fn a_gang_stays_in_one_zone_and_skips_failed_and_cordoned_gpus() {
+        let mut a = node("a", 4, &[(ZONE_LABEL, "z1"), (RACK_LABEL, "r1")]);
+        a.status.as_mut().unwrap().gpus[0].health = GpuHealth::Failed;
+        a.spec.cordoned_gpus = vec![1];
+        let c = node("c", 2, &[(ZONE_LABEL, "z1"), (RACK_LABEL, "r2")]);
+        let mut b = node("b", 4, &[(ZONE_LABEL, "z2"), (RACK_LABEL, "r1")]);
+        b.status.as_mut().unwrap().gpus[3].health = GpuHealth::Unknown;
+        // No node has two workers' worth of usable GPUs; zone z1 has one worker's on a and one
+        // on c, zone z2 only one on b.
+        let p = place_alone(&job("j", 2, 2, 0), &[], &[a.clone(), b.clone(), c.clone()]).unwrap();
+        assert_eq!(seats(&p), vec![("a", vec![2, 3]), ("c", vec![0, 1])]);
+        // With node a cordoned the zone is only preferred: the gang spans both zones.
+        a.spec.cordoned = true;
+        let p = place_alone(&job("j", 2, 2, 0), &[], &[a, b, c]).unwrap();
+        let mut nodes = p.nodes();
+        nodes.sort_unstable();
+        assert_eq!(nodes, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn a_job_that_can_never_fit_says_how_much_it_needs_and_the_largest_block() {
+        let nodes = [node("a", 4, &[]), node("b", 4, &[])];
+        let err = place_alone(&job("huge", 8, 4, 0), &[], &nodes).unwrap_err();
+        assert_eq!(
+            err.message,
+            "can never fit this fleet: needs 32 GPUs (8 workers × 4); largest free block is 8"
+        );
+        let err = place_alone(&job("wide", 1, 8, 0), &[], &nodes).unwrap_err();
+        assert!(err.message.contains("needs 8 GPUs per worker"), "{}", err.message);
+    }
+
+    #[test]
+    fn gpus_of_running_jobs_are_not_reused_and_a_higher_priority_queued_job_goes_first() {
+        let nodes = [node("a", 4, &[])];
+        let busy = running(job("busy", 1, 2, 5), &[("a", &[0, 1])]);
+        let p = place_alone(&job("me", 1, 2, 0), &[&busy], &nodes).unwrap();
+        assert_eq!(seats(&p), vec![("a", vec![2, 3])]);
+        let first = job("first", 1, 2, 9);
+        let err = place_alone(&job("me", 1, 2, 0), &[&busy, &first], &nodes).unwrap_err();
+        assert_eq!(
+            err.message,
+            "first in line; GPUs reserved, starts when jobs of unknown length end"
+        );
+    }
+
+    #[test]
+    fn a_waiting_job_names_the_lower_priority_jobs_preemption_would_stop() {
+        let nodes = [node("a", 4, &[])];
+        let low = running(job("low", 1, 4, 0), &[("a", &[0, 1, 2, 3])]);
+        let err = place_alone(&job("high", 1, 4, 10), &[&low], &nodes).unwrap_err();
+        assert!(
+            err.message.ends_with(
+                "; preempting ns/low would make room, but the operator does not preempt yet"
+            ),
+            "{}",
+            err.message
+        );
+        let err = place_alone(&job("same", 1, 4, 0), &[&low], &nodes).unwrap_err();
+        assert!(!err.message.contains("preempting"), "{}", err.message);
+    }
+
+    #[test]
+    fn bookings_replace_stale_cache_and_unknown_gpus_are_ignored() {
+        let nodes = [node("a", 4, &[])];
+        // The cache still shows `stale` queued, but this process booked GPUs 0–1 for it, and a
+        // service replica holds GPU 2 plus a GPU on a node that no longer exists.
+        let stale = job("stale", 1, 2, 0);
+        let held = BTreeMap::from([
+            (
+                "uid-stale".to_string(),
+                running(stale.clone(), &[("a", &[0, 1])])
+                    .status
+                    .unwrap()
+                    .attempt
+                    .unwrap()
+                    .placement,
+            ),
+            (
+                "uid-svc#0".to_string(),
+                Placement {
+                    workers: vec![
+                        WorkerPlacement { rank: 0, node: "a".into(), gpus: vec![2] },
+                        WorkerPlacement { rank: 1, node: "gone".into(), gpus: vec![0] },
+                    ],
+                },
+            ),
+        ]);
+        let me = job("me", 1, 1, 0);
+        let holdings = holdings(&[&stale], &held, "uid-me");
+        assert_eq!(holdings.len(), 2);
+        let waiting = waiting_jobs(&[&stale], &holdings);
+        assert!(waiting.is_empty(), "a job holding GPUs is not queued again");
+        let p = place(&job_request(&me), &waiting, &nodes, &holdings, 100).unwrap();
+        assert_eq!(seats(&p), vec![("a", vec![3])]);
+    }
+}
