@@ -6,8 +6,8 @@
 #   deploy/certs.sh gpu-node-1 gpu-node-2 ...     # the Kubernetes node names of the GPU nodes
 #
 # Uses `flotilla-agent certs` (from $FLOTILLA_AGENT, else PATH, else `cargo run`), writes the files
-# into a temporary directory that is removed afterwards, and `kubectl replace`s both Secrets (so a
-# later `kubectl apply -k deploy/` leaves them alone). Re-run it, with every node, to add nodes or
+# into a temporary directory that is removed afterwards, and swaps the data of both Secrets (a
+# later `kubectl apply -k deploy/` leaves it alone). Re-run it, with every node, to add nodes or
 # rotate. The CA key is not kept: this is for development and evaluation; in production issue the
 # certificates from your own CA (for example cert-manager) under the same Secret keys:
 #   flotilla-operator-tls: ca.pem, operator.pem, operator-key.pem
@@ -35,13 +35,21 @@ nodes=$(IFS=,; echo "$*")
 "${agent[@]}" certs --out "$dir" --node "$nodes" \
     --operator-name "$service,$service.cluster.local"
 
+# Swap the whole data map of the placeholder Secret (a JSON patch: labels, annotations and the
+# last-applied annotation stay as `kubectl apply -k deploy/` wrote them, so a later apply keeps the
+# data). Creates the Secret when deploy/ has not been applied yet.
 replace_secret() {
     local name=$1
     shift
-    kubectl -n "$namespace" create secret generic "$name" "$@" --dry-run=client -o yaml \
-        >"$dir/$name.yaml"
-    kubectl -n "$namespace" replace -f "$dir/$name.yaml" 2>/dev/null ||
-        kubectl -n "$namespace" create -f "$dir/$name.yaml"
+    local data
+    data=$(kubectl -n "$namespace" create secret generic "$name" "$@" --dry-run=client \
+        -o 'jsonpath={.data}')
+    printf '[{"op": "add", "path": "/data", "value": %s}]\n' "$data" >"$dir/$name.patch.json"
+    if kubectl -n "$namespace" get secret "$name" >/dev/null 2>&1; then
+        kubectl -n "$namespace" patch secret "$name" --type=json --patch-file "$dir/$name.patch.json"
+    else
+        kubectl -n "$namespace" create secret generic "$name" "$@"
+    fi
 }
 
 replace_secret flotilla-operator-tls \
