@@ -61,6 +61,8 @@ pub enum Scope {
 /// Why a job is waiting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitReason {
+    /// The request asks for no GPUs (no workers, or none per worker); it is never placed.
+    EmptyRequest,
     /// The job could not fit even on an empty fleet; it waits for the fleet to change.
     NeverFits(Shortfall),
     /// Not enough free GPUs in the right shape now.
@@ -129,6 +131,9 @@ impl fmt::Display for Shortfall {
 impl fmt::Display for WaitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            WaitReason::EmptyRequest => {
+                f.write_str("asks for no GPUs: workers and GPUs per worker must both be positive")
+            }
             WaitReason::NeverFits(short) => write!(f, "can never fit this fleet: {short}"),
             WaitReason::Insufficient(short) => short.fmt(f),
             WaitReason::Reserved { start: Some(at) } => {

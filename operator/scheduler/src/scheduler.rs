@@ -341,10 +341,8 @@ impl Scheduler {
         reservation: &mut Option<ActiveReservation>,
     ) -> Option<WaitReason> {
         let need = Need::of(job);
-        if need.workers == 0 {
-            return Some(WaitReason::NeverFits(
-                Search::new(&self.topo, &self.empty, need).shortfall(),
-            ));
+        if job.workers == 0 || job.gpus_per_worker == 0 {
+            return Some(WaitReason::EmptyRequest);
         }
         if let Some(gang) = Search::new(&self.topo, &self.occ, need).find() {
             self.start(job, gang, now, decision, reservation);

@@ -150,6 +150,14 @@ fn unknown_ends_still_reserve() {
 }
 
 #[test]
+fn empty_requests_are_refused_with_a_reason() {
+    let fleet = Fleet::new(vec![Node::new("n", 4)]);
+    let decision = decide(&fleet, &[], &[JobRequest::new("none", 2, 0)]);
+    assert!(decision.placements.is_empty());
+    assert_eq!(decision.waiting[0].reason, WaitReason::EmptyRequest);
+}
+
+#[test]
 fn job_that_never_fits_does_not_block_others() {
     let fleet = Fleet::new(vec![Node::new("n", 4)]);
     let queue = [JobRequest::new("huge", 2, 4), JobRequest::new("small", 1, 1).arrival(1)];
