@@ -596,6 +596,7 @@ fn dashboards_parse_and_every_panel_queries_exported_metrics() {
     let known = queryable();
     let mut errors = Vec::new();
     let mut uids = BTreeSet::new();
+    let mut recording = Vec::new();
     for file in ["fleet-health.json", "jobs.json", "moe-engine.json"] {
         let path = deploy("grafana").join(file);
         let dash: Json = serde_json::from_str(&read(&path))
@@ -637,12 +638,44 @@ fn dashboards_parse_and_every_panel_queries_exported_metrics() {
                 if let Err(e) = check_query(&format!("{file} `{title}`"), expr, &known) {
                     errors.push(e);
                 }
+                recording.push(serde_json::json!({
+                    "record": format!("panel_{}_{}", recording.len(), t["refId"].as_str().unwrap_or("A")),
+                    "expr": with_grafana_variables_filled(expr),
+                }));
             }
             queried += 1;
         }
         assert!(queried >= 10, "{file}: expected at least 10 panels with queries, got {queried}");
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+
+    // Prometheus's own parser on every query: each becomes a recording rule for promtool.
+    let rules = serde_json::json!({"groups": [{"name": "dashboards", "rules": recording}]});
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dashboard-queries.yaml");
+    std::fs::write(&path, rules.to_string()).expect("writing the queries");
+    let out = promtool(&["check", "rules"], &path);
+    expect_success("promtool check rules on every dashboard query", &out);
+}
+
+/// Grafana's variables replaced by values Prometheus parses.
+fn with_grafana_variables_filled(expr: &str) -> String {
+    let mut out = expr.replace("$__rate_interval", "5m").replace("$__range", "1h");
+    while let Some(at) = out.find('$') {
+        let end = out[at + 1..]
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .map_or(out.len(), |n| at + 1 + n);
+        out.replace_range(at..end, ".*");
+    }
+    out
+}
+
+fn promtool(args: &[&str], path: &Path) -> Output {
+    Command::new("promtool")
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("promtool (Debian package `prometheus`, installed by scripts/setup.sh)")
 }
 
 fn rule_groups(path: &Path) -> Yaml {
@@ -654,11 +687,7 @@ fn rule_groups(path: &Path) -> Yaml {
 #[test]
 fn alert_rules_pass_promtool_and_use_exported_metrics() {
     let path = deploy("prometheus/flotilla-rules.yaml");
-    let out = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&path)
-        .output()
-        .expect("promtool (Debian package `prometheus`, installed by scripts/setup.sh)");
+    let out = promtool(&["check", "rules"], &path);
     expect_success("promtool check rules", &out);
 
     let known = queryable();
