@@ -7,7 +7,8 @@
 //! the operator's acknowledgement, which it sends only after applying the event to its state.
 //! The ramp stops at the first level whose p99 reaches 100 ms.
 //!
-//! Run: `cargo run -p flotilla-agent --example ingest -- [levels, e.g. 500 1000 2000 5000 10000]`
+//! Run: `cargo run -p flotilla-agent --example ingest -- [--tls] [levels, e.g. 500 1000 2000 5000 10000]`
+//! (`--tls`: mTLS with one client certificate per agent, as deployed).
 
 use flotilla_operator::agents::{self, AgentServer, AgentServerConfig, FleetState, ServingGate};
 use flotilla_proto::v1 as pb;
@@ -15,13 +16,17 @@ use flotilla_proto::v1::agent_service_client::AgentServiceClient;
 use pb::agent_message::Body as Up;
 use pb::operator_message::Body as Down;
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 const GPUS: u32 = 8;
+/// Tells the server child where the certificates are.
+const CERTS_ENV: &str = "FLOTILLA_INGEST_CERTS";
 const WINDOW: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
@@ -47,14 +52,33 @@ fn proc_stat(pid: u32) -> (u64, u64) {
     (ticks, rss_kb)
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(certs: Option<PathBuf>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("ADDR {}", listener.local_addr()?);
-    let config =
-        AgentServerConfig { require_client_identity: false, ..AgentServerConfig::default() };
+    let tls = certs.map(|dir| agents::ServerTlsFiles {
+        client_ca: dir.join("ca.pem"),
+        cert: dir.join("operator.pem"),
+        key: dir.join("operator-key.pem"),
+    });
+    let config = AgentServerConfig {
+        require_client_identity: tls.is_some(),
+        ..AgentServerConfig::default()
+    };
     let server = AgentServer::new(FleetState::new(), config, ServingGate::new(true));
-    agents::serve(server, listener, None, std::future::pending()).await?;
+    agents::serve(server, listener, tls, std::future::pending()).await?;
     Ok(())
+}
+
+/// Client TLS for synthetic agent `i` (its own node certificate), when benchmarking with mTLS.
+fn client_tls(certs: &Path, i: usize) -> std::io::Result<ClientTlsConfig> {
+    let read = |f: String| std::fs::read(certs.join(f));
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem".into())?))
+        .identity(Identity::from_pem(
+            read(format!("node-{i}.pem"))?,
+            read(format!("node-{i}-key.pem"))?,
+        ))
+        .domain_name("localhost"))
 }
 
 fn register(i: usize) -> pb::AgentMessage {
@@ -81,12 +105,24 @@ fn register(i: usize) -> pb::AgentMessage {
     }
 }
 
-async fn synthetic_agent(i: usize, addr: String, stats: Arc<Stats>) {
-    let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn synthetic_agent(i: usize, addr: String, certs: Option<PathBuf>, stats: Arc<Stats>) {
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map(|e| e.tcp_nodelay(true))
-    {
+        .map_err(|e| e.to_string())
+        .and_then(|ep| match &certs {
+            Some(dir) => client_tls(dir, i)
+                .map_err(|e| e.to_string())
+                .and_then(|tls| ep.tls_config(tls).map_err(|e| e.to_string())),
+            None => Ok(ep),
+        });
+    let channel = match endpoint {
         Ok(ep) => ep.connect().await,
-        Err(_) => return,
+        Err(e) => {
+            eprintln!("agent {i}: {e}");
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
     };
     let Ok(channel) = channel else {
         stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -185,16 +221,34 @@ async fn synthetic_agent(i: usize, addr: String, stats: Arc<Stats>) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--serve") {
-        return serve().await;
+        return serve(std::env::var_os(CERTS_ENV).map(PathBuf::from)).await;
+    }
+    let tls = args.first().map(String::as_str) == Some("--tls");
+    if tls {
+        args.remove(0);
     }
     let levels: Vec<usize> = if args.is_empty() {
         vec![500, 1000, 2000, 4000, 7000, 10000]
     } else {
         args.iter().map(|a| a.parse()).collect::<Result<_, _>>()?
     };
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+    // With --tls every synthetic agent gets its own node certificate, as in production.
+    let cert_dir = tempfile::tempdir()?;
+    let certs = if tls {
+        let most = levels.iter().copied().max().unwrap_or(0);
+        let nodes: Vec<String> = (0..most).map(|i| format!("node-{i}")).collect();
+        flotilla_agent::certs::generate(cert_dir.path(), &["localhost".into()], &nodes)?;
+        Some(cert_dir.path().to_path_buf())
+    } else {
+        None
+    };
+    let mut server = tokio::process::Command::new(std::env::current_exe()?);
+    if let Some(dir) = &certs {
+        server.env(CERTS_ENV, dir);
+    }
+    let mut child = server
         .arg("--serve")
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::piped())
@@ -212,7 +266,8 @@ async fn main() -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let mut started = 0;
     println!(
-        "ingest: operator agent server in a child process, synthetic agents (8 GPUs, 1 Hz reports, event every 5 s) on 127.0.0.1, plaintext"
+        "ingest: operator agent server in a child process, synthetic agents (8 GPUs, 1 Hz reports, event every 5 s) on 127.0.0.1, {}",
+        if tls { "mTLS, one client certificate per agent" } else { "plaintext" }
     );
     println!(
         "{:>7} {:>7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>13}",
@@ -229,7 +284,7 @@ async fn main() -> anyhow::Result<()> {
     let mut best = None;
     for level in levels {
         while started < level {
-            tokio::spawn(synthetic_agent(started, addr.clone(), stats.clone()));
+            tokio::spawn(synthetic_agent(started, addr.clone(), certs.clone(), stats.clone()));
             started += 1;
             if started % 200 == 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
