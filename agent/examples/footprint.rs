@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
             "1000",
         ])
         .args(["--operator", &format!("http://{addr}"), "--admin-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
+        .env("FLOTILLA_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().ok_or_else(|| anyhow::anyhow!("agent exited at once"))?;

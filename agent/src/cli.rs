@@ -12,9 +12,29 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-agent", version)]
 pub struct Cli {
+    /// Log filter, in `tracing-subscriber` env-filter syntax.
+    #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines instead of plain text.
+    #[arg(long, global = true, env = "FLOTILLA_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Installs the process's log subscriber as the flags say.
+    pub fn init_logging(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.log)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        if self.log_json {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
+    }
 }
 
 /// Subcommands.

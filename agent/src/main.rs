@@ -4,10 +4,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    flotilla_agent::cli::main(flotilla_agent::cli::Cli::parse()).await
+    let cli = flotilla_agent::cli::Cli::parse();
+    cli.init_logging();
+    flotilla_agent::cli::main(cli).await
 }
