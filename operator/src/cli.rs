@@ -2,6 +2,8 @@
 //! admin server, shutdown. Every flag has an environment variable; `--help` lists them all.
 
 use crate::admin::{AdminState, router};
+use crate::agent_fleet::{AgentFleet, WorkerLaunchArgs};
+use crate::agents::{AgentLinkArgs, FleetState, ServingGate};
 use crate::controller::{Context, gpu_node, inference_service, training_job};
 use crate::crd::{self, GpuNode, InferenceService, TrainingJob};
 use crate::fleet::{Fleet, NoAgents};
@@ -45,7 +47,7 @@ pub enum Command {
         out_dir: Option<PathBuf>,
     },
     /// Run the controllers (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Flags of `run`.
@@ -66,6 +68,13 @@ pub struct RunArgs {
     /// Leader election.
     #[command(flatten)]
     pub lease: LeaseArgs,
+    /// The agent link; agents are served only when its TLS files (or `--agent-insecure`) are
+    /// given.
+    #[command(flatten)]
+    pub agents: AgentLinkArgs,
+    /// How workers are launched through agents.
+    #[command(flatten)]
+    pub workers: WorkerLaunchArgs,
 }
 
 /// Leader election flags.
@@ -93,7 +102,7 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Crd { out_dir }) => print_crds(out_dir),
-        Some(Command::Run(args)) => run_blocking(args),
+        Some(Command::Run(args)) => run_blocking(*args),
         None => run_blocking(RunArgs::parse_from_env()),
     }
 }
@@ -133,7 +142,49 @@ fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
     } else {
         builder.init()
     }
-    tokio::runtime::Runtime::new()?.block_on(run(args, Arc::new(NoAgents)))
+    tokio::runtime::Runtime::new()?.block_on(run_with_agents(args))
+}
+
+/// Run serving agents when the agent link is configured (TLS files, or `--agent-insecure`),
+/// else with no agents.
+pub async fn run_with_agents(args: RunArgs) -> anyhow::Result<()> {
+    let a = &args.agents;
+    if a.agent_tls_ca.is_none()
+        && a.agent_tls_cert.is_none()
+        && a.agent_tls_key.is_none()
+        && !a.agent_insecure
+    {
+        tracing::warn!("no agent TLS files and no --agent-insecure: agents are not served");
+        return run(args, Arc::new(NoAgents)).await;
+    }
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone());
+    let fence = Duration::from_secs(args.fence_timeout_seconds);
+    let state = FleetState::new();
+    let stop_link = shutdown.clone();
+    let link = crate::agents::args::start(&args.agents, state.clone(), fence, async move {
+        stop_link.cancelled().await
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    tracing::info!(addr = %args.agents.agent_listen, "agent server listening (closed until leader)");
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let fleet = AgentFleet::start(link.server.clone(), client, args.workers.clone(), fence);
+    let leading = Leading {
+        gate: link.gate.clone(),
+        state,
+        telemetry_every: Duration::from_secs(args.agents.gpunode_telemetry_seconds.max(1)),
+    };
+    run_until(args, Arc::new(fleet), Some(leading), shutdown).await
+}
+
+/// What starts once this replica leads: agents are served and mirrored into `GpuNode`s.
+struct Leading {
+    gate: ServingGate,
+    state: Arc<FleetState>,
+    telemetry_every: Duration,
 }
 
 /// Cancel `token` on the first SIGTERM or Ctrl-C; exit at once on the second.
@@ -160,14 +211,23 @@ fn watch_signals(token: CancellationToken) {
 /// Run the operator with `fleet` as the agent link until shutdown, or until the lease is lost
 /// (an error: the process must restart as a standby).
 pub async fn run(args: RunArgs, fleet: Arc<dyn Fleet>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone());
+    run_until(args, fleet, None, shutdown).await
+}
+
+async fn run_until(
+    args: RunArgs,
+    fleet: Arc<dyn Fleet>,
+    leading: Option<Leading>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (duration_s, renew_s) = (args.lease.lease_duration_seconds, args.lease.lease_renew_seconds);
     anyhow::ensure!(
         renew_s >= 1 && renew_s * 3 <= duration_s * 2,
         "--lease-renew-seconds: expected at least 1 and at most two thirds of \
          --lease-duration-seconds ({duration_s}), got {renew_s}"
     );
-    let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone());
     let metrics = Metrics::new();
     let admin = AdminState { ready: Arc::default(), metrics: metrics.clone() };
     let listener = tokio::net::TcpListener::bind(args.admin_addr)
@@ -214,6 +274,10 @@ pub async fn run(args: RunArgs, fleet: Arc<dyn Fleet>) -> anyhow::Result<()> {
         }
     }
     tracing::info!(%identity, "became leader");
+    if let Some(l) = leading {
+        l.gate.set(true);
+        tokio::spawn(crate::agents::mirror::run(client.clone(), l.state, l.telemetry_every));
+    }
     metrics.is_leader.set(1);
     admin.ready.store(false, Ordering::Relaxed);
 

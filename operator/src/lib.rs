@@ -1,6 +1,7 @@
 //! The Flotilla operator: the `flotilla.dev` API, the job state machine and the controllers.
 
 pub mod admin;
+pub mod agent_fleet;
 pub mod agents;
 pub mod cli;
 pub mod controller;

@@ -1,0 +1,700 @@
+//! [`AgentFleet`]: the [`Fleet`] the controllers use, over the agents' gRPC server.
+//!
+//! `launch` reads the attempt's placement from the job's status (written before any launch) and
+//! sends each node's agent its workers; `stop` asks every node of the attempt to stop them;
+//! `report` folds the agents' worker events (started, progress, exited) and their health view
+//! into the [`AttemptReport`] the job lifecycle decides on.
+//!
+//! Safety rule 1 (never two attempts at once): an attempt counts as stopped only when every
+//! worker known to this process has exited or its agent has been silent past the fence timeout,
+//! and — unless this process launched the attempt itself — only once the process has run for a
+//! fence timeout, by when every agent has either re-registered (listing its workers) or killed
+//! its workers on its own.
+
+use crate::agents::{AgentServer, GpuHealth, NodeRecord, WorkerLaunchSpec, WorkerReport};
+use crate::crd::{GpuNode, TrainingJob};
+use crate::fleet::{Fleet, WorkloadKey};
+use crate::lifecycle::{AttemptReport, HardwareFault, WorkerExit};
+use futures::future::BoxFuture;
+use kube::{Api, Client, ResourceExt};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The exit code recorded for a worker its agent could not start (as a shell's "not found").
+pub const FAILED_TO_START_CODE: i32 = 127;
+/// Rendezvous ports are `--master-port-base` plus an offset below this, from the job and attempt.
+const MASTER_PORT_SPAN: u32 = 1000;
+/// How long an agent may take to answer one command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How the operator launches workers through agents.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerLaunchArgs {
+    /// The `flotilla-worker` executable on the nodes (a path or a name on the agent's PATH),
+    /// for jobs that use the built-in engine.
+    #[arg(long, env = "FLOTILLA_WORKER_BINARY", default_value = "flotilla-worker")]
+    pub worker_binary: String,
+    /// Checkpoints of jobs without `spec.checkpoint.path` go to `<root>/<namespace>/<name>-<uid>`.
+    #[arg(long, env = "FLOTILLA_CHECKPOINT_ROOT", default_value = "/var/lib/flotilla/checkpoints")]
+    pub checkpoint_root: PathBuf,
+    /// Lowest rendezvous port (MASTER_PORT); each job and attempt gets one of the next 1000.
+    #[arg(long, env = "FLOTILLA_MASTER_PORT_BASE", default_value_t = 29500)]
+    pub master_port_base: u32,
+    /// MASTER_ADDR when rank 0's `GpuNode` reports no address (127.0.0.1 for a one-host demo);
+    /// without it the node's name is used.
+    #[arg(long, env = "FLOTILLA_WORKER_MASTER_ADDR")]
+    pub worker_master_addr: Option<String>,
+    /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "FLOTILLA_WORKER_STOP_GRACE_SECONDS", default_value_t = 30)]
+    pub worker_stop_grace_seconds: u64,
+}
+
+/// What the operator knows of one worker of an attempt.
+#[derive(Clone, Debug, PartialEq)]
+struct RankSeen {
+    node: String,
+    gpu_uuids: Vec<String>,
+    state: RankState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RankState {
+    /// A launch was sent; no event yet.
+    Launching,
+    /// Started (or reported progress, or listed by its agent at registration).
+    Running,
+    /// Exited, or could not be started.
+    Exited { code: Option<i32>, signal: Option<i32> },
+}
+
+/// What the operator knows of one attempt.
+#[derive(Clone, Debug, Default)]
+struct AttemptSeen {
+    /// This process sent every launch of the attempt, so it knows every worker.
+    launched_here: bool,
+    ranks: BTreeMap<u32, RankSeen>,
+}
+
+type AttemptId = (String, u64);
+
+/// The agents, as the controllers see them. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentFleet(Arc<Inner>);
+
+struct Inner {
+    server: AgentServer,
+    client: Client,
+    args: WorkerLaunchArgs,
+    fence_timeout: Duration,
+    started: Instant,
+    attempts: Mutex<HashMap<AttemptId, AttemptSeen>>,
+}
+
+impl std::fmt::Debug for AgentFleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentFleet").field("args", &self.0.args).finish()
+    }
+}
+
+// === impl AgentFleet ===
+
+impl AgentFleet {
+    /// A fleet over `server`, folding its worker reports from now on (a background task that
+    /// ends when the server is dropped).
+    pub fn start(
+        server: AgentServer,
+        client: Client,
+        args: WorkerLaunchArgs,
+        fence_timeout: Duration,
+    ) -> Self {
+        let fleet = AgentFleet(Arc::new(Inner {
+            server,
+            client,
+            args,
+            fence_timeout,
+            started: Instant::now(),
+            attempts: Mutex::default(),
+        }));
+        let mut reports = fleet.0.server.worker_reports();
+        let folder = Arc::downgrade(&fleet.0);
+        tokio::spawn(async move {
+            loop {
+                let report = match reports.recv().await {
+                    Ok(r) => r,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "worker reports came faster than folded");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(inner) = folder.upgrade() else { return };
+                fold(&mut inner.attempts.lock().unwrap_or_else(|e| e.into_inner()), &report);
+            }
+        });
+        fleet
+    }
+
+    async fn launch_job(&self, key: &WorkloadKey, attempt: i32) -> Result<(), String> {
+        let inner = &self.0;
+        let what = format!("TrainingJob {}/{}", key.namespace, key.name);
+        let api: Api<TrainingJob> = Api::namespaced(inner.client.clone(), &key.namespace);
+        let job = api.get(&key.name).await.map_err(|e| format!("reading {what}: {e}"))?;
+        if job.uid().as_deref() != Some(key.uid.as_str()) {
+            return Err(format!("{what} was recreated; not launching for UID {}", key.uid));
+        }
+        let placement = job
+            .status
+            .as_ref()
+            .and_then(|s| s.attempt.as_ref())
+            .filter(|a| a.number == attempt)
+            .map(|a| a.placement.clone())
+            .ok_or_else(|| format!("{what}: status holds no attempt {attempt}; not launching"))?;
+        let rank0 = placement.workers.first().map(|w| w.node.clone()).unwrap_or_default();
+        let nodes: Api<GpuNode> = Api::all(inner.client.clone());
+        let reported = nodes.get_opt(&rank0).await.ok().flatten().and_then(|n| n.status?.address);
+        let master_addr = reported
+            .or_else(|| inner.args.worker_master_addr.clone())
+            .unwrap_or_else(|| rank0.clone());
+        let fleet = inner.server.fleet();
+        let uuid_of = |node: &str, index: i32| {
+            let rec = fleet.node(node)?;
+            rec.gpus.iter().find(|g| i64::from(g.index) == i64::from(index)).map(|g| g.uuid.clone())
+        };
+        let specs = launch_specs(&job, attempt, &uuid_of, &master_addr, &inner.args)?;
+        let id: AttemptId = (key.uid.clone(), attempt as u64);
+        {
+            let mut attempts = inner.attempts.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = attempts.entry(id.clone()).or_default();
+            seen.launched_here = true;
+            for (node, spec) in &specs {
+                seen.ranks.entry(spec.rank).or_insert(RankSeen {
+                    node: node.clone(),
+                    gpu_uuids: spec.gpu_uuids.clone(),
+                    state: RankState::Launching,
+                });
+            }
+        }
+        let sent = futures::future::join_all(specs.iter().map(|(node, spec)| async move {
+            (spec.rank, inner.server.launch_worker(node, spec, COMMAND_TIMEOUT).await)
+        }))
+        .await;
+        let mut failures = Vec::new();
+        let mut attempts = inner.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        for (rank, result) in sent {
+            if let Err(e) = result {
+                tracing::warn!(job = %what, attempt, rank, error = %e, "worker launch failed");
+                if let Some(r) = attempts.get_mut(&id).and_then(|s| s.ranks.get_mut(&rank))
+                    && r.state == RankState::Launching
+                {
+                    r.state = RankState::Exited { code: Some(FAILED_TO_START_CODE), signal: None };
+                }
+                failures.push(format!("rank {rank}: {e}"));
+            }
+        }
+        if failures.is_empty() {
+            tracing::info!(job = %what, attempt, workers = specs.len(), "workers launched");
+            Ok(())
+        } else {
+            Err(format!("{what} attempt {attempt}: {}", failures.join("; ")))
+        }
+    }
+
+    async fn stop_attempt(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        reason: &str,
+    ) -> Result<(), String> {
+        let inner = &self.0;
+        let id: AttemptId = (key.uid.clone(), attempt as u64);
+        // Every node of the attempt this process knows of, else every node (a restarted
+        // operator may not know where an attempt ran; stopping is idempotent).
+        let mut nodes: Vec<String> = inner
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|s| s.ranks.values().map(|r| r.node.clone()).collect())
+            .unwrap_or_default();
+        if nodes.is_empty() {
+            nodes = inner.server.fleet().nodes().into_iter().map(|n| n.node).collect();
+        }
+        nodes.sort();
+        nodes.dedup();
+        let grace = Duration::from_secs(inner.args.worker_stop_grace_seconds);
+        let results = futures::future::join_all(nodes.iter().map(|node| async move {
+            let connected = inner.server.fleet().node(node).is_some_and(|n| n.connected);
+            if !connected {
+                // Its agent kills its workers itself once the fence timeout passes.
+                return Ok(());
+            }
+            let timeout = COMMAND_TIMEOUT;
+            inner
+                .server
+                .stop_workers(node, &key.uid, attempt as u64, grace, reason, timeout)
+                .await
+                .map(drop)
+                .map_err(|e| format!("node {node}: {e}"))
+        }))
+        .await;
+        let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("stopping attempt {attempt} of {}: {}", key.name, failures.join("; ")))
+        }
+    }
+}
+
+impl Fleet for AgentFleet {
+    fn report(&self, key: &WorkloadKey, attempt: i32) -> AttemptReport {
+        let inner = &self.0;
+        let id: AttemptId = (key.uid.clone(), attempt as u64);
+        let mut seen = inner
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        let nodes: HashMap<String, NodeRecord> =
+            inner.server.fleet().nodes().into_iter().map(|n| (n.node.clone(), n)).collect();
+        // Workers agents listed when they registered (adoption after an operator restart).
+        for rec in nodes.values() {
+            for w in rec.workers.iter().filter(|w| w.job_uid == id.0 && w.attempt == id.1) {
+                seen.ranks.entry(w.rank).or_insert(RankSeen {
+                    node: rec.node.clone(),
+                    gpu_uuids: w.gpu_uuids.clone(),
+                    state: RankState::Running,
+                });
+            }
+        }
+        let complete = seen.launched_here || inner.started.elapsed() > inner.fence_timeout;
+        summarize(&seen.ranks, complete, &nodes, inner.fence_timeout)
+    }
+
+    fn launch(&self, key: &WorkloadKey, attempt: i32) -> BoxFuture<'_, Result<(), String>> {
+        let key = key.clone();
+        Box::pin(async move {
+            if key.kind != "TrainingJob" {
+                tracing::warn!(
+                    ?key,
+                    attempt,
+                    "launching service replicas through agents is not wired yet"
+                );
+                return Ok(());
+            }
+            self.launch_job(&key, attempt).await
+        })
+    }
+
+    fn stop(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        reason: &str,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let (key, reason) = (key.clone(), reason.to_string());
+        Box::pin(async move { self.stop_attempt(&key, attempt, &reason).await })
+    }
+}
+
+/// Apply one worker event. A later event wins, except that nothing revives an exited worker.
+fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) {
+    let seen = attempts.entry((report.job_uid.clone(), report.attempt)).or_default();
+    let rank = seen.ranks.entry(report.rank).or_insert_with(|| RankSeen {
+        node: report.node.clone(),
+        gpu_uuids: Vec::new(),
+        state: RankState::Launching,
+    });
+    if matches!(rank.state, RankState::Exited { .. }) {
+        return;
+    }
+    rank.state = match report.phase.as_str() {
+        "STARTED" | "PROGRESS" => RankState::Running,
+        "EXITED" => RankState::Exited { code: report.exit_code, signal: report.signal },
+        "FAILED_TO_START" => {
+            RankState::Exited { code: Some(FAILED_TO_START_CODE), signal: report.signal }
+        }
+        _ => rank.state,
+    };
+}
+
+/// The lifecycle's summary of an attempt from what is known of its workers and their nodes.
+/// `complete`: the known workers are all the attempt has.
+fn summarize(
+    ranks: &BTreeMap<u32, RankSeen>,
+    complete: bool,
+    nodes: &HashMap<String, NodeRecord>,
+    fence_timeout: Duration,
+) -> AttemptReport {
+    let mut report = AttemptReport::default();
+    let silent =
+        |node: &str| nodes.get(node).is_some_and(|n| n.last_heard.elapsed() > fence_timeout);
+    let mut stopped = true;
+    for (&rank, seen) in ranks {
+        match seen.state {
+            RankState::Exited { code, signal } => {
+                report.exits.push(WorkerExit { rank: rank as i32, code, signal });
+                continue;
+            }
+            RankState::Running => report.running += 1,
+            RankState::Launching => {}
+        }
+        if silent(&seen.node) {
+            report.node_lost.get_or_insert_with(|| seen.node.clone());
+            continue;
+        }
+        stopped = false;
+        if report.fault.is_none()
+            && let Some(rec) = nodes.get(&seen.node)
+            && let Some(gpu) = rec
+                .gpus
+                .iter()
+                .find(|g| g.health == GpuHealth::Failed && seen.gpu_uuids.contains(&g.uuid))
+        {
+            report.fault = Some(HardwareFault {
+                node: seen.node.clone(),
+                gpu: Some(gpu.index as i32),
+                xid: (gpu.last_xid != 0).then_some(gpu.last_xid as i32),
+                message: if gpu.message.is_empty() {
+                    format!("GPU {} on {} failed ({})", gpu.index, seen.node, gpu.reason)
+                } else {
+                    format!("GPU {} on {}: {}", gpu.index, seen.node, gpu.message)
+                },
+            });
+        }
+    }
+    report.all_stopped = complete && stopped;
+    report
+}
+
+/// Every worker of `attempt` of `job` as `(node, launch)`, in rank order. `uuid_of(node, index)`
+/// names a GPU as its agent registered it.
+pub fn launch_specs(
+    job: &TrainingJob,
+    attempt: i32,
+    uuid_of: &dyn Fn(&str, i32) -> Option<String>,
+    master_addr: &str,
+    args: &WorkerLaunchArgs,
+) -> Result<Vec<(String, WorkerLaunchSpec)>, String> {
+    let uid = job.uid().unwrap_or_default();
+    let placement = job
+        .status
+        .as_ref()
+        .and_then(|s| s.attempt.as_ref())
+        .map(|a| a.placement.clone())
+        .unwrap_or_default();
+    let mut workers = placement.workers.clone();
+    workers.sort_by_key(|w| w.rank);
+    let world_size = workers.len() as u32;
+    let checkpoint_dir = match &job.spec.checkpoint {
+        Some(c) => c.path.clone(),
+        None => args
+            .checkpoint_root
+            .join(job.namespace().unwrap_or_default())
+            .join(format!("{}-{uid}", job.name_any()))
+            .display()
+            .to_string(),
+    };
+    let (command, program_args, env) = worker_program(job, args)?;
+    let master_port = args.master_port_base + port_offset(&uid, attempt);
+    let mut on_node: HashMap<&str, u32> = HashMap::new();
+    let mut out = Vec::with_capacity(workers.len());
+    for w in &workers {
+        let local = on_node.entry(w.node.as_str()).or_default();
+        let gpu_uuids = w
+            .gpus
+            .iter()
+            .map(|&g| {
+                uuid_of(&w.node, g).ok_or_else(|| {
+                    format!("rank {}: node {} has no registered GPU {g}", w.rank, w.node)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push((
+            w.node.clone(),
+            WorkerLaunchSpec {
+                job_uid: uid.clone(),
+                attempt: attempt as u64,
+                rank: w.rank as u32,
+                local_rank: *local,
+                world_size,
+                gpu_uuids,
+                command: command.clone(),
+                args: program_args.clone(),
+                env: env.clone(),
+                checkpoint_dir: checkpoint_dir.clone(),
+                master_addr: master_addr.to_string(),
+                master_port,
+            },
+        ));
+        *local += 1;
+    }
+    Ok(out)
+}
+
+/// A program, its arguments and extra environment.
+type Program = (String, Vec<String>, BTreeMap<String, String>);
+
+/// The program every worker runs: the custom command, or `flotilla-worker train` with the
+/// job's engine configuration. The engine reads its configuration from a file, so a shell
+/// writes the JSON (passed in the environment) next to the checkpoints first.
+fn worker_program(job: &TrainingJob, args: &WorkerLaunchArgs) -> Result<Program, String> {
+    if let Some(cmd) = &job.spec.command {
+        let (program, leading) = cmd
+            .command
+            .split_first()
+            .ok_or("spec.command.command: expected a program, got none")?;
+        let program_args = leading.iter().chain(&cmd.args).cloned().collect();
+        let env = cmd.env.iter().map(|e| (e.name.clone(), e.value.clone())).collect();
+        return Ok((program.clone(), program_args, env));
+    }
+    let engine = job.spec.engine.as_ref().ok_or("spec: expected engine or command, got neither")?;
+    let config = serde_json::to_string(engine).map_err(|e| format!("spec.engine: {e}"))?;
+    let script = r#"mkdir -p "$FLOTILLA_CHECKPOINT_DIR" && f="$FLOTILLA_CHECKPOINT_DIR/engine-config.rank$RANK.json" && printf '%s' "$FLOTILLA_ENGINE_CONFIG" > "$f" && exec "$0" train --config "$f""#;
+    Ok((
+        "/bin/sh".into(),
+        vec!["-c".into(), script.into(), args.worker_binary.clone()],
+        BTreeMap::from([("FLOTILLA_ENGINE_CONFIG".to_string(), config)]),
+    ))
+}
+
+/// A rendezvous port offset from the job and attempt (FNV-1a), so attempts and jobs sharing a
+/// node rarely collide and a new attempt never reuses the previous one's port.
+fn port_offset(uid: &str, attempt: i32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in uid.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h % MASTER_PORT_SPAN + attempt.max(0) as u32) % MASTER_PORT_SPAN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::GpuRecord;
+    use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand};
+    use crate::crd::{Attempt, JobPhase, Placement, WorkerPlacement};
+
+    fn args() -> WorkerLaunchArgs {
+        WorkerLaunchArgs {
+            worker_binary: "/opt/flotilla-worker".into(),
+            checkpoint_root: "/ckpt".into(),
+            master_port_base: 30000,
+            worker_master_addr: None,
+            worker_stop_grace_seconds: 5,
+        }
+    }
+
+    fn gpu(index: u32, health: GpuHealth) -> GpuRecord {
+        GpuRecord {
+            index,
+            uuid: format!("GPU-{index}"),
+            model: "sim".into(),
+            memory_bytes: 1,
+            pci_bus_id: String::new(),
+            nvlink_peers: vec![],
+            topology_domain: String::new(),
+            health,
+            reason: "Xid79".into(),
+            message: String::new(),
+            last_xid: if health == GpuHealth::Failed { 79 } else { 0 },
+            temperature_c: None,
+            memory_used_bytes: None,
+        }
+    }
+
+    fn node(name: &str, gpus: Vec<GpuRecord>, silent_for: Duration) -> (String, NodeRecord) {
+        let rec = NodeRecord {
+            node: name.into(),
+            agent_version: "0".into(),
+            instance_id: "i".into(),
+            backend: "simulated".into(),
+            gpus,
+            applied_seq: 0,
+            connected: true,
+            lost: false,
+            last_heard: Instant::now() - silent_for,
+            last_fault: None,
+            workers: Vec::new(),
+            session: 1,
+        };
+        (name.into(), rec)
+    }
+
+    fn report(rank: u32, phase: &str, code: Option<i32>) -> WorkerReport {
+        WorkerReport {
+            node: "a".into(),
+            job_uid: "u".into(),
+            attempt: 1,
+            rank,
+            phase: phase.into(),
+            exit_code: code,
+            signal: None,
+            message: String::new(),
+        }
+    }
+
+    const FENCE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
+        let mut attempts = HashMap::new();
+        fold(&mut attempts, &report(0, "STARTED", None));
+        fold(&mut attempts, &report(1, "PROGRESS", None));
+        let nodes = HashMap::from([node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO)]);
+        let seen = &attempts[&("u".to_string(), 1)];
+        let r = summarize(&seen.ranks, true, &nodes, FENCE);
+        assert_eq!((r.running, r.all_stopped), (2, false));
+        fold(&mut attempts, &report(0, "EXITED", Some(0)));
+        fold(&mut attempts, &report(0, "STARTED", None)); // late, out of order: ignored
+        fold(&mut attempts, &report(1, "FAILED_TO_START", None));
+        let seen = &attempts[&("u".to_string(), 1)];
+        let r = summarize(&seen.ranks, true, &nodes, FENCE);
+        assert_eq!(r.running, 0);
+        assert_eq!(
+            r.exits,
+            vec![
+                WorkerExit { rank: 0, code: Some(0), signal: None },
+                WorkerExit { rank: 1, code: Some(FAILED_TO_START_CODE), signal: None },
+            ]
+        );
+        assert!(r.all_stopped);
+        // Not knowing every worker (a restarted operator inside the fence timeout) is not stopped.
+        assert!(!summarize(&seen.ranks, false, &nodes, FENCE).all_stopped);
+        assert!(!summarize(&BTreeMap::new(), false, &nodes, FENCE).all_stopped);
+        assert!(summarize(&BTreeMap::new(), true, &nodes, FENCE).all_stopped);
+    }
+
+    #[test]
+    fn a_failed_gpu_under_a_worker_is_a_fault_and_a_silent_node_is_lost_after_the_fence() {
+        let ranks = BTreeMap::from([
+            (
+                0,
+                RankSeen {
+                    node: "a".into(),
+                    gpu_uuids: vec!["GPU-1".into()],
+                    state: RankState::Running,
+                },
+            ),
+            (
+                1,
+                RankSeen {
+                    node: "b".into(),
+                    gpu_uuids: vec!["GPU-0".into()],
+                    state: RankState::Running,
+                },
+            ),
+        ]);
+        let nodes = HashMap::from([
+            node("a", vec![gpu(0, GpuHealth::Failed), gpu(1, GpuHealth::Healthy)], Duration::ZERO),
+            node("b", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),
+        ]);
+        let r = summarize(&ranks, true, &nodes, FENCE);
+        assert_eq!(r.fault, None, "GPU 0 of node a fails but no worker uses it");
+        let nodes = HashMap::from([
+            node("a", vec![gpu(0, GpuHealth::Healthy), gpu(1, GpuHealth::Failed)], Duration::ZERO),
+            node("b", vec![gpu(0, GpuHealth::Healthy)], FENCE + Duration::from_secs(1)),
+        ]);
+        let r = summarize(&ranks, true, &nodes, FENCE);
+        let fault = r.fault.expect("fault");
+        assert_eq!((fault.node.as_str(), fault.gpu, fault.xid), ("a", Some(1), Some(79)));
+        assert_eq!(r.node_lost.as_deref(), Some("b"));
+        assert!(!r.all_stopped, "rank 0 on node a still runs");
+    }
+
+    fn job(engine: bool) -> TrainingJob {
+        let spec = TrainingJobSpec {
+            workers: 3,
+            gpus_per_worker: 2,
+            engine: engine.then(|| crate::crd::engine::EngineConfig::preset("tiny").unwrap()),
+            command: (!engine).then(|| WorkerCommand {
+                command: vec!["/usr/bin/python3".into(), "train.py".into()],
+                args: vec!["--fast".into()],
+                env: vec![crate::crd::training_job::EnvVar { name: "A".into(), value: "b".into() }],
+            }),
+            checkpoint: None,
+            restart_policy: Default::default(),
+            priority: 0,
+            scheduling: Default::default(),
+            suspend: false,
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+        };
+        let mut j = TrainingJob::new("j", spec);
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some("uid-1".into());
+        let seat =
+            |rank, node: &str, gpus: Vec<i32>| WorkerPlacement { rank, node: node.into(), gpus };
+        j.status = Some(TrainingJobStatus {
+            phase: JobPhase::Scheduled,
+            attempt: Some(Attempt {
+                number: 2,
+                placement: Placement {
+                    workers: vec![
+                        seat(1, "a", vec![2, 3]),
+                        seat(0, "a", vec![0, 1]),
+                        seat(2, "b", vec![0, 1]),
+                    ],
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        j
+    }
+
+    #[test]
+    fn launch_specs_give_ranks_local_ranks_gpu_uuids_and_the_custom_command() {
+        let uuid = |node: &str, i: i32| (i < 4).then(|| format!("{node}-{i}"));
+        let specs = launch_specs(&job(false), 2, &uuid, "10.0.0.1", &args()).unwrap();
+        let seats: Vec<(&str, u32, u32, Vec<String>)> = specs
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.rank, s.local_rank, s.gpu_uuids.clone()))
+            .collect();
+        assert_eq!(
+            seats,
+            vec![
+                ("a", 0, 0, vec!["a-0".into(), "a-1".into()]),
+                ("a", 1, 1, vec!["a-2".into(), "a-3".into()]),
+                ("b", 2, 0, vec!["b-0".into(), "b-1".into()]),
+            ]
+        );
+        let s = &specs[0].1;
+        assert_eq!((s.world_size, s.attempt, s.job_uid.as_str()), (3, 2, "uid-1"));
+        assert_eq!(
+            (s.command.as_str(), s.args.clone()),
+            ("/usr/bin/python3", vec!["train.py".to_string(), "--fast".into()])
+        );
+        assert_eq!(s.env.get("A").map(String::as_str), Some("b"));
+        assert_eq!(s.checkpoint_dir, "/ckpt/ns/j-uid-1");
+        assert_eq!(s.master_addr, "10.0.0.1");
+        assert!((30000..31000).contains(&s.master_port));
+        assert!(specs.iter().all(|(_, x)| x.master_port == s.master_port));
+        let missing = |_: &str, _: i32| None;
+        let err = launch_specs(&job(false), 2, &missing, "x", &args()).unwrap_err();
+        assert!(err.contains("has no registered GPU"), "{err}");
+    }
+
+    #[test]
+    fn engine_jobs_run_the_worker_binary_with_their_configuration() {
+        let uuid = |node: &str, i: i32| Some(format!("{node}-{i}"));
+        let specs = launch_specs(&job(true), 2, &uuid, "h", &args()).unwrap();
+        let s = &specs[0].1;
+        assert_eq!(s.command, "/bin/sh");
+        assert_eq!(s.args[2], "/opt/flotilla-worker");
+        assert!(s.args[1].contains(r#"exec "$0" train --config"#), "{}", s.args[1]);
+        let config: crate::crd::engine::EngineConfig =
+            serde_json::from_str(&s.env["FLOTILLA_ENGINE_CONFIG"]).unwrap();
+        assert_eq!(Some(config), job(true).spec.engine);
+    }
+
+    #[test]
+    fn a_new_attempt_gets_a_different_port() {
+        assert_ne!(port_offset("uid-1", 1), port_offset("uid-1", 2));
+        assert!(port_offset("uid-1", i32::MAX) < MASTER_PORT_SPAN);
+    }
+}
