@@ -105,9 +105,27 @@ pub struct RunArgs {
     /// Kill workers after this long without the operator, seconds (until the operator says).
     #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_S", default_value_t = 30)]
     pub fence_timeout_s: u64,
+    /// Workers' stdout and stderr go to `<dir>/<job_uid>/attempt-<n>/rank-<r>.log`.
+    #[arg(long, env = "FLOTILLA_WORKER_LOG_DIR", default_value = "/var/log/flotilla/workers")]
+    pub worker_log_dir: PathBuf,
+    /// Workers' progress sockets are created here (keep the path short).
+    #[arg(long, env = "FLOTILLA_WORKER_SOCKET_DIR", default_value = "/run/flotilla")]
+    pub worker_socket_dir: PathBuf,
+    /// A worker's log is rotated at this many bytes (two files kept per worker).
+    #[arg(long, env = "FLOTILLA_WORKER_LOG_MAX_BYTES", default_value_t = 64 << 20)]
+    pub worker_log_max_bytes: u64,
 }
 
 impl RunArgs {
+    /// Where the worker supervisor keeps logs and sockets.
+    pub fn worker_files(&self) -> crate::workers::WorkerFiles {
+        crate::workers::WorkerFiles {
+            log_dir: self.worker_log_dir.clone(),
+            socket_dir: self.worker_socket_dir.clone(),
+            max_log_bytes: self.worker_log_max_bytes,
+        }
+    }
+
     /// Agent options; TLS needs all three files or none (plaintext only for `http://`).
     pub fn options(&self) -> anyhow::Result<AgentOptions> {
         let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
@@ -198,13 +216,19 @@ pub struct ClearArgs {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let handle =
-                crate::start(args.options()?, std::sync::Arc::new(crate::supervisor::NoWorkers))
-                    .await?;
+            let supervisor = crate::workers::ProcessSupervisor::new(args.worker_files())?;
+            let handle = crate::start(args.options()?, supervisor.clone()).await?;
+            supervisor.attach(handle.worker_updates.clone());
             tracing::info!(node = %args.node, admin = ?handle.admin_addr, "agent started");
-            tokio::signal::ctrl_c().await?;
+            stop_signal().await?;
+            tracing::info!(
+                "stopping: closing the operator link (workers are left to the supervisor)"
+            );
             let _ = handle.shutdown.send(true);
-            handle.link.await??;
+            tokio::select! {
+                done = handle.link => done??,
+                _ = stop_signal() => anyhow::bail!("second stop signal: exiting at once"),
+            }
         }
         Command::Certs(args) => {
             let files = crate::certs::generate(&args.out, &args.operator_names, &args.nodes)?;
@@ -238,6 +262,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)?
             );
         }
+    }
+    Ok(())
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn stop_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
     }
     Ok(())
 }
