@@ -31,30 +31,37 @@ fn main() -> candle_core::Result<()> {
     for tokens in sizes {
         let x = Tensor::from_vec(normal_init(2, "x", tokens * 256, 1.0), (tokens, 256), &device)?;
         let x = candle_core::Var::from_tensor(&x)?;
-        let (mut times, mut forward) = (Vec::new(), Vec::new());
-        for i in 0..23 {
-            let started = Instant::now();
-            let (out, _) = block.forward(x.as_tensor(), tokens, false)?;
-            let loss = out.sqr()?.mean_all()?;
-            let forward_done = started.elapsed().as_secs_f64();
-            let grads = loss.backward()?;
-            std::hint::black_box(grads);
-            if i >= 3 {
-                times.push(started.elapsed().as_secs_f64());
-                forward.push(forward_done);
+        for (name, hand_written) in [("autograd reference", false), ("hand-written experts", true)]
+        {
+            let (mut times, mut forward) = (Vec::new(), Vec::new());
+            for i in 0..23 {
+                let started = Instant::now();
+                let out = if hand_written {
+                    block.forward(x.as_tensor(), tokens, false)?.0
+                } else {
+                    block.experts_autograd(x.as_tensor())?
+                };
+                let loss = out.sqr()?.mean_all()?;
+                let forward_done = started.elapsed().as_secs_f64();
+                let grads = loss.backward()?;
+                std::hint::black_box(grads);
+                if i >= 3 {
+                    times.push(started.elapsed().as_secs_f64());
+                    forward.push(forward_done);
+                }
             }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (total, fwd) = (median(&mut times), median(&mut forward));
+            println!(
+                "flotilla/candle MoE layer fwd+bwd ({name}): T={tokens:5}  median {:.2} ms (forward {:.2} ms)  {:.0} tokens/s",
+                total * 1e3,
+                fwd * 1e3,
+                tokens as f64 / total
+            );
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (total, fwd) = (median(&mut times), median(&mut forward));
-        println!(
-            "flotilla/candle MoE layer fwd+bwd: T={tokens:5}  median {:.2} ms (forward {:.2} ms)  {:.0} tokens/s",
-            total * 1e3,
-            fwd * 1e3,
-            tokens as f64 / total
-        );
     }
     Ok(())
 }

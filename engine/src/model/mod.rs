@@ -1,6 +1,8 @@
 //! The DeepSeek-V3-style decoder: embeddings, `numDenseLayers` dense layers, then MoE layers,
 //! final RMSNorm and the LM head. Parameter names follow the Hugging Face DeepSeek-V3 checkpoints.
 
+mod expert_mix;
+mod gemm_f32;
 pub mod layers;
 pub mod moe;
 pub mod routing;

@@ -4,6 +4,7 @@
 use candle_core::{D, Result, Tensor, Var};
 
 use super::ParamBuilder;
+use super::expert_mix::{ExpertMix, ExpertWeights};
 use super::layers::{SwiGlu, linear, sigmoid, zeros};
 use super::routing::{RoutingShape, expert_load, select_experts};
 use crate::config::ModelConfig;
@@ -84,12 +85,26 @@ impl MoeBlock {
 
     /// Applies the block to `x` (`[batch·seq, width]`); `seq` is used by the sequence-wise loss.
     pub fn forward(&self, x: &Tensor, seq: usize, train: bool) -> Result<(Tensor, MoeStats)> {
-        let (tokens, width) = x.dims2()?;
-        let top_k = self.shape.top_k;
+        let width = x.dim(1)?;
         let scores = self.scores(x)?;
         let (chosen, weights) = self.route(&scores)?;
 
-        // Slots grouped by expert so each expert sees one contiguous run of its tokens.
+        let (mix, params) = self.expert_mix(&chosen, width)?;
+        let out = x.contiguous()?.apply_op3(&weights.contiguous()?, &params, mix)?;
+        let aux_loss = if train && self.aux_alpha > 0.0 {
+            Some(self.sequence_balance_loss(&scores, &chosen, seq)?)
+        } else {
+            None
+        };
+        Ok((out, MoeStats { aux_loss, load: expert_load(&chosen, self.shape.experts) }))
+    }
+
+    /// The experts' output through candle autograd, one `index_select`/`index_add` per expert:
+    /// the reference [`MoeBlock::forward`]'s hand-written pass is tested and benchmarked against.
+    pub fn experts_autograd(&self, x: &Tensor) -> Result<Tensor> {
+        let (tokens, width) = x.dims2()?;
+        let top_k = self.shape.top_k;
+        let (chosen, weights) = self.route(&self.scores(x)?)?;
         let mut by_expert: Vec<Vec<u32>> = vec![Vec::new(); self.shape.experts];
         for (slot, &e) in chosen.iter().enumerate() {
             by_expert[e as usize].push(slot as u32);
@@ -98,8 +113,6 @@ impl MoeBlock {
         let rows: Vec<u32> = slots.iter().map(|&s| s / top_k as u32).collect();
         let device = x.device();
         let rows_t = Tensor::from_slice(&rows, rows.len(), device)?;
-        // One gather per expert: the backward of a narrow of one big gather would materialise a
-        // zero-padded copy of the whole gather for every expert.
         let mut outputs = Vec::new();
         let mut start = 0;
         for (expert, members) in self.experts.iter().zip(&by_expert) {
@@ -117,12 +130,27 @@ impl MoeBlock {
         if let Some(shared) = &self.shared {
             out = (out + shared.forward(x)?)?;
         }
-        let aux_loss = if train && self.aux_alpha > 0.0 {
-            Some(self.sequence_balance_loss(&scores, &chosen, seq)?)
-        } else {
-            None
+        Ok(out)
+    }
+
+    /// The experts' hand-written forward/backward and their weights flattened into one tensor
+    /// (routed experts in order, then the shared one; gate, up, down each).
+    fn expert_mix(&self, chosen: &[u32], width: usize) -> Result<(ExpertMix, Tensor)> {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        let mut place = |mlp: &SwiGlu| -> Result<ExpertWeights> {
+            let inner = mlp.gate.dim(0)?;
+            for w in [&mlp.gate, &mlp.up, &mlp.down] {
+                parts.push(w.as_tensor().flatten_all()?);
+            }
+            let placed = ExpertWeights { offset, inner };
+            offset += 3 * inner * width;
+            Ok(placed)
         };
-        Ok((out, MoeStats { aux_loss, load: expert_load(&chosen, self.shape.experts) }))
+        let routed = self.experts.iter().map(&mut place).collect::<Result<Vec<_>>>()?;
+        let shared = self.shared.as_ref().map(&mut place).transpose()?;
+        let params = Tensor::cat(&parts, 0)?;
+        Ok((ExpertMix::new(chosen, self.shape.top_k, width, routed, shared), params))
     }
 
     /// `α · mean over sequences of Σ_i f_i · P_i`, where `f_i = E/(K·T) · count_i` (no gradient)
