@@ -90,6 +90,10 @@ struct Inner {
     fence_timeout: Duration,
     started: Instant,
     attempts: Mutex<HashMap<AttemptId, AttemptSeen>>,
+    /// The workloads launched or stopped through this fleet, by UID, to announce changes.
+    keys: Mutex<HashMap<String, WorkloadKey>>,
+    changed: tokio::sync::mpsc::UnboundedSender<WorkloadKey>,
+    changes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkloadKey>>>,
 }
 
 impl std::fmt::Debug for AgentFleet {
@@ -109,6 +113,7 @@ impl AgentFleet {
         args: WorkerLaunchArgs,
         fence_timeout: Duration,
     ) -> Self {
+        let (changed, changes) = tokio::sync::mpsc::unbounded_channel();
         let fleet = AgentFleet(Arc::new(Inner {
             server,
             client,
@@ -116,6 +121,9 @@ impl AgentFleet {
             fence_timeout,
             started: Instant::now(),
             attempts: Mutex::default(),
+            keys: Mutex::default(),
+            changed,
+            changes: Mutex::new(Some(changes)),
         }));
         let mut reports = fleet.0.server.worker_reports();
         let folder = Arc::downgrade(&fleet.0);
@@ -131,6 +139,15 @@ impl AgentFleet {
                 };
                 let Some(inner) = folder.upgrade() else { return };
                 fold(&mut inner.attempts.lock().unwrap_or_else(|e| e.into_inner()), &report);
+                let key = inner
+                    .keys
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&report.job_uid)
+                    .cloned();
+                if let Some(key) = key {
+                    let _ = inner.changed.send(key);
+                }
             }
         });
         fleet
@@ -277,6 +294,7 @@ impl Fleet for AgentFleet {
 
     fn launch(&self, key: &WorkloadKey, attempt: i32) -> BoxFuture<'_, Result<(), String>> {
         let key = key.clone();
+        self.0.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.uid.clone(), key.clone());
         Box::pin(async move {
             if key.kind != "TrainingJob" {
                 tracing::warn!(
@@ -297,7 +315,13 @@ impl Fleet for AgentFleet {
         reason: &str,
     ) -> BoxFuture<'_, Result<(), String>> {
         let (key, reason) = (key.clone(), reason.to_string());
+        self.0.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.uid.clone(), key.clone());
         Box::pin(async move { self.stop_attempt(&key, attempt, &reason).await })
+    }
+
+    fn changes(&self) -> Option<futures::stream::BoxStream<'static, WorkloadKey>> {
+        let rx = self.0.changes.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        Some(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
     }
 }
 
@@ -441,7 +465,8 @@ type Program = (String, Vec<String>, BTreeMap<String, String>);
 
 /// The program every worker runs: the custom command, or `flotilla-worker train` with the
 /// job's engine configuration. The engine reads its configuration from a file, so a shell
-/// writes the JSON (passed in the environment) next to the checkpoints first.
+/// writes the JSON (passed in the environment) next to the checkpoints first. The agent sets
+/// `FLOTILLA_NO_PROGRESS_BAR=1`, which the engine's flag refuses (it takes true or false).
 fn worker_program(job: &TrainingJob, args: &WorkerLaunchArgs) -> Result<Program, String> {
     if let Some(cmd) = &job.spec.command {
         let (program, leading) = cmd
@@ -454,7 +479,7 @@ fn worker_program(job: &TrainingJob, args: &WorkerLaunchArgs) -> Result<Program,
     }
     let engine = job.spec.engine.as_ref().ok_or("spec: expected engine or command, got neither")?;
     let config = serde_json::to_string(engine).map_err(|e| format!("spec.engine: {e}"))?;
-    let script = r#"mkdir -p "$FLOTILLA_CHECKPOINT_DIR" && f="$FLOTILLA_CHECKPOINT_DIR/engine-config.rank$RANK.json" && printf '%s' "$FLOTILLA_ENGINE_CONFIG" > "$f" && exec "$0" train --config "$f""#;
+    let script = r#"mkdir -p "$FLOTILLA_CHECKPOINT_DIR" && f="$FLOTILLA_CHECKPOINT_DIR/engine-config.rank$RANK.json" && printf '%s' "$FLOTILLA_ENGINE_CONFIG" > "$f" && FLOTILLA_NO_PROGRESS_BAR=true exec "$0" train --config "$f""#;
     Ok((
         "/bin/sh".into(),
         vec!["-c".into(), script.into(), args.worker_binary.clone()],

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::jiff::SignedDuration;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use std::net::SocketAddr;
@@ -355,6 +356,15 @@ async fn run_controllers(
         cfg.clone(),
     );
     let nodes = Controller::new(Api::<DeserializeGuard<GpuNode>>::all(client.clone()), cfg);
+    // Worker events (started, exited) wake their job at once instead of at the next poll.
+    let reported = fleet.changes().map(|keys| {
+        keys.filter(|k| std::future::ready(k.kind == "TrainingJob"))
+            .map(|k| ObjectRef::<DeserializeGuard<TrainingJob>>::new(&k.name).within(&k.namespace))
+    });
+    let jobs = match reported {
+        Some(refs) => jobs.reconcile_on(refs),
+        None => jobs,
+    };
     let (job_store, node_store) = (jobs.store(), nodes.store());
     let mut ctx = Context::new(
         client,

@@ -5,6 +5,7 @@
 
 use crate::lifecycle::AttemptReport;
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 
 /// Identifies one workload's workers on the agents.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -34,6 +35,11 @@ pub trait Fleet: Send + Sync {
         attempt: i32,
         reason: &str,
     ) -> BoxFuture<'_, Result<(), String>>;
+    /// Workloads whose report changed, so the controllers look at them at once; `None` when
+    /// the fleet never announces changes (or the stream was already taken).
+    fn changes(&self) -> Option<BoxStream<'static, WorkloadKey>> {
+        None
+    }
 }
 
 /// STAND-IN for the agent link: no agents are connected. Launches are logged and dropped; the
