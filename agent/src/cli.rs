@@ -41,7 +41,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Generate a development CA, an operator certificate and per-node client certificates.
     Certs(CertsArgs),
     /// Inject a fault into a simulated GPU of a running agent.
