@@ -268,13 +268,13 @@ impl ExpertMix {
         let (dwu, dwd) = rest.split_at_mut(inner * d);
         let xs = MatRef::row_major(xs, n, d);
         let dy = MatRef::row_major(dy, n, d);
-        let mut h: Vec<f32> = g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        let sig: Vec<f32> = g.iter().map(|&g| sigmoid(g)).collect();
+        let mut h: Vec<f32> = g.iter().zip(u).zip(&sig).map(|((&g, &u), &s)| g * s * u).collect();
         matmul(dwd, dy.t(), MatRef::row_major(&h, n, inner), false);
         let mut dh = vec![0f32; n * inner];
         matmul(&mut dh, dy, MatRef::row_major(wd, d, inner), false);
         // Fused SiLU·up derivative: dh becomes d(gate), h becomes d(up).
-        for (((dh, h), &g), &u) in dh.iter_mut().zip(h.iter_mut()).zip(g).zip(u) {
-            let s = sigmoid(g);
+        for ((((dh, h), &g), &u), &s) in dh.iter_mut().zip(h.iter_mut()).zip(g).zip(u).zip(&sig) {
             *h = *dh * g * s;
             *dh *= u * s * (1.0 + g * (1.0 - s));
         }
@@ -445,29 +445,32 @@ fn split_by_offset(
     parts
 }
 
-/// Runs `(cost, task)` pairs on up to `threads` threads, balancing the summed cost greedily.
+/// Runs `(cost, task)` pairs on up to `threads` threads, costliest first, each thread taking the
+/// next task when it finishes one: on a shared machine a descheduled thread then delays the step
+/// by one task at most, where a fixed split would wait for its whole share.
 fn in_parallel<T: Send>(mut tasks: Vec<(usize, T)>, threads: usize, run: impl Fn(T) + Sync) {
-    if threads <= 1 || tasks.len() < 2 {
+    tasks.retain(|(cost, _)| *cost > 0);
+    tasks.sort_by_key(|(cost, _)| Reverse(*cost));
+    let workers = threads.min(tasks.len());
+    if workers <= 1 {
         tasks.into_iter().for_each(|(_, t)| run(t));
         return;
     }
-    tasks.sort_by_key(|(cost, _)| Reverse(*cost));
-    let mut buckets: Vec<(usize, Vec<T>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-    for (cost, task) in tasks {
-        let bucket = buckets.iter_mut().min_by_key(|(c, _)| *c).expect("threads > 1");
-        bucket.0 += cost;
-        bucket.1.push(task);
-    }
-    let run = &run;
+    let queue = Mutex::new(tasks.into_iter().map(|(_, t)| t));
+    let work = || {
+        loop {
+            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            match next {
+                Some(task) => run(task),
+                None => break,
+            }
+        }
+    };
     std::thread::scope(|scope| {
-        let mut buckets = buckets.into_iter().filter(|(c, _)| *c > 0);
-        let here = buckets.next();
-        for (_, bucket) in buckets {
-            scope.spawn(move || bucket.into_iter().for_each(run));
+        for _ in 1..workers {
+            scope.spawn(work);
         }
-        if let Some((_, bucket)) = here {
-            bucket.into_iter().for_each(run);
-        }
+        work();
     });
 }
 
