@@ -6,4 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 FLOTILLA_CONTROLPLANE_BIN_DIR="$(bash tests/controlplane/build.sh)"
 export FLOTILLA_CONTROLPLANE_BIN_DIR
+# The end-to-end tests run the real binaries (operator, agent, flotilla-worker): build them first.
+cargo build --workspace --bins
 cargo test --workspace --all-targets "$@"

@@ -13,21 +13,20 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// The `flotilla-operator` binary next to this test executable (target/<profile>/), built with
-/// `cargo build -p flotilla-operator` when it is missing.
+/// The `flotilla-operator` binary next to this test executable (target/<profile>/). Every call
+/// runs `cargo build --workspace --bins` first — a no-op when nothing changed — so a test never
+/// runs a stale binary left by an earlier build.
 pub fn operator_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
     let bin = profile_dir.join("flotilla-operator");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "flotilla-operator"])
-            .current_dir(workspace())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build -p flotilla-operator failed");
-    }
-    assert!(bin.exists(), "{} missing; run `cargo build -p flotilla-operator`", bin.display());
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--workspace", "--bins"])
+        .current_dir(workspace())
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build --workspace --bins failed");
+    assert!(bin.exists(), "{} missing after cargo build", bin.display());
     bin
 }
 
