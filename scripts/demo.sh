@@ -1,64 +1,110 @@
 #!/usr/bin/env bash
-# The local demo: sets up what it needs, starts a real control plane (etcd + kube-apiserver) on
-# loopback, installs Flotilla's CRDs and the sample manifests, and prints how to look around.
+# The local demo: builds what it needs, starts a real control plane (etcd + kube-apiserver) on
+# loopback, the operator, two agents with 4 simulated GPUs each (mTLS between them), applies the
+# CRDs and a sample TrainingJob of real `flotilla-worker` processes, and prints a walkthrough.
 # Ctrl-C stops everything it started.
 #
 #   scripts/demo.sh            interactive: runs until Ctrl-C
-#   scripts/demo.sh --check    non-interactive: runs the walkthrough once and exits (for CI)
+#   scripts/demo.sh --check    non-interactive (CI): waits for the sample job to succeed, exits
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 check=false
 [[ "${1:-}" == "--check" ]] && check=true
 
 bash scripts/setup.sh
+echo "demo: building flotilla (cargo build --bins; dependencies are optimised in this profile too)"
+cargo build --bins --quiet
+target="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 bin="$(bash tests/controlplane/build.sh)"
 state="$PWD/.flotilla/demo"
-kubeconfig="$state/kubeconfig"
+rm -rf "$state"
 mkdir -p "$state"
-rm -f "$kubeconfig"
+kubeconfig="$state/kubeconfig"
+kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
 
 pids=()
 cleanup() {
   trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Agents first (they stop their workers), then the operator, then the control plane.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "demo: stopped everything it started"
 }
 trap cleanup EXIT INT TERM
 
-"$bin/controlplane" --dir "$state" --kubeconfig "$kubeconfig" >"$state/controlplane.out" \
+wait_for() { # description, seconds, command...
+  local what="$1" secs="$2"; shift 2
+  for ((n = 0; n < secs * 2; n++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  echo "demo: timed out waiting for $what; logs are in $state" >&2
+  return 1
+}
+
+"$bin/controlplane" --dir "$state/cp" --kubeconfig "$kubeconfig" >"$state/controlplane.out" \
   2>"$state/controlplane.log" &
 pids+=($!)
-echo "demo: starting the control plane (log: $state/controlplane.log)"
-for _ in $(seq 1 600); do
-  grep -q "controlplane ready" "$state/controlplane.out" 2>/dev/null && break
-  kill -0 "${pids[0]}" 2>/dev/null || { tail -20 "$state/controlplane.log"; exit 1; }
-  sleep 0.5
-done
-grep -q "controlplane ready" "$state/controlplane.out" || { echo "demo: control plane not ready"; exit 1; }
+echo "demo: starting the control plane"
+wait_for "the control plane" 240 grep -q "controlplane ready" "$state/controlplane.out"
+"${kubectl[@]}" apply -f deploy/crds/ >/dev/null
+wait_for "the CRDs" 60 "${kubectl[@]}" get trainingjobs -A
 
-kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
-if compgen -G "deploy/crds/*.yaml" >/dev/null; then
-  "${kubectl[@]}" apply -f deploy/crds/ >/dev/null
-  "${kubectl[@]}" wait --for condition=established --timeout=60s crd -l app.kubernetes.io/part-of=flotilla >/dev/null 2>&1 || true
-fi
+"$target/flotilla-agent" certs --out "$state/certs" --node demo-node-a --node demo-node-b >/dev/null
+FLOTILLA_ADMIN_ADDR=127.0.0.1:9090 \
+FLOTILLA_LEASE_DURATION_SECONDS=6 FLOTILLA_LEASE_RENEW_SECONDS=2 \
+FLOTILLA_AGENT_LISTEN=127.0.0.1:7443 \
+FLOTILLA_AGENT_TLS_CA="$state/certs/ca.pem" \
+FLOTILLA_AGENT_TLS_CERT="$state/certs/operator.pem" \
+FLOTILLA_AGENT_TLS_KEY="$state/certs/operator-key.pem" \
+FLOTILLA_WORKER_BINARY="$target/flotilla-worker" \
+FLOTILLA_CHECKPOINT_ROOT="$state/checkpoints" \
+FLOTILLA_WORKER_MASTER_ADDR=127.0.0.1 \
+KUBECONFIG="$kubeconfig" \
+  "$target/flotilla-operator" run >"$state/operator.log" 2>&1 &
+pids+=($!)
+wait_for "the operator" 60 curl -sf http://127.0.0.1:9090/ready
+
+port=9401
+for node in demo-node-a demo-node-b; do
+  FLOTILLA_NODE_NAME=$node FLOTILLA_OPERATOR_URL=https://127.0.0.1:7443 \
+  FLOTILLA_SIM_GPUS=4 FLOTILLA_SIM_SEED=$port FLOTILLA_AGENT_ADMIN_ADDR=127.0.0.1:$port \
+  FLOTILLA_TLS_CA="$state/certs/ca.pem" FLOTILLA_TLS_CERT="$state/certs/$node.pem" \
+  FLOTILLA_TLS_KEY="$state/certs/$node-key.pem" \
+  FLOTILLA_WORKER_LOG_DIR="$state/workers/$node" FLOTILLA_WORKER_SOCKET_DIR="$state/s/$node" \
+    "$target/flotilla-agent" run >"$state/agent-$node.log" 2>&1 &
+  pids+=($!)
+  port=$((port + 1))
+done
+two_gpunodes() { [[ $("${kubectl[@]}" get gpunodes -o name | wc -l) -ge 2 ]]; }
+wait_for "two GpuNodes" 60 two_gpunodes
+
+# The sample job, with its checkpoints under the demo's state directory.
+sed "s|path: /shared/checkpoints/moe-tiny|path: $state/checkpoints/moe-tiny|" \
+  deploy/examples/trainingjob-engine.yaml | "${kubectl[@]}" apply -f - >/dev/null
 
 cat <<MSG
 
-Flotilla demo is up.
+Flotilla demo is up: control plane, operator, 2 agents × 4 simulated GPUs, a sample TrainingJob.
   export KUBECONFIG=$kubeconfig
-  export PATH=$bin:\$PATH          # kubectl v1.37 built from the same Go modules
-  kubectl get --raw /version
-  kubectl api-resources --api-group=flotilla.dev
-  kubectl get crds
+  export PATH=$bin:$target:\$PATH      # kubectl v1.37.2 and the flotilla binaries
+  kubectl get gpunodes                 # healthy/total GPUs, temperature, last fault
+  kubectl get tj -w                    # phase, workers×GPUs, progress, restarts
+  kubectl describe tj moe-tiny         # conditions, placement, events
+  flotilla-agent inject --agent 127.0.0.1:9401 --gpu 0 --xid 79   # fail a GPU on demo-node-a
+  flotilla-agent clear  --agent 127.0.0.1:9401 --gpu 0            # an admin clears it
+  curl -s http://127.0.0.1:9090/metrics   # operator metrics; agents: 127.0.0.1:9401, :9402
+Logs: $state/*.log, worker logs under $state/workers/
 
 MSG
-"${kubectl[@]}" get --raw /version
-echo
-"${kubectl[@]}" api-resources --api-group=flotilla.dev 2>/dev/null || true
+"${kubectl[@]}" get gpunodes
 
 if $check; then
-  echo "demo: --check done"
+  succeeded() { [[ $("${kubectl[@]}" get tj moe-tiny -o jsonpath='{.status.phase}') == Succeeded ]]; }
+  wait_for "moe-tiny to succeed" 300 succeeded || {
+    "${kubectl[@]}" describe tj moe-tiny; tail -30 "$state/operator.log"; exit 1; }
+  "${kubectl[@]}" get tj moe-tiny
+  echo "demo: --check passed: moe-tiny Succeeded"
   exit 0
 fi
 echo "demo: press Ctrl-C to stop"
