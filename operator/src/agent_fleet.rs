@@ -104,6 +104,18 @@ impl std::fmt::Debug for AgentFleet {
 
 // === impl AgentFleet ===
 
+impl Inner {
+    /// Tell the controllers to look at the workloads whose UID `pick` selects.
+    fn announce(&self, pick: impl Fn(&str) -> bool) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for (uid, key) in keys.iter() {
+            if pick(uid) {
+                let _ = self.changed.send(key.clone());
+            }
+        }
+    }
+}
+
 impl AgentFleet {
     /// A fleet over `server`, folding its worker reports from now on (a background task that
     /// ends when the server is dropped).
@@ -138,16 +150,30 @@ impl AgentFleet {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 let Some(inner) = folder.upgrade() else { return };
-                fold(&mut inner.attempts.lock().unwrap_or_else(|e| e.into_inner()), &report);
-                let key = inner
-                    .keys
+                let changed =
+                    fold(&mut inner.attempts.lock().unwrap_or_else(|e| e.into_inner()), &report);
+                if changed {
+                    inner.announce(|uid| uid == report.job_uid);
+                }
+            }
+        });
+        // Health, liveness and membership changes may fault or free a running attempt.
+        let mut health = fleet.0.server.fleet().changed();
+        let watcher = Arc::downgrade(&fleet.0);
+        tokio::spawn(async move {
+            while health.changed().await.is_ok() {
+                let Some(inner) = watcher.upgrade() else { return };
+                let live: Vec<String> = inner
+                    .attempts
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .get(&report.job_uid)
-                    .cloned();
-                if let Some(key) = key {
-                    let _ = inner.changed.send(key);
-                }
+                    .iter()
+                    .filter(|(_, seen)| {
+                        seen.ranks.values().any(|r| !matches!(r.state, RankState::Exited { .. }))
+                    })
+                    .map(|((uid, _), _)| uid.clone())
+                    .collect();
+                inner.announce(|uid| live.iter().any(|l| l == uid));
             }
         });
         fleet
@@ -325,8 +351,9 @@ impl Fleet for AgentFleet {
     }
 }
 
-/// Apply one worker event. A later event wins, except that nothing revives an exited worker.
-fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) {
+/// Apply one worker event; true when the worker's state changed. A later event wins, except
+/// that nothing revives an exited worker.
+fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) -> bool {
     let seen = attempts.entry((report.job_uid.clone(), report.attempt)).or_default();
     let rank = seen.ranks.entry(report.rank).or_insert_with(|| RankSeen {
         node: report.node.clone(),
@@ -334,8 +361,9 @@ fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) {
         state: RankState::Launching,
     });
     if matches!(rank.state, RankState::Exited { .. }) {
-        return;
+        return false;
     }
+    let before = rank.state;
     rank.state = match report.phase.as_str() {
         "STARTED" | "PROGRESS" => RankState::Running,
         "EXITED" => RankState::Exited { code: report.exit_code, signal: report.signal },
@@ -344,6 +372,7 @@ fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) {
         }
         _ => rank.state,
     };
+    rank.state != before
 }
 
 /// The lifecycle's summary of an attempt from what is known of its workers and their nodes.
@@ -568,14 +597,15 @@ mod tests {
     #[test]
     fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
         let mut attempts = HashMap::new();
-        fold(&mut attempts, &report(0, "STARTED", None));
-        fold(&mut attempts, &report(1, "PROGRESS", None));
+        assert!(fold(&mut attempts, &report(0, "STARTED", None)));
+        assert!(!fold(&mut attempts, &report(0, "PROGRESS", None)), "progress alone is no change");
+        assert!(fold(&mut attempts, &report(1, "PROGRESS", None)));
         let nodes = HashMap::from([node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO)]);
         let seen = &attempts[&("u".to_string(), 1)];
         let r = summarize(&seen.ranks, true, &nodes, FENCE);
         assert_eq!((r.running, r.all_stopped), (2, false));
         fold(&mut attempts, &report(0, "EXITED", Some(0)));
-        fold(&mut attempts, &report(0, "STARTED", None)); // late, out of order: ignored
+        assert!(!fold(&mut attempts, &report(0, "STARTED", None)), "late, out of order: ignored");
         fold(&mut attempts, &report(1, "FAILED_TO_START", None));
         let seen = &attempts[&("u".to_string(), 1)];
         let r = summarize(&seen.ranks, true, &nodes, FENCE);

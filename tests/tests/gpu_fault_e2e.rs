@@ -1,0 +1,76 @@
+//! End to end, a GPU fault: XID 79 on a GPU of a running job stops the gang, the job is placed
+//! again without that GPU and resumes from its checkpoint, without spending its restart budget.
+
+mod e2e_support;
+mod operator_support;
+
+use e2e_support::{Rig, WAIT, binary, job, walk};
+use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use kube::api::{Api, PostParams};
+use operator_support::{eventually, install_crds};
+use std::process::Command;
+use std::time::Duration;
+
+#[tokio::test]
+async fn an_xid_79_under_the_job_restarts_it_on_healthy_gpus_from_its_checkpoint() {
+    let cp = flotilla_tests::control_plane().await;
+    install_crds(cp).expect("CRDs install");
+    let client = cp.client().await.expect("client");
+    let ns = flotilla_tests::namespace(&client, "xid").await.expect("namespace");
+    let rig = Rig::start(cp, &ns, &client).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    // Long enough that the fault lands mid-run; no restart budget: hardware restarts are free.
+    jobs.create(&PostParams::default(), &job("xid-e2e", 600, 20)).await.expect("create job");
+    let running = eventually(WAIT, "xid-e2e Running", || async {
+        let s = jobs.get("xid-e2e").await.ok()?.status?;
+        (s.phase == JobPhase::Running).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let first = running.attempt.expect("attempt").placement;
+    let checkpoints = rig.dir.path().join("checkpoints");
+    eventually(WAIT, "a first checkpoint", || async {
+        walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+
+    let victim = &first.workers[0];
+    let gpu = victim.gpus[0];
+    let admin = rig.agents.iter().find(|(p, _)| p.node == victim.node).expect("agent").1;
+    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
+        .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
+        .args(["--xid", "79"])
+        .output()
+        .expect("flotilla-agent inject");
+    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+
+    let done = eventually(Duration::from_secs(300), "xid-e2e Succeeded or Failed", || async {
+        let s = jobs.get("xid-e2e").await.ok()?.status?;
+        s.phase.is_terminal().then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    assert_eq!(done.phase, JobPhase::Succeeded, "{:?}\n{}", done.message, rig.logs());
+    assert_eq!((done.restarts, done.hardware_restarts), (0, 1));
+    let record = done.restart_history.last().expect("a restart record");
+    assert_eq!(record.cause, RestartCause::HardwareFault);
+    assert_eq!(
+        (record.node.as_deref(), record.gpu, record.xid),
+        (Some(victim.node.as_str()), Some(gpu), Some(79))
+    );
+    let second = done.attempt.expect("attempt");
+    assert_eq!(second.number, 2);
+    assert!(
+        !second.placement.workers.iter().any(|w| w.node == victim.node && w.gpus.contains(&gpu)),
+        "the failed GPU was placed again: {:?}",
+        second.placement
+    );
+    let resumed = walk(rig.dir.path())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/attempt-2/"))
+        .any(|p| {
+            std::fs::read_to_string(p).unwrap_or_default().contains("resumed from checkpoint")
+        });
+    assert!(resumed, "attempt 2 resumed from a checkpoint\n{}", rig.logs());
+}
