@@ -7,8 +7,11 @@
 //! [`NVLINK_DOMAINS_LABEL`]. A node without them sits in one unnamed zone and rack with all its
 //! GPUs in one NVLink domain.
 //!
-//! Preemption is not executed yet: placements are decided without it, and when preempting
-//! lower-priority jobs would let a waiting job start, its reason says which ones.
+//! Preemption: a job that does not fit without it, but would after stopping running jobs of
+//! lower priority, gets the scheduler's cheapest victims ([`Scheduling::preempt`]); the
+//! controller asks each victim to stop (annotation [`crate::lifecycle::PREEMPTED_BY`]) and the
+//! waiting job is placed in a later pass, once the victims' workers have stopped and their
+//! GPUs are free — never onto GPUs whose workers may still run.
 
 use crate::crd::gpu_node::{GpuHealth, GpuNode};
 use crate::crd::training_job::PlacementStrategy;
@@ -157,6 +160,29 @@ pub fn place(
     holdings: &[Holding],
     now: sched::Seconds,
 ) -> Result<Placement, Unschedulable> {
+    schedule(me, waiting, nodes, holdings, false, now).placement
+}
+
+/// The outcome of one scheduling pass for one job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scheduling {
+    /// Its placement, or why it waits.
+    pub placement: Result<Placement, Unschedulable>,
+    /// Holding ids (job UIDs) to preempt so it fits; empty unless it waits and preemption
+    /// would make it fit.
+    pub preempt: Vec<String>,
+}
+
+/// Like [`place`]; when `preemption` is allowed and stopping lower-priority running jobs would
+/// let `me` start, it still waits (their workers must stop first) and `preempt` names them.
+pub fn schedule(
+    me: &sched::JobRequest,
+    waiting: &[sched::JobRequest],
+    nodes: &[GpuNode],
+    holdings: &[Holding],
+    preemption: bool,
+    now: sched::Seconds,
+) -> Scheduling {
     let fleet = fleet(nodes);
     let running = running(&fleet, holdings);
     let mut queue = waiting.to_vec();
@@ -167,37 +193,52 @@ pub fn place(
             message: format!("the scheduler refused the fleet's state: {e}"),
         })
     };
-    let decision = pass(false)?;
+    let decision = match pass(false) {
+        Ok(d) => d,
+        Err(e) => return Scheduling { placement: Err(e), preempt: Vec::new() },
+    };
     if let Some(p) = decision.placements.iter().find(|p| p.job == me.id) {
-        return Ok(placement(p));
+        return Scheduling { placement: Ok(placement(p)), preempt: Vec::new() };
     }
     let mut message = decision
         .waiting
         .iter()
         .find(|w| w.job == me.id)
         .map_or_else(|| "not placed in this scheduling pass".to_string(), |w| w.reason.to_string());
+    let mut preempt = Vec::new();
     if running.iter().any(|r| r.priority < me.priority)
         && let Ok(with_preemption) = pass(true)
+        && with_preemption.placements.iter().any(|p| p.job == me.id)
     {
         let names: BTreeMap<&str, &str> =
             holdings.iter().map(|h| (h.id.as_str(), h.name.as_str())).collect();
-        let victims: Vec<&str> = with_preemption
+        let victims: Vec<(String, &str)> = with_preemption
             .preemptions
             .iter()
             .filter(|p| p.for_job == me.id)
             .map(|p| {
                 let id = p.victim.to_string();
-                names.get(id.as_str()).copied().unwrap_or("a running job")
+                let name = names.get(id.as_str()).copied().unwrap_or("a running job");
+                (id, name)
             })
             .collect();
         if !victims.is_empty() {
-            message.push_str(&format!(
-                "; preempting {} would make room, but the operator does not preempt yet",
-                victims.join(", ")
-            ));
+            let list: Vec<&str> = victims.iter().map(|(_, n)| *n).collect();
+            if preemption {
+                message.push_str(&format!(
+                    "; preempting {} (lower priority) to make room",
+                    list.join(", ")
+                ));
+                preempt = victims.into_iter().map(|(id, _)| id).collect();
+            } else {
+                message.push_str(&format!(
+                    "; preempting {} would make room, but preemption is not allowed here",
+                    list.join(", ")
+                ));
+            }
         }
     }
-    Err(Unschedulable { message })
+    Scheduling { placement: Err(Unschedulable { message }), preempt }
 }
 
 /// The scheduler's fleet: every named `GpuNode` once, its GPUs from status with health and
@@ -440,6 +481,38 @@ mod tests {
         );
     }
 
+    fn schedule_alone(me: &TrainingJob, others: &[&TrainingJob], nodes: &[GpuNode]) -> Scheduling {
+        let holdings = holdings(others, &BTreeMap::new(), &me.uid().unwrap());
+        let waiting = waiting_jobs(others, &holdings);
+        schedule(&job_request(me), &waiting, nodes, &holdings, true, 100)
+    }
+
+    #[test]
+    fn preemption_names_the_victims_and_the_job_waits_for_them_to_stop() {
+        let nodes = [node("a", 4, &[])];
+        let low = running(job("low", 1, 4, 0), &[("a", &[0, 1, 2, 3])]);
+        let s = schedule_alone(&job("high", 1, 4, 10), &[&low], &nodes);
+        assert_eq!(s.preempt, vec!["uid-low".to_string()]);
+        let err = s.placement.unwrap_err();
+        assert!(
+            err.message.ends_with("; preempting ns/low (lower priority) to make room"),
+            "{}",
+            err.message
+        );
+        // Equal priority never preempts.
+        let s = schedule_alone(&job("same", 1, 4, 0), &[&low], &nodes);
+        assert!(s.preempt.is_empty());
+    }
+
+    #[test]
+    fn a_job_that_would_not_fit_even_after_preemption_preempts_no_one() {
+        let nodes = [node("a", 4, &[])];
+        let low = running(job("low", 1, 4, 0), &[("a", &[0, 1, 2, 3])]);
+        let s = schedule_alone(&job("huge", 2, 4, 10), &[&low], &nodes);
+        assert!(s.preempt.is_empty(), "nothing to gain: {:?}", s.preempt);
+        assert!(s.placement.is_err());
+    }
+
     #[test]
     fn a_waiting_job_names_the_lower_priority_jobs_preemption_would_stop() {
         let nodes = [node("a", 4, &[])];
@@ -447,7 +520,7 @@ mod tests {
         let err = place_alone(&job("high", 1, 4, 10), &[&low], &nodes).unwrap_err();
         assert!(
             err.message.ends_with(
-                "; preempting ns/low would make room, but the operator does not preempt yet"
+                "; preempting ns/low would make room, but preemption is not allowed here"
             ),
             "{}",
             err.message

@@ -8,7 +8,7 @@ use crate::lifecycle::{self, AttemptReport, Effect, JobFacts, Transition};
 use crate::scheduling;
 use crate::validate;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -97,6 +97,9 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
         _ => booked.remove(&key.uid),
     };
     drop(booked);
+    if !t.preempt.is_empty() {
+        request_preemption(job, &t.preempt, &others, ctx).await?;
+    }
     if old.phase != t.status.phase {
         ctx.metrics.phase_transitions.with_label_values(&[KIND, t.status.phase.as_str()]).inc();
         tracing::info!(job = %key.name, from = %old.phase, to = %t.status.phase, "phase change");
@@ -167,13 +170,37 @@ pub fn plan(
     let wants_placement = validity.is_ok()
         && !job.spec.suspend
         && matches!(status.phase, JobPhase::Pending | JobPhase::Queued);
+    let me_key = object_key(job);
+    // Victims already asked to stop for this job: wait for them rather than pick more.
+    let stopping: Vec<String> = others
+        .iter()
+        .filter(|o| preemption_request(o).is_some_and(|by| by == me_key))
+        .filter(|o| {
+            o.status.as_ref().is_some_and(|s| {
+                lifecycle::has_live_attempt(s.phase) || s.phase == JobPhase::Restarting
+            })
+        })
+        .map(|o| object_key(*o))
+        .collect();
+    let mut preempt = Vec::new();
     let candidate = wants_placement.then(|| {
         let holdings = scheduling::holdings(others, booked, &job.uid().unwrap_or_default());
         let waiting = scheduling::waiting_jobs(others, &holdings);
         let me = scheduling::job_request(job);
-        scheduling::place(&me, &waiting, nodes, &holdings, scheduling::unix(now))
+        let now = scheduling::unix(now);
+        let s = scheduling::schedule(&me, &waiting, nodes, &holdings, stopping.is_empty(), now);
+        preempt = s.preempt;
+        s.placement.map_err(|mut u| {
+            if !stopping.is_empty() {
+                u.message = format!(
+                    "waiting for preempted {} to stop (its workers checkpoint first)",
+                    stopping.join(", ")
+                );
+            }
+            u
+        })
     });
-    lifecycle::decide(&JobFacts {
+    let mut t = lifecycle::decide(&JobFacts {
         now,
         generation: job.meta().generation.unwrap_or_default(),
         spec: &job.spec,
@@ -181,7 +208,53 @@ pub fn plan(
         validity,
         candidate,
         report,
-    })
+        preempted_by: preemption_request(job),
+    });
+    if t.status.phase == JobPhase::Queued {
+        t.preempt = preempt;
+    }
+    t
+}
+
+/// The job that asked to preempt `job`'s current attempt, if one did.
+fn preemption_request(job: &TrainingJob) -> Option<String> {
+    let attempt = job.status.as_ref()?.attempt.as_ref()?.number;
+    let value = job.annotations().get(lifecycle::PREEMPTED_BY)?;
+    lifecycle::preempted_by(value, attempt).map(str::to_string)
+}
+
+/// Ask each job of `victims` (UIDs among `others`) to stop its current attempt for `job`.
+async fn request_preemption(
+    job: &TrainingJob,
+    victims: &[String],
+    others: &[&TrainingJob],
+    ctx: &Context,
+) -> Result<()> {
+    let me = object_key(job);
+    for uid in victims {
+        let Some(victim) = others.iter().find(|o| o.uid().as_deref() == Some(uid.as_str())) else {
+            continue;
+        };
+        let Some(attempt) = victim.status.as_ref().and_then(|s| s.attempt.as_ref()) else {
+            continue;
+        };
+        let ns = victim.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+        let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let value = format!("{}/{me}", attempt.number);
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {lifecycle::PREEMPTED_BY: value}}
+        });
+        api.patch(&victim.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        let note = format!(
+            "preempting {} (priority {}, attempt {}) to make room; it checkpoints and requeues",
+            object_key(*victim),
+            victim.spec.priority,
+            attempt.number
+        );
+        tracing::info!(job = %me, victim = %object_key(*victim), "preemption requested");
+        ctx.publish(job, false, "Preempting", note).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

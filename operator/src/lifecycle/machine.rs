@@ -33,7 +33,14 @@ impl<'f, 'a> Step<'f, 'a> {
         if let Some(p) = &f.report.progress {
             status.progress = Some(with_summary(p.clone()));
         }
-        Step { f, t: Transition { status, effects: Vec::new(), event: None, requeue_after: None } }
+        let t = Transition {
+            status,
+            effects: Vec::new(),
+            event: None,
+            requeue_after: None,
+            preempt: Vec::new(),
+        };
+        Step { f, t }
     }
 
     fn phase(&self) -> JobPhase {
@@ -276,6 +283,9 @@ impl<'f, 'a> Step<'f, 'a> {
             self.goto(JobPhase::Succeeded, false, "Succeeded", note);
             return self.ttl();
         }
+        if let Some(by) = &f.preempted_by {
+            return self.restart_for_preemption(by);
+        }
         if self.phase() == JobPhase::Scheduled && report.running + succeeded >= f.spec.workers {
             let n = self.attempt_number().unwrap_or_default();
             if let Some(a) = self.t.status.attempt.as_mut() {
@@ -345,6 +355,19 @@ impl<'f, 'a> Step<'f, 'a> {
             format!("{}; restarting elsewhere without spending the restart budget", fault.message);
         self.condition(ct::READY, false, "HardwareFault", &fault.message);
         self.goto(JobPhase::Restarting, true, "HardwareFault", note);
+        self.requeue_within(POLL);
+    }
+
+    fn restart_for_preemption(&mut self, by: &str) {
+        let what = format!("preempted by {by}, which has a higher priority and needs these GPUs");
+        self.stop_live_attempt(&what);
+        self.t.status.hardware_restarts += 1;
+        self.record(RestartCause::Preempted, what.clone(), None, None);
+        self.condition(ct::READY, false, "Preempted", &what);
+        let note = format!(
+            "{what}; requeued without spending the restart budget, to resume from its last checkpoint"
+        );
+        self.goto(JobPhase::Restarting, true, "Preempted", note);
         self.requeue_within(POLL);
     }
 

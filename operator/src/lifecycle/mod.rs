@@ -31,6 +31,20 @@ pub struct JobFacts<'a> {
     pub candidate: Option<Result<Placement, Unschedulable>>,
     /// What the agents reported about the current attempt's workers.
     pub report: AttemptReport,
+    /// The higher-priority job (`namespace/name`) that asked to preempt the current attempt,
+    /// when it did (see [`PREEMPTED_BY`]).
+    pub preempted_by: Option<String>,
+}
+
+/// Annotation a waiting job puts on a lower-priority running job to preempt it:
+/// `<attempt>/<namespace>/<name>` — the victim's attempt number and the preemptor. Naming the
+/// attempt makes the request idempotent and harmless once that attempt is over.
+pub const PREEMPTED_BY: &str = "flotilla.dev/preempted-by";
+
+/// The preemptor named by a [`PREEMPTED_BY`] value when it targets `attempt`.
+pub fn preempted_by(value: &str, attempt: i32) -> Option<&str> {
+    let (n, by) = value.split_once('/')?;
+    (n.parse::<i32>().ok()? == attempt && !by.is_empty()).then_some(by)
 }
 
 /// A spec the operator cannot run, with the field at fault.
@@ -102,6 +116,9 @@ pub struct Transition {
     pub event: Option<PhaseEvent>,
     /// When to look again even if nothing is reported (backoff, deadline, TTL).
     pub requeue_after: Option<SignedDuration>,
+    /// UIDs of lower-priority running jobs to preempt so this one can be placed (the
+    /// controller annotates them; each stops itself, and this job is placed once they have).
+    pub preempt: Vec<String>,
 }
 
 /// An effect the controller executes after writing the status.

@@ -64,6 +64,7 @@ struct Case {
     validity: Result<(), InvalidSpec>,
     candidate: Option<Result<Placement, Unschedulable>>,
     report: AttemptReport,
+    preempted_by: Option<String>,
 }
 
 impl Case {
@@ -75,6 +76,7 @@ impl Case {
             validity: Ok(()),
             candidate: None,
             report: AttemptReport { all_stopped: attempt.is_none(), ..Default::default() },
+            preempted_by: None,
         }
     }
 
@@ -87,6 +89,7 @@ impl Case {
             validity: self.validity.clone(),
             candidate: self.candidate.clone(),
             report: self.report.clone(),
+            preempted_by: self.preempted_by.clone(),
         })
     }
 }
@@ -256,6 +259,46 @@ fn hardware_faults_restart_without_spending_the_budget() {
         (r.cause, r.xid, r.gpu, r.node.as_deref()),
         (RestartCause::HardwareFault, Some(79), Some(3), Some("node-1"))
     );
+}
+
+#[test]
+fn preemption_stops_the_attempt_and_requeues_it_without_spending_the_budget() {
+    let mut c = Case::new(JobPhase::Running, Some(2));
+    c.status.restarts = 3; // budget spent: preemption still only requeues
+    c.preempted_by = Some("ns/urgent".into());
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!((t.status.restarts, t.status.hardware_restarts), (3, 1));
+    assert_eq!(t.effects.len(), 1);
+    assert!(
+        matches!(&t.effects[0], Effect::Stop { attempt: 2, reason } if reason.contains("ns/urgent"))
+    );
+    let r = t.status.restart_history.last().unwrap();
+    assert_eq!((r.cause, r.attempt), (RestartCause::Preempted, 2));
+    assert_eq!(t.event.as_ref().map(|e| (e.warning, e.reason)), Some((true, "Preempted")));
+    // Once every worker stopped it goes back to the queue at once (no backoff).
+    let mut c = Case::new(JobPhase::Restarting, Some(2));
+    c.status.restart_history = t.status.restart_history.clone();
+    c.report.all_stopped = true;
+    assert_eq!(c.decide().status.phase, JobPhase::Queued);
+}
+
+#[test]
+fn a_finished_attempt_is_not_preempted() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.preempted_by = Some("ns/urgent".into());
+    c.report.exits = vec![exit(0, 0), exit(1, 0)];
+    assert_eq!(c.decide().status.phase, JobPhase::Succeeded);
+}
+
+#[test]
+fn a_preemption_request_names_the_attempt_it_targets() {
+    use crate::lifecycle::preempted_by;
+    assert_eq!(preempted_by("3/ns/urgent", 3), Some("ns/urgent"));
+    assert_eq!(preempted_by("3/ns/urgent", 4), None, "a request for an earlier attempt");
+    assert_eq!(preempted_by("x/ns/urgent", 3), None);
+    assert_eq!(preempted_by("3/", 3), None);
+    assert_eq!(preempted_by("garbage", 3), None);
 }
 
 #[test]

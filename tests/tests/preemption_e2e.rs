@@ -1,0 +1,102 @@
+//! End to end, preemption: a low-priority job holds every GPU; a high-priority job arrives. The
+//! low one is stopped (its workers checkpoint on SIGTERM), requeued without spending its restart
+//! budget, the high one runs to success on the freed GPUs, and the low one then resumes from its
+//! checkpoint and succeeds.
+
+mod e2e_support;
+mod operator_support;
+
+use e2e_support::{Rig, WAIT, job, walk};
+use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use kube::api::{Api, PostParams};
+use operator_support::{eventually, install_crds};
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint() {
+    let cp = flotilla_tests::control_plane().await;
+    install_crds(cp).expect("CRDs install");
+    let client = cp.client().await.expect("client");
+    let ns = flotilla_tests::namespace(&client, "preempt").await.expect("namespace");
+    let rig = Rig::start(cp, &ns, &client).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+
+    // 2 workers × 4 GPUs: every GPU of both agents.
+    let mut low = job("low", 600, 20);
+    low.spec.gpus_per_worker = 4;
+    low.spec.priority = 0;
+    jobs.create(&PostParams::default(), &low).await.expect("create low");
+    eventually(WAIT, "low Running", || async {
+        let s = jobs.get("low").await.ok()?.status?;
+        (s.phase == JobPhase::Running).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let checkpoints = rig.dir.path().join("checkpoints");
+    eventually(WAIT, "a first checkpoint of low", || async {
+        walk(&checkpoints)
+            .iter()
+            .any(|p| {
+                let p = p.to_string_lossy();
+                p.contains("/low-") && p.contains("/step-")
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+
+    // 1 worker × 4 GPUs at priority 10: fits only if low stops.
+    let mut high = job("high", 40, 20);
+    high.spec.workers = 1;
+    high.spec.gpus_per_worker = 4;
+    high.spec.priority = 10;
+    jobs.create(&PostParams::default(), &high).await.expect("create high");
+
+    let preempted = eventually(WAIT, "low preempted", || async {
+        let s = jobs.get("low").await.ok()?.status?;
+        let r = s.restart_history.last()?;
+        (r.cause == RestartCause::Preempted).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let record = preempted.restart_history.last().expect("record").clone();
+    assert!(record.reason.contains(&format!("{ns}/high")), "{}", record.reason);
+    assert_eq!(record.attempt, 1);
+
+    let high_done = eventually(Duration::from_secs(240), "high finished", || async {
+        let s = jobs.get("high").await.ok()?.status?;
+        s.phase.is_terminal().then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    assert_eq!(high_done.phase, JobPhase::Succeeded, "{:?}\n{}", high_done.message, rig.logs());
+    // The high job was placed only after the low job's workers had stopped.
+    let placed = high_done.attempt.as_ref().and_then(|a| a.scheduled_time.clone()).expect("placed");
+    assert!(placed.0 >= record.time.0, "high placed at {placed:?}, before low stopped");
+
+    let low_done = eventually(Duration::from_secs(300), "low finished", || async {
+        let s = jobs.get("low").await.ok()?.status?;
+        s.phase.is_terminal().then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    assert_eq!(low_done.phase, JobPhase::Succeeded, "{:?}\n{}", low_done.message, rig.logs());
+    assert_eq!(
+        (low_done.restarts, low_done.hardware_restarts),
+        (0, 1),
+        "preemption does not spend the budget"
+    );
+    let second = low_done.attempt.expect("attempt");
+    assert_eq!(second.number, 2);
+    assert_eq!(high_done.restarts + high_done.hardware_restarts, 0, "high was never restarted");
+    let resumed = walk(rig.dir.path())
+        .into_iter()
+        .filter(|p| {
+            let p = p.to_string_lossy();
+            p.contains("/logs-") && p.contains("/attempt-2/")
+        })
+        .any(|p| {
+            std::fs::read_to_string(p).unwrap_or_default().contains("resumed from checkpoint")
+        });
+    assert!(resumed, "low's attempt 2 resumed from a checkpoint\n{}", rig.logs());
+}
