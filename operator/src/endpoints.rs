@@ -27,7 +27,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The label that says which controller manages an `EndpointSlice`.
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// Our value of [`MANAGED_BY_LABEL`].
-pub const MANAGED_BY: &str = "flotilla.dev/operator";
+pub const MANAGED_BY: &str = "flotilla-operator.flotilla.dev";
 /// The name of the port in the `Service` and the slices.
 pub const PORT_NAME: &str = "http";
 /// Consecutive failed checks that turn a passing replica not ready.
@@ -282,7 +282,8 @@ fn address_type(host: &str) -> &'static str {
 }
 
 /// The `EndpointSlice`s of `svc`'s replicas: ready ones as ready, starting ones as not ready,
-/// draining ones as terminating; stopping ones are left out. One slice per address type and
+/// draining ones as terminating; stopping ones are left out. The API server refuses loopback
+/// and link-local addresses in a slice: nodes must report an address clients can reach. One slice per address type and
 /// port, named `<service>-<port>` (`-ipv6`, `-fqdn` for those types); every such slice exists
 /// even when empty of ready endpoints, so readers see a removal at once.
 pub fn endpoint_slices(svc: &InferenceService, replicas: &[ReplicaStatus]) -> Vec<EndpointSlice> {

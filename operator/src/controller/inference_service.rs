@@ -829,8 +829,13 @@ async fn apply(
         now: Timestamp::now(),
     };
     let p = plan(svc, &observed);
-    // Clients see a failed or leaving replica go before anything else happens.
-    apply_endpoints(svc, &p.status.replicas, &ctx.client).await?;
+    // Clients see a failed or leaving replica go before anything else happens; a slice the API
+    // server refuses does not hold up replacing replicas (its error is returned at the end).
+    let mut failures = Vec::new();
+    if let Err(e) = apply_endpoints(svc, &p.status.replicas, &ctx.client).await {
+        tracing::warn!(service = %object_key(svc), error = %e, "applying the Service or EndpointSlices failed");
+        failures.push(format!("endpoints: {e}"));
+    }
     if svc.status.as_ref() != Some(&p.status) {
         apply_status(api, &svc.name_any(), &p.status).await?;
     }
@@ -854,7 +859,6 @@ async fn apply(
         })
         .collect();
     sctx.prober.sync(&format!("{uid}/"), &me, &wanted);
-    let mut failures = Vec::new();
     for effect in &p.effects {
         let result = match effect {
             ReplicaEffect::Launch { index, attempt, launch } => {
