@@ -62,6 +62,24 @@ async fn settled(
 }
 
 #[tokio::test]
+async fn shapes_the_engine_cannot_serve_are_rejected_at_admission_naming_the_field() {
+    let cp = flotilla_tests::control_plane().await;
+    install_crds(cp).expect("CRDs install");
+    let client = cp.client().await.expect("client");
+    let ns = flotilla_tests::namespace(&client, "serve-bad").await.expect("namespace");
+    let services: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
+    let mut two_workers = service("/ckpt/a", 8000);
+    two_workers.spec.workers_per_replica = 2;
+    let mut no_room = service("/ckpt/a", 8000);
+    no_room.spec.rollout.max_surge = 0;
+    no_room.spec.rollout.max_unavailable = 0;
+    for (svc, field) in [(two_workers, "spec.workersPerReplica"), (no_room, "spec.rollout")] {
+        let err = services.create(&PostParams::default(), &svc).await.expect_err("refused");
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+}
+
+#[tokio::test]
 async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     let cp = flotilla_tests::control_plane().await;
     install_crds(cp).expect("CRDs install");
@@ -189,17 +207,58 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
             on_new.then_some(svc)
         })
         .await;
-    let svc = match rolled {
-        Ok(svc) => svc,
+    if let Err(e) = rolled {
+        fail(e, &services, &rig).await
+    }
+    let rollout = rollout_at.elapsed();
+
+    // 6. A checkpoint that does not exist: the new replica fails to load, the rollout stops
+    //    with ModelLoadFailed, and the replicas of step 10 keep serving.
+    stream.enter(Window::BadModel);
+    services
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"model": {"step": 999}}})),
+        )
+        .await
+        .expect("patch the model step");
+    let stopped = eventually(WAIT, "Progressing=False ModelLoadFailed", || async {
+        let svc = services.get(NAME).await.ok()?;
+        let status = svc.status?;
+        let c = status.conditions.iter().find(|c| c.type_ == PROGRESSING)?.clone();
+        (status.observed_generation == svc.metadata.generation
+            && c.status == "False"
+            && c.reason == "ModelLoadFailed")
+            .then_some((c.message, status))
+    })
+    .await;
+    let (message, refused) = match stopped {
+        Ok(v) => v,
         Err(e) => fail(e, &services, &rig).await,
     };
-    let rollout = rollout_at.elapsed();
+    assert!(message.contains("step-00000999"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let svc = services.get(NAME).await.expect("service");
+    let after = svc.status.clone().expect("status");
+    let serving: Vec<_> = after
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Ready)
+        .map(|r| (r.index, r.attempt, r.checkpoint.clone()))
+        .collect();
+    assert_eq!(serving.len(), 3, "old replicas keep serving: {:?}", after.replicas);
+    assert!(
+        serving.iter().all(|(_, _, c)| c.as_deref().is_some_and(|c| c.ends_with("/step-00000010")))
+    );
+    assert_eq!(after.launches, refused.launches, "the failed revision is not retried");
+    assert_eq!(ready_endpoints(&slices, NAME).await.map(|e| e.len()), Some(3));
     stream.enter(Window::After);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let counts = stream.finish().await;
     let status = svc.status.unwrap();
 
-    // 6. The figures.
+    // 7. The figures.
     let total = |f: &dyn Fn(&inference_support::Counts) -> u64| counts.values().map(f).sum::<u64>();
     println!(
         "=== serving through an XID 79 and a rolling update (3 replicas, 3 agents × 4 GPUs) ==="
@@ -228,9 +287,10 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
         replaced.as_secs_f64()
     );
     println!("rolling update to a second checkpoint: {:.1}s", rollout.as_secs_f64());
+    println!("missing checkpoint refused: {message}");
 
-    // 7. What must hold.
-    for w in [Window::Steady, Window::Fault, Window::Rollout] {
+    // 8. What must hold.
+    for w in [Window::Steady, Window::Fault, Window::Rollout, Window::BadModel] {
         let c = counts.get(&w).cloned().unwrap_or_default();
         assert!(c.sent > 0, "no request was sent in {w:?}");
         assert!(
@@ -242,7 +302,7 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
             rig.logs()
         );
     }
-    assert_eq!(status.updated_replicas, 3);
+    assert_eq!(status.ready_replicas, 3);
     assert!(status.endpoints.len() == 3);
     let victim_again = status.replicas.iter().any(|r| {
         r.placement.workers[0].node == seat.node

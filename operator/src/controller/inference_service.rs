@@ -454,14 +454,16 @@ fn summarize(
         (ServicePhase::Queued, "Queued")
     };
     let progressing: (bool, &str, String) = if blocked {
-        let msg = load_failure.clone().unwrap_or_else(|| {
-            old.conditions
+        let msg = match &load_failure {
+            Some(m) => format!("{m}; rollout stopped, old replicas keep serving"),
+            None => old
+                .conditions
                 .iter()
                 .find(|c| c.type_ == PROGRESSING && c.reason == "ModelLoadFailed")
                 .map(|c| c.message.clone())
-                .unwrap_or_else(|| format!("revision {rev} failed to load"))
-        });
-        (false, "ModelLoadFailed", format!("{msg}; rollout stopped, old replicas keep serving"))
+                .unwrap_or_else(|| format!("revision {rev} failed to load; rollout stopped")),
+        };
+        (false, "ModelLoadFailed", msg)
     } else if let Some(msg) = &unschedulable {
         (false, "Unschedulable", msg.clone())
     } else if status.updated_replicas == n && live_count == n && !settling {

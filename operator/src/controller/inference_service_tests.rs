@@ -335,6 +335,8 @@ fn a_model_that_fails_to_load_stops_the_rollout_and_old_replicas_keep_serving() 
         assert!(stops(&p).is_empty(), "healthy old replicas are not replaced");
         assert_eq!((p.status.ready_replicas, p.status.phase), (3, ServicePhase::Ready));
         assert_eq!(condition(&p, PROGRESSING).1, "ModelLoadFailed");
+        let again = &p.status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap().message;
+        assert_eq!(again, message, "the reason stays as first written");
     }
     // A fixed spec rolls again.
     svc.spec.model.checkpoint_path = "/ckpt/b".into();

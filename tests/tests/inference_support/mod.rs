@@ -148,8 +148,10 @@ pub enum Window {
     Between = 2,
     /// From the spec change until the rollout completes.
     Rollout = 3,
-    /// After the rollout.
-    After = 4,
+    /// While a spec with a checkpoint that does not exist is tried and refused.
+    BadModel = 4,
+    /// At the end.
+    After = 5,
 }
 
 impl Window {
@@ -159,6 +161,7 @@ impl Window {
             1 => Window::Fault,
             2 => Window::Between,
             3 => Window::Rollout,
+            4 => Window::BadModel,
             _ => Window::After,
         }
     }
