@@ -253,12 +253,34 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     );
     assert_eq!(after.launches, refused.launches, "the failed revision is not retried");
     assert_eq!(ready_endpoints(&slices, NAME).await.map(|e| e.len()), Some(3));
+
+    // 7. Back to step 10 and down to 2 replicas, then up to 3 again.
+    stream.enter(Window::Scale);
+    for (replicas, step) in [(2, 10), (3, 10)] {
+        services
+            .patch(
+                NAME,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"spec": {"replicas": replicas, "model": {"step": step}}}),
+                ),
+            )
+            .await
+            .expect("scale");
+        let scaled = eventually(WAIT, &format!("{replicas} replicas serve"), || {
+            settled(&services, &slices, replicas)
+        })
+        .await;
+        if let Err(e) = scaled {
+            fail(e, &services, &rig).await
+        }
+    }
     stream.enter(Window::After);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let counts = stream.finish().await;
     let status = svc.status.unwrap();
 
-    // 7. The figures.
+    // 8. The figures.
     let total = |f: &dyn Fn(&inference_support::Counts) -> u64| counts.values().map(f).sum::<u64>();
     println!(
         "=== serving through an XID 79 and a rolling update (3 replicas, 3 agents × 4 GPUs) ==="
@@ -289,8 +311,8 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     println!("rolling update to a second checkpoint: {:.1}s", rollout.as_secs_f64());
     println!("missing checkpoint refused: {message}");
 
-    // 8. What must hold.
-    for w in [Window::Steady, Window::Fault, Window::Rollout, Window::BadModel] {
+    // 9. What must hold.
+    for w in [Window::Steady, Window::Fault, Window::Rollout, Window::BadModel, Window::Scale] {
         let c = counts.get(&w).cloned().unwrap_or_default();
         assert!(c.sent > 0, "no request was sent in {w:?}");
         assert!(

@@ -150,8 +150,10 @@ pub enum Window {
     Rollout = 3,
     /// While a spec with a checkpoint that does not exist is tried and refused.
     BadModel = 4,
+    /// While the service scales down and up.
+    Scale = 5,
     /// At the end.
-    After = 5,
+    After = 6,
 }
 
 impl Window {
@@ -162,6 +164,7 @@ impl Window {
             2 => Window::Between,
             3 => Window::Rollout,
             4 => Window::BadModel,
+            5 => Window::Scale,
             _ => Window::After,
         }
     }
