@@ -13,7 +13,7 @@
 
 use crate::agents::{AgentServer, GpuHealth, NodeRecord, WorkerLaunchSpec, WorkerReport};
 use crate::crd::{GpuNode, TrainingJob};
-use crate::fleet::{Fleet, WorkloadKey};
+use crate::fleet::{Fleet, ReplicaLaunch, WorkloadKey};
 use crate::lifecycle::{AttemptReport, HardwareFault, WorkerExit};
 use futures::future::BoxFuture;
 use kube::{Api, Client, ResourceExt};
@@ -42,8 +42,9 @@ pub struct WorkerLaunchArgs {
     /// Lowest rendezvous port (MASTER_PORT); each job and attempt gets one of the next 1000.
     #[arg(long, env = "FLOTILLA_MASTER_PORT_BASE", default_value_t = 29500)]
     pub master_port_base: u32,
-    /// MASTER_ADDR when rank 0's `GpuNode` reports no address (127.0.0.1 for a one-host demo);
-    /// without it the node's name is used.
+    /// MASTER_ADDR when rank 0's `GpuNode` reports no address (127.0.0.1 for a one-host demo),
+    /// and the address of service replicas' endpoints on such nodes; without it the node's
+    /// name is used.
     #[arg(long, env = "FLOTILLA_WORKER_MASTER_ADDR")]
     pub worker_master_addr: Option<String>,
     /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
@@ -323,15 +324,24 @@ impl Fleet for AgentFleet {
         self.0.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.uid.clone(), key.clone());
         Box::pin(async move {
             if key.kind != "TrainingJob" {
-                tracing::warn!(
-                    ?key,
-                    attempt,
-                    "launching service replicas through agents is not wired yet"
-                );
-                return Ok(());
+                return Err(format!(
+                    "{} {}/{}: service replicas launch through launch_replica",
+                    key.kind, key.namespace, key.name
+                ));
             }
             self.launch_job(&key, attempt).await
         })
+    }
+
+    fn launch_replica(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        replica: &ReplicaLaunch,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let (key, replica) = (key.clone(), replica.clone());
+        self.0.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.uid.clone(), key.clone());
+        Box::pin(async move { self.launch_service_replica(&key, attempt, &replica).await })
     }
 
     fn stop(
@@ -524,6 +534,122 @@ fn port_offset(uid: &str, attempt: i32) -> u32 {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     (h % MASTER_PORT_SPAN + attempt.max(0) as u32) % MASTER_PORT_SPAN
+}
+
+// === service replicas ===
+
+impl AgentFleet {
+    /// Launch one service replica's workers (`key.uid` names the replica's launch, so each
+    /// launch is its own workload on the agents and an old one can be stopped after a new one
+    /// of the same slot started).
+    async fn launch_service_replica(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        replica: &ReplicaLaunch,
+    ) -> Result<(), String> {
+        let inner = &self.0;
+        let what = format!("InferenceService {}/{} {}", key.namespace, key.name, key.uid);
+        let fleet = inner.server.fleet();
+        let uuid_of = |node: &str, index: i32| {
+            let rec = fleet.node(node)?;
+            rec.gpus.iter().find(|g| i64::from(g.index) == i64::from(index)).map(|g| g.uuid.clone())
+        };
+        let specs = replica_specs(&key.uid, attempt, replica, &uuid_of, &inner.args)?;
+        let id: AttemptId = (key.uid.clone(), attempt as u64);
+        {
+            let mut attempts = inner.attempts.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = attempts.entry(id.clone()).or_default();
+            seen.launched_here = true;
+            for (node, spec) in &specs {
+                seen.ranks.entry(spec.rank).or_insert(RankSeen {
+                    node: node.clone(),
+                    gpu_uuids: spec.gpu_uuids.clone(),
+                    state: RankState::Launching,
+                });
+            }
+        }
+        let mut failures = Vec::new();
+        for (node, spec) in &specs {
+            if let Err(e) = inner.server.launch_worker(node, spec, COMMAND_TIMEOUT).await {
+                tracing::warn!(replica = %what, attempt, rank = spec.rank, error = %e, "replica launch failed");
+                let mut attempts = inner.attempts.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(r) = attempts.get_mut(&id).and_then(|s| s.ranks.get_mut(&spec.rank))
+                    && r.state == RankState::Launching
+                {
+                    r.state = RankState::Exited { code: Some(FAILED_TO_START_CODE), signal: None };
+                }
+                failures.push(format!("rank {}: {e}", spec.rank));
+            }
+        }
+        if failures.is_empty() {
+            tracing::info!(replica = %what, attempt, port = replica.port, "replica launched");
+            Ok(())
+        } else {
+            Err(format!("{what} attempt {attempt}: {}", failures.join("; ")))
+        }
+    }
+}
+
+/// The workers of one launch of a service replica: `flotilla-worker serve` on the replica's
+/// GPUs, listening on every address of its node at `replica.port`.
+pub fn replica_specs(
+    uid: &str,
+    attempt: i32,
+    replica: &ReplicaLaunch,
+    uuid_of: &dyn Fn(&str, i32) -> Option<String>,
+    args: &WorkerLaunchArgs,
+) -> Result<Vec<(String, WorkerLaunchSpec)>, String> {
+    let mut workers = replica.placement.workers.clone();
+    workers.sort_by_key(|w| w.rank);
+    if workers.len() != 1 {
+        return Err(format!(
+            "placement: expected one worker per replica (the engine serves from one process), got {}",
+            workers.len()
+        ));
+    }
+    let w = &workers[0];
+    let gpu_uuids = w
+        .gpus
+        .iter()
+        .map(|&g| {
+            uuid_of(&w.node, g).ok_or_else(|| format!("node {} has no registered GPU {g}", w.node))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let program_args = [
+        "serve",
+        "--checkpoint",
+        &replica.checkpoint,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        &replica.port.to_string(),
+        "--model-name",
+        &replica.served_name,
+        "--max-batch-size",
+        &replica.max_batch_size.to_string(),
+        "--default-max-tokens",
+        &replica.default_max_tokens.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    Ok(vec![(
+        w.node.clone(),
+        WorkerLaunchSpec {
+            job_uid: uid.to_string(),
+            attempt: attempt as u64,
+            rank: 0,
+            local_rank: 0,
+            world_size: 1,
+            gpu_uuids,
+            command: args.worker_binary.clone(),
+            args: program_args,
+            env: BTreeMap::new(),
+            checkpoint_dir: replica.checkpoint.clone(),
+            master_addr: "127.0.0.1".into(),
+            master_port: u32::from(replica.port),
+        },
+    )])
 }
 
 #[cfg(test)]
@@ -745,6 +871,34 @@ mod tests {
         let config: crate::crd::engine::EngineConfig =
             serde_json::from_str(&s.env["FLOTILLA_ENGINE_CONFIG"]).unwrap();
         assert_eq!(Some(config), job(true).spec.engine);
+    }
+
+    #[test]
+    fn a_replica_runs_the_worker_binary_serving_its_checkpoint_on_its_port() {
+        let replica = ReplicaLaunch {
+            placement: Placement {
+                workers: vec![WorkerPlacement { rank: 0, node: "b".into(), gpus: vec![2] }],
+            },
+            checkpoint: "/ckpt/m/step-00000010".into(),
+            served_name: "chat".into(),
+            port: 8001,
+            max_batch_size: 4,
+            default_max_tokens: 16,
+        };
+        let uuid = |node: &str, i: i32| Some(format!("{node}-{i}"));
+        let specs = replica_specs("u/replica-0.3", 3, &replica, &uuid, &args()).unwrap();
+        let (node, s) = &specs[0];
+        assert_eq!((node.as_str(), s.job_uid.as_str(), s.attempt), ("b", "u/replica-0.3", 3));
+        assert_eq!((s.world_size, s.gpu_uuids.clone()), (1, vec!["b-2".to_string()]));
+        assert_eq!(s.command, "/opt/flotilla-worker");
+        assert_eq!(
+            s.args.join(" "),
+            "serve --checkpoint /ckpt/m/step-00000010 --host 0.0.0.0 --port 8001 --model-name chat --max-batch-size 4 --default-max-tokens 16"
+        );
+        let mut two = replica.clone();
+        two.placement.workers.push(WorkerPlacement { rank: 1, node: "a".into(), gpus: vec![0] });
+        let err = replica_specs("u", 1, &two, &uuid, &args()).unwrap_err();
+        assert!(err.contains("expected one worker per replica"), "{err}");
     }
 
     #[test]

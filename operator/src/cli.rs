@@ -5,7 +5,7 @@ use crate::admin::{AdminState, router};
 use crate::agent_fleet::{AgentFleet, WorkerLaunchArgs};
 use crate::agents::{AgentLinkArgs, FleetState, ServingGate};
 use crate::controller::{Context, gpu_node, inference_service, training_job};
-use crate::crd::{self, GpuNode, InferenceService, TrainingJob};
+use crate::crd::{self, GpuNode, TrainingJob};
 use crate::fleet::{Fleet, NoAgents};
 use crate::leader::{LeaderElector, LeaseSettings};
 use crate::metrics::Metrics;
@@ -292,6 +292,7 @@ async fn run_until(
         metrics.clone(),
         admin.clone(),
         SignedDuration::from_secs(args.fence_timeout_seconds as i64),
+        args.workers.worker_master_addr.clone(),
         controllers_stop.clone(),
     ));
 
@@ -339,6 +340,7 @@ fn default_identity() -> String {
     format!("{}-{}", host.trim(), std::process::id())
 }
 
+#[allow(clippy::too_many_arguments)] // one per thing the controllers share; a struct adds nothing
 async fn run_controllers(
     client: Client,
     reporter: Reporter,
@@ -346,18 +348,17 @@ async fn run_controllers(
     metrics: Metrics,
     admin: AdminState,
     fence_timeout: SignedDuration,
+    fallback_address: Option<String>,
     stop: CancellationToken,
 ) {
     let cfg = watcher::Config::default().any_semantic();
     let jobs =
         Controller::new(Api::<DeserializeGuard<TrainingJob>>::all(client.clone()), cfg.clone());
-    let services = Controller::new(
-        Api::<DeserializeGuard<InferenceService>>::all(client.clone()),
-        cfg.clone(),
-    );
+    let services = inference_service::controller(&client, cfg.clone());
     let nodes = Controller::new(Api::<DeserializeGuard<GpuNode>>::all(client.clone()), cfg);
     // Worker events (started, exited) wake their job at once instead of at the next poll.
-    let reported = fleet.changes().map(|keys| {
+    let (job_changes, service_changes) = inference_service::split_changes(fleet.changes());
+    let reported = job_changes.map(|keys| {
         keys.filter(|k| std::future::ready(k.kind == "TrainingJob"))
             .map(|k| ObjectRef::<DeserializeGuard<TrainingJob>>::new(&k.name).within(&k.namespace))
     });
@@ -391,11 +392,14 @@ async fn run_controllers(
         ctx.clone(),
     );
     let s = stop.clone();
-    let services = services.graceful_shutdown_on(async move { s.cancelled().await }).run(
-        inference_service::reconcile,
-        inference_service::error_policy,
+    let services = inference_service::run(
+        services,
         ctx.clone(),
-    );
+        service_changes,
+        fallback_address,
+        async move { s.cancelled().await },
+    )
+    .map(Ok::<(), std::convert::Infallible>);
     let s = stop.clone();
     let nodes = nodes.graceful_shutdown_on(async move { s.cancelled().await }).run(
         gpu_node::reconcile,

@@ -22,6 +22,23 @@ pub struct WorkloadKey {
     pub replica: Option<i32>,
 }
 
+/// What one service replica runs, as written to the service's status before the launch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaLaunch {
+    /// Where its workers run.
+    pub placement: crate::crd::Placement,
+    /// The checkpoint directory (with `latest`) or one `step-…` directory to serve.
+    pub checkpoint: String,
+    /// The model name it serves under.
+    pub served_name: String,
+    /// The port its HTTP API listens on, on every address of its node.
+    pub port: u16,
+    /// Most requests decoded together.
+    pub max_batch_size: u32,
+    /// `max_tokens` of a request that names none.
+    pub default_max_tokens: u32,
+}
+
 /// What the controllers need from the agents.
 pub trait Fleet: Send + Sync {
     /// The latest summary of an attempt's workers.
@@ -35,6 +52,16 @@ pub trait Fleet: Send + Sync {
         attempt: i32,
         reason: &str,
     ) -> BoxFuture<'_, Result<(), String>>;
+    /// Launch the workers of one launch (`attempt`) of a service replica.
+    fn launch_replica(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        replica: &ReplicaLaunch,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let _ = replica;
+        self.launch(key, attempt)
+    }
     /// Workloads whose report changed, so the controllers look at them at once; `None` when
     /// the fleet never announces changes (or the stream was already taken).
     fn changes(&self) -> Option<BoxStream<'static, WorkloadKey>> {

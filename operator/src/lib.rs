@@ -6,6 +6,7 @@ pub mod agents;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod endpoints;
 pub mod error;
 pub mod fleet;
 pub mod leader;

@@ -426,6 +426,12 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
         // Events land in the object's namespace ("default" for GpuNodes)
         &["create", "events.events.k8s.io", ns[0], ns[1]],
         &["patch", "events.events.k8s.io", "-n", "default"],
+        // InferenceService endpoints: a Service and EndpointSlices per service
+        &["watch", "services", "--all-namespaces"],
+        &["patch", "services", ns[0], ns[1]],
+        &["watch", "endpointslices.discovery.k8s.io", "--all-namespaces"],
+        &["patch", "endpointslices.discovery.k8s.io", ns[0], ns[1]],
+        &["delete", "endpointslices.discovery.k8s.io", ns[0], ns[1]],
         // leader election
         &["create", "leases.coordination.k8s.io", "-n", "flotilla-system"],
         &["get", "leases.coordination.k8s.io/flotilla-operator", "-n", "flotilla-system"],
@@ -435,7 +441,7 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
         &["get", "secrets", "-n", "flotilla-system"],
         &["list", "pods", "--all-namespaces"],
         &["create", "pods", ns[0], ns[1]],
-        &["create", "services", ns[0], ns[1]],
+        &["delete", "services", ns[0], ns[1]],
         &["create", "events", ns[0], ns[1]], // core/v1 Events: the recorder uses events.k8s.io
         &["create", "trainingjobs.flotilla.dev", ns[0], ns[1]],
         &["update", "trainingjobs.flotilla.dev", ns[0], ns[1]],

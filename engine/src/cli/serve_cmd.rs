@@ -30,11 +30,21 @@ pub struct ServeArgs {
     /// Port to bind (0 picks a free one); the bound address is printed as `listening on ADDR`.
     #[arg(long, env = "FLOTILLA_PORT", default_value_t = 8000)]
     port: u16,
+    /// Name the model is served under (`/v1/models`, the `model` of requests); overrides the
+    /// configuration's `serving.modelName`.
+    #[arg(long, env = "FLOTILLA_SERVED_MODEL_NAME")]
+    model_name: Option<String>,
+    /// Most requests decoded together; overrides `serving.maxBatchSize`.
+    #[arg(long, env = "FLOTILLA_MAX_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
+    max_batch_size: Option<u32>,
+    /// `max_tokens` of a request that names none; overrides `serving.defaultMaxTokens`.
+    #[arg(long, env = "FLOTILLA_DEFAULT_MAX_TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    default_max_tokens: Option<u32>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let device = Device::Cpu;
-    let (config, model) = match &args.checkpoint {
+    let (mut config, model) = match &args.checkpoint {
         Some(dir) => {
             let (path, snapshot) = if dir.join("manifest.json").exists() {
                 (dir.clone(), checkpoint::load(dir, &device)?)
@@ -59,6 +69,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             (config, model)
         }
     };
+    if let Some(name) = &args.model_name {
+        config.serving.model_name = name.clone();
+    }
+    if let Some(n) = args.max_batch_size {
+        config.serving.max_batch_size = n;
+    }
+    if let Some(n) = args.default_max_tokens {
+        config.serving.default_max_tokens = n;
+    }
     let metrics = Metrics::new();
     let serve_metrics =
         ServeMetrics::new(&metrics, &config.serving.model_name).context("registering metrics")?;

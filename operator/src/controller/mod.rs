@@ -147,7 +147,7 @@ impl Context {
         booked.retain(|key, _| live.contains(key.split('#').next().unwrap_or(key)));
     }
 
-    /// `booked` plus the cached service replicas' placements, keyed `uid#replica`.
+    /// `booked` plus the cached service replicas' placements, keyed `uid#index.attempt`.
     pub fn held_by_services(
         &self,
         booked: &BTreeMap<String, Placement>,
@@ -158,7 +158,8 @@ impl Context {
             let Some(uid) = svc.uid() else { continue };
             for r in svc.status.iter().flat_map(|s| &s.replicas) {
                 if !r.placement.workers.is_empty() {
-                    held.entry(format!("{uid}#{}", r.index)).or_insert_with(|| r.placement.clone());
+                    held.entry(format!("{uid}#{}.{}", r.index, r.attempt))
+                        .or_insert_with(|| r.placement.clone());
                 }
             }
         }

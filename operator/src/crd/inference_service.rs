@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updatedReplicas"),
     printcolumn(name = "GPUs/Replica", type_ = "integer", json_path = ".status.gpusPerReplica"),
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.checkpointPath", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -33,6 +34,9 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("!self.scheduling.workerOnOneNode || self.gpusPerWorker <= 16")
         .message("must be at most 16 (the largest node) when spec.scheduling.workerOnOneNode is true")
         .field_path(".gpusPerWorker"),
+    validation = Rule::new("self.workersPerReplica == 1")
+        .message("must be 1: `flotilla-worker serve` runs a replica in one process; replicas spanning several workers are not supported yet")
+        .field_path(".workersPerReplica"),
     validation = Rule::new("self.workersPerReplica == oldSelf.workersPerReplica")
         .message("immutable; create a new service to change the replica shape")
         .field_path(".workersPerReplica"),
@@ -47,7 +51,8 @@ pub struct InferenceServiceSpec {
     #[schemars(range(min = 0, max = 256))]
     pub replicas: i32,
 
-    /// Workers in each replica (tensor/expert parallel degree across processes). Immutable.
+    /// Workers in each replica. Must be 1 today: the engine serves a replica from one process
+    /// (its GPUs are `gpusPerWorker`). Immutable.
     #[serde(default = "default_one")]
     #[schemars(range(min = 1, max = 64))]
     pub workers_per_replica: i32,
@@ -72,6 +77,61 @@ pub struct InferenceServiceSpec {
     /// Constraints on where replicas are placed.
     #[serde(default)]
     pub scheduling: SchedulingSpec,
+
+    /// How replicas are replaced when the model or serving options change.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+/// How a change of `spec.model` or `spec.serving` rolls through the replicas, one replica slot
+/// at a time, as a Deployment's rolling update does.
+#[derive(Clone, Debug, Deserialize, Serialize, KubeSchema, PartialEq)]
+#[x_kube(validation = Rule::new("self.maxSurge > 0 || self.maxUnavailable > 0")
+    .message("maxSurge and maxUnavailable cannot both be 0: the rollout could never start a new replica"))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Replicas started above `spec.replicas` during a rollout (each needs free GPUs). Default
+    /// 1: a new replica is started and ready before an old one leaves, so capacity never drops.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0, max = 256))]
+    pub max_surge: i32,
+
+    /// Replicas that may be not serving during a rollout. Default 0. Raise it when there are
+    /// no spare GPUs for a surge replica.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 256))]
+    pub max_unavailable: i32,
+
+    /// Seconds a replica may take from launch to its first answered readiness check (one
+    /// generated token); a replica of a new revision that takes longer, or exits before it,
+    /// counts as a model that fails to load and stops the rollout. Default 300.
+    #[serde(default = "default_startup")]
+    #[schemars(range(min = 5, max = 86400))]
+    pub startup_timeout_seconds: i32,
+
+    /// Seconds a leaving replica stays out of the endpoints but running, so clients that read
+    /// the endpoints just before finish their requests, before it is stopped. Default 5.
+    #[serde(default = "default_drain")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_seconds: i32,
+}
+
+fn default_startup() -> i32 {
+    300
+}
+fn default_drain() -> i32 {
+    5
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec {
+            max_surge: 1,
+            max_unavailable: 0,
+            startup_timeout_seconds: default_startup(),
+            drain_seconds: default_drain(),
+        }
+    }
 }
 
 fn default_one() -> i32 {
@@ -105,7 +165,9 @@ pub struct ModelSource {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServingOptions {
-    /// TCP port of the OpenAI-compatible HTTP API on each replica's rank-0 worker. Default 8000.
+    /// Port of the `Service` named after the InferenceService, and the first port tried for each
+    /// replica: a replica listens on the lowest port from this one up that no other replica
+    /// uses on the same node address (see `status.replicas[].endpoint`). Default 8000.
     #[serde(default = "default_port")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: i32,
@@ -115,7 +177,7 @@ pub struct ServingOptions {
     #[schemars(range(min = 1, max = 1024))]
     pub max_batch_size: i32,
 
-    /// Most tokens generated for one request. Default 512.
+    /// Tokens generated for a request that names no `max_tokens`. Default 512.
     #[serde(default = "default_new_tokens")]
     #[schemars(range(min = 1, max = 131072))]
     pub max_new_tokens: i32,
@@ -159,22 +221,60 @@ pub enum ServicePhase {
     Failed,
 }
 
-/// One replica's placement.
+/// Where one replica is in its life.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Launched; its readiness check has not passed yet.
+    #[default]
+    Starting,
+    /// Its readiness check passes; listed as ready in the endpoints.
+    Ready,
+    /// It passed its readiness check before but fails it now.
+    Unready,
+    /// Leaving (rollout or scale-down): out of the ready endpoints, finishing its requests.
+    Draining,
+    /// Failed, or drained: being stopped; its GPUs stay held until its workers are gone.
+    Stopping,
+}
+
+/// One replica: a slot of the service served by one launch of its workers.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStatus {
-    /// The replica's index, 0-based.
+    /// The replica's slot, 0-based (below `spec.replicas`). A replacement, or the new revision
+    /// during a rollout, takes the slot of the replica it replaces, so a slot may briefly
+    /// list two replicas.
     pub index: i32,
-    /// The replica's attempt number; increases each time it is placed again.
+    /// The launch number, unique within the service (from `status.launches`); the workers run
+    /// on the agents as `<uid>/replica-<index>.<attempt>`.
     pub attempt: i32,
     /// Where its workers run.
     pub placement: Placement,
-    /// Whether its HTTP endpoint answers health checks.
+    /// Where it is in its life.
+    #[serde(default)]
+    pub state: ReplicaState,
+    /// Whether it serves: its readiness check (one generated token through
+    /// `/v1/completions`) passes.
     #[serde(default)]
     pub ready: bool,
-    /// The replica's HTTP endpoint, `http://host:port`, once known.
+    /// Its HTTP endpoint, `http://<node address>:<port>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The spec revision it runs (see `status.revision`).
+    #[serde(default)]
+    pub revision: String,
+    /// The checkpoint it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// When it was launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_time: Option<Time>,
+    /// When it last changed state (readiness, draining, stopping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_time: Option<Time>,
+    /// Why it is in its state, when that is not plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What the operator observed and decided about an `InferenceService`.
@@ -193,7 +293,7 @@ pub struct InferenceServiceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase_transition_time: Option<Time>,
 
-    /// The latest observations: Valid, Scheduled, Ready.
+    /// The latest observations: Valid, Scheduled, Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -202,7 +302,7 @@ pub struct InferenceServiceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Replicas whose endpoint answers.
+    /// Replicas whose readiness check passes (draining ones excluded).
     #[serde(default)]
     pub ready_replicas: i32,
 
@@ -210,13 +310,30 @@ pub struct InferenceServiceStatus {
     #[serde(default)]
     pub gpus_per_replica: i32,
 
-    /// Endpoints of the ready replicas.
+    /// Endpoints of the ready replicas (those the EndpointSlices list as ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub endpoints: Vec<String>,
 
-    /// Each placed replica.
+    /// Each launched replica, ready or not, in slot order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 1024))]
     pub replicas: Vec<ReplicaStatus>,
+
+    /// The current revision: a hash of `spec.model` and `spec.serving`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
+
+    /// Replicas that run the current revision and serve.
+    #[serde(default)]
+    pub updated_replicas: i32,
+
+    /// A revision whose model failed to load; no replica of it is started again until the
+    /// spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+
+    /// Replica launches so far; the next launch gets this plus one as its attempt number.
+    #[serde(default)]
+    pub launches: i32,
 }
