@@ -107,6 +107,8 @@ pub struct ServicePlan {
     pub events: Vec<(bool, &'static str, String)>,
     /// When to look again with nothing reported.
     pub requeue: Duration,
+    /// UIDs of lower-priority training jobs to preempt so a missing replica can be placed.
+    pub preempt: Vec<String>,
 }
 
 /// The id of one launch of a replica on the agents, and of its readiness verdict.
@@ -322,6 +324,7 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
     let mut total = count(&replicas, &|r| live(r) || r.state == ReplicaState::Draining);
     let mut available = count(&replicas, &|r| r.state == ReplicaState::Ready);
     let mut unschedulable = None;
+    let mut preempt = Vec::new();
     for slot in 0..n {
         let in_slot = |r: &&ReplicaStatus| r.index == slot && live(r);
         let new = replicas.iter().filter(in_slot).find(|r| r.revision == rev).cloned();
@@ -402,7 +405,14 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
                 replicas.push(r);
                 total += 1;
             }
-            Err(message) => unschedulable = Some(message),
+            Err(message) => {
+                // Below the replica count (not a surge of a rollout): lower-priority training
+                // may be preempted, checkpoint-aware, through the scheduler.
+                if total < n && preempt.is_empty() {
+                    preempt = preemption_victims(svc, &uid, slot, obs.nodes, &holdings, now);
+                }
+                unschedulable = Some(message);
+            }
         }
     }
     // Stops first: a replacement may take a failed replica's port on another GPU.
@@ -410,7 +420,23 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
     replicas.sort_by_key(|r| (r.index, r.attempt));
     status.replicas = replicas;
     let found = Found { unschedulable, load_failure, requeue: next_look, now };
-    summarize(svc, old, status, effects, events, found)
+    let mut plan = summarize(svc, old, status, effects, events, found);
+    plan.preempt = preempt;
+    plan
+}
+
+/// Training jobs of lower priority whose preemption would let replica `slot` be placed (the
+/// scheduler's cheapest choice; empty when preempting would not make it fit).
+fn preemption_victims(
+    svc: &InferenceService,
+    uid: &str,
+    slot: i32,
+    nodes: &[GpuNode],
+    holdings: &[Holding],
+    now: Timestamp,
+) -> Vec<String> {
+    let request = replica_request(svc, uid, slot);
+    scheduling::schedule(&request, &[], nodes, holdings, true, scheduling::unix(now)).preempt
 }
 
 /// What the replica pass found besides the replicas.
@@ -522,7 +548,7 @@ fn summarize(
         status.phase_transition_time = Some(Time(now));
     }
     status.message = Some(note);
-    ServicePlan { status, effects, events, requeue }
+    ServicePlan { status, effects, events, requeue, preempt: Vec::new() }
 }
 
 fn holding(svc: &InferenceService, uid: &str, r: &ReplicaStatus) -> Holding {
@@ -640,7 +666,7 @@ fn invalid_plan(
         Vec::new()
     };
     status.message = Some(message);
-    ServicePlan { status, effects, events, requeue: IDLE_REQUEUE }
+    ServicePlan { status, effects, events, requeue: IDLE_REQUEUE, preempt: Vec::new() }
 }
 
 // === dereference and apply ===
@@ -846,6 +872,15 @@ async fn apply(
         booked.insert(format!("{uid}#{}.{}", r.index, r.attempt), r.placement.clone());
     }
     drop(booked);
+    if !p.preempt.is_empty() {
+        let me = format!("{} (InferenceService)", object_key(svc));
+        let victims = super::training_job::victims_to_ask(&me, &p.preempt, &jobs);
+        if let Err(e) =
+            super::training_job::request_preemption(svc, &me, &victims, &jobs, ctx).await
+        {
+            failures.push(format!("preemption: {e}"));
+        }
+    }
     for (warning, reason, note) in &p.events {
         ctx.metrics.phase_transitions.with_label_values(&[KIND, reason]).inc();
         ctx.publish(svc, *warning, reason, note.clone()).await;

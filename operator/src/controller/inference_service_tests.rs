@@ -418,3 +418,46 @@ fn the_revision_follows_model_and_serving_only() {
     b.spec.model.step = Some(20);
     assert_eq!(checkpoint(&b.spec), "/ckpt/a/step-00000020");
 }
+
+#[test]
+fn a_replica_below_the_count_preempts_lower_priority_training_but_not_equal_priority() {
+    let nodes = [node("a", 2)];
+    let training = |priority: i32| Holding {
+        id: "job-uid".into(),
+        name: "ns/train".into(),
+        namespace: "ns".into(),
+        priority,
+        placement: Placement {
+            workers: vec![crate::crd::WorkerPlacement {
+                rank: 0,
+                node: "a".into(),
+                gpus: vec![0, 1],
+            }],
+        },
+        started_at: Some(1),
+        expected_end: None,
+    };
+    let hosts = BTreeMap::from([("a".to_string(), "10.0.0.1".to_string())]);
+    let plan_with = |svc: &InferenceService, held: &[Holding]| {
+        plan(
+            svc,
+            &Observed {
+                reports: &BTreeMap::new(),
+                probes: &BTreeMap::new(),
+                nodes: &nodes,
+                holdings: held,
+                hosts: &hosts,
+                ports_in_use: &BTreeMap::new(),
+                now: Timestamp::now(),
+            },
+        )
+    };
+    let mut svc = service(1);
+    svc.spec.gpus_per_worker = 2;
+    svc.spec.priority = 10;
+    let p = plan_with(&svc, &[training(0)]);
+    assert!(launches(&p).is_empty(), "the GPUs are still held");
+    assert_eq!(p.preempt, vec!["job-uid".to_string()]);
+    let p = plan_with(&svc, &[training(10)]);
+    assert!(p.preempt.is_empty(), "equal priority is never preempted");
+}

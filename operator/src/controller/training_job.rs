@@ -98,7 +98,7 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     };
     drop(booked);
     if !t.preempt.is_empty() {
-        request_preemption(job, &t.preempt, &others, ctx).await?;
+        request_preemption(job, &object_key(job), &t.preempt, &others, ctx).await?;
     }
     if old.phase != t.status.phase {
         ctx.metrics.phase_transitions.with_label_values(&[KIND, t.status.phase.as_str()]).inc();
@@ -223,14 +223,27 @@ fn preemption_request(job: &TrainingJob) -> Option<String> {
     lifecycle::preempted_by(value, attempt).map(str::to_string)
 }
 
-/// Ask each job of `victims` (UIDs among `others`) to stop its current attempt for `job`.
-async fn request_preemption(
-    job: &TrainingJob,
+/// The `victims` to ask now on behalf of preemptor `me`: none while a job it already asked is
+/// still stopping (its GPUs come free soon; asking more would stop work for nothing).
+pub(crate) fn victims_to_ask(me: &str, victims: &[String], jobs: &[&TrainingJob]) -> Vec<String> {
+    let stopping = jobs.iter().any(|o| {
+        preemption_request(o).is_some_and(|by| by == me)
+            && o.status.as_ref().is_some_and(|s| {
+                lifecycle::has_live_attempt(s.phase) || s.phase == JobPhase::Restarting
+            })
+    });
+    if stopping { Vec::new() } else { victims.to_vec() }
+}
+
+/// Ask each job of `victims` (UIDs among `others`) to stop its current attempt for `preemptor`,
+/// named `me` in the request.
+pub(crate) async fn request_preemption<K: Resource<DynamicType = ()>>(
+    preemptor: &K,
+    me: &str,
     victims: &[String],
     others: &[&TrainingJob],
     ctx: &Context,
 ) -> Result<()> {
-    let me = object_key(job);
     for uid in victims {
         let Some(victim) = others.iter().find(|o| o.uid().as_deref() == Some(uid.as_str())) else {
             continue;
@@ -251,8 +264,8 @@ async fn request_preemption(
             victim.spec.priority,
             attempt.number
         );
-        tracing::info!(job = %me, victim = %object_key(*victim), "preemption requested");
-        ctx.publish(job, false, "Preempting", note).await;
+        tracing::info!(preemptor = %me, victim = %object_key(*victim), "preemption requested");
+        ctx.publish(preemptor, false, "Preempting", note).await;
     }
     Ok(())
 }
