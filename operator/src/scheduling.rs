@@ -157,6 +157,7 @@ pub fn place(
     holdings: &[Holding],
     now: sched::Seconds,
 ) -> Result<Placement, Unschedulable> {
+    let _timer = crate::metrics::SCHEDULING_DECISION_SECONDS.start_timer();
     let fleet = fleet(nodes);
     let running = running(&fleet, holdings);
     let mut queue = waiting.to_vec();
