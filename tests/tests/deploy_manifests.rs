@@ -21,6 +21,13 @@ const EXPORTED: &[(&str, bool)] = &[
     ("flotilla_operator_reconcile_duration_seconds", true),
     ("flotilla_operator_phase_transitions_total", false),
     ("flotilla_operator_is_leader", false),
+    ("flotilla_operator_jobs", false),
+    ("flotilla_operator_queue_wait_seconds", true),
+    ("flotilla_operator_scheduling_decision_seconds", true),
+    ("flotilla_operator_restarts_total", false),
+    ("flotilla_operator_gpu_faults_total", false),
+    ("flotilla_operator_time_to_recover_seconds", true),
+    ("flotilla_operator_agents_connected", false),
     // agent/src/metrics.rs
     ("DCGM_FI_DEV_GPU_TEMP", false),
     ("DCGM_FI_DEV_MEMORY_TEMP", false),
