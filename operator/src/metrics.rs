@@ -25,6 +25,13 @@ pub static SCHEDULING_DECISION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// The classes of `flotilla_operator_gpu_faults_total`.
+pub const XID_CLASSES: [&str; 6] =
+    ["application", "hardware-fatal", "hardware-reset", "degraded", "unknown", "not-xid"];
+
+/// The reasons of `flotilla_operator_restarts_total` (the restart causes).
+pub const RESTART_REASONS: [&str; 4] = ["WorkerExit", "HardwareFault", "NodeLost", "Preempted"];
+
 /// Every metric the operator exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -45,7 +52,7 @@ pub struct Metrics {
     pub queue_wait_seconds: HistogramVec,
     /// Restarts, by kind and reason (the restart cause).
     pub restarts: IntCounterVec,
-    /// GPU faults the agents reported, by XID class and XID.
+    /// GPU faults the agents reported, by XID class.
     pub gpu_faults: IntCounterVec,
     /// Time from an attempt's end to the next attempt running, by kind and reason.
     pub time_to_recover_seconds: HistogramVec,
@@ -127,9 +134,16 @@ impl Metrics {
         );
         let gpu_faults = counter(
             "flotilla_operator_gpu_faults_total",
-            "GPU faults the agents reported, by XID class and XID (0: not an XID)",
-            &["class", "xid"],
+            "GPU faults the agents reported, by XID class (not-xid: a fault without an XID)",
+            &["class"],
         );
+        // Series that exist before their first event, so `increase()` counts that event too.
+        for class in XID_CLASSES {
+            gpu_faults.with_label_values(&[class]);
+        }
+        for reason in RESTART_REASONS {
+            restarts.with_label_values(&["TrainingJob", reason]);
+        }
         let time_to_recover_seconds = histogram(
             "flotilla_operator_time_to_recover_seconds",
             "Time from an attempt's end to every worker of the next attempt running",
@@ -199,7 +213,7 @@ mod tests {
         m.jobs.with_label_values(&["TrainingJob", "Running"]).set(2);
         m.queue_wait_seconds.with_label_values(&["TrainingJob"]).observe(3.0);
         m.restarts.with_label_values(&["TrainingJob", "HardwareFault"]).inc();
-        m.gpu_faults.with_label_values(&["hardware-fatal", "79"]).inc();
+        m.gpu_faults.with_label_values(&["hardware-fatal"]).inc();
         m.time_to_recover_seconds.with_label_values(&["TrainingJob", "HardwareFault"]).observe(7.0);
         m.agents_connected.set(2);
         SCHEDULING_DECISION_SECONDS.observe(0.001);
@@ -214,7 +228,9 @@ mod tests {
             "flotilla_operator_queue_wait_seconds_bucket{kind=\"TrainingJob\",le=\"5\"} 1",
             "flotilla_operator_queue_wait_seconds_bucket{kind=\"TrainingJob\",le=\"2\"} 0",
             "flotilla_operator_restarts_total{kind=\"TrainingJob\",reason=\"HardwareFault\"} 1",
-            "flotilla_operator_gpu_faults_total{class=\"hardware-fatal\",xid=\"79\"} 1",
+            "flotilla_operator_gpu_faults_total{class=\"hardware-fatal\"} 1",
+            "flotilla_operator_gpu_faults_total{class=\"degraded\"} 0",
+            "flotilla_operator_restarts_total{kind=\"TrainingJob\",reason=\"NodeLost\"} 0",
             "flotilla_operator_time_to_recover_seconds_sum{kind=\"TrainingJob\",reason=\"HardwareFault\"} 7",
             "flotilla_operator_agents_connected 2",
             "flotilla_operator_scheduling_decision_seconds_count",

@@ -159,11 +159,11 @@ impl MetricsCollector {
                 continue;
             }
             self.faults.insert(node.node.clone(), key);
-            let (class, xid) = match fault.xid {
-                Some(x) if x > 0 => (xid_class(x), x),
-                _ => ("not-xid", 0),
+            let class = match fault.xid {
+                Some(x) if x > 0 => xid_class(x),
+                _ => "not-xid",
             };
-            self.metrics.gpu_faults.with_label_values(&[class, &xid.to_string()]).inc();
+            self.metrics.gpu_faults.with_label_values(&[class]).inc();
         }
     }
 }
