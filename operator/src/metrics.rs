@@ -81,9 +81,12 @@ fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> Hist
         .expect("valid metric")
 }
 
-/// Seconds to hours: queue waits and recoveries range from a second to a day.
+/// A tenth of a second to a day: queue waits and recoveries range that wide.
 fn long_buckets() -> Vec<f64> {
-    vec![1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0, 86400.0]
+    vec![
+        0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+        14400.0, 86400.0,
+    ]
 }
 
 impl Metrics {
@@ -137,13 +140,6 @@ impl Metrics {
             "GPU faults the agents reported, by XID class (not-xid: a fault without an XID)",
             &["class"],
         );
-        // Series that exist before their first event, so `increase()` counts that event too.
-        for class in XID_CLASSES {
-            gpu_faults.with_label_values(&[class]);
-        }
-        for reason in RESTART_REASONS {
-            restarts.with_label_values(&["TrainingJob", reason]);
-        }
         let time_to_recover_seconds = histogram(
             "flotilla_operator_time_to_recover_seconds",
             "Time from an attempt's end to every worker of the next attempt running",
@@ -155,6 +151,15 @@ impl Metrics {
             "Agents with an open stream that are not lost",
         )
         .expect("valid metric");
+        // Series that exist before their first event, so `increase()` counts that event too.
+        for class in XID_CLASSES {
+            gpu_faults.with_label_values(&[class]);
+        }
+        for reason in RESTART_REASONS {
+            restarts.with_label_values(&["TrainingJob", reason]);
+            time_to_recover_seconds.with_label_values(&["TrainingJob", reason]);
+        }
+        queue_wait_seconds.with_label_values(&["TrainingJob"]);
         let collectors: [Box<dyn Collector>; 12] = [
             Box::new(reconciles.clone()),
             Box::new(reconcile_errors.clone()),

@@ -200,7 +200,7 @@ fn follow_workers(dir: PathBuf, fleet_dir: PathBuf, serve: String, stop: Arc<Ato
     });
 }
 
-/// `flotilla-worker serve` on a free port, with a few completions behind it.
+/// `flotilla-worker serve` on a free port.
 async fn serving_worker(dir: &Path) -> (Process, String) {
     let log = dir.join("serve.log");
     let file = std::fs::File::create(&log).expect("log");
@@ -218,6 +218,11 @@ async fn serving_worker(dir: &Path) -> (Process, String) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", process.log()));
+    (process, addr)
+}
+
+/// A few completions from the serving worker at `addr`.
+fn completions(addr: &str) {
     for prompt in ["hello", "the fleet", "a GPU fell off the bus"] {
         let body = serde_json::json!({"prompt": prompt, "max_tokens": 4}).to_string();
         curl(&[
@@ -227,9 +232,8 @@ async fn serving_worker(dir: &Path) -> (Process, String) {
             &body,
             &format!("http://{addr}/v1/completions"),
         ])
-        .unwrap_or_else(|e| panic!("completion: {e}\n{}", process.log()));
+        .unwrap_or_else(|e| panic!("completion: {e}"));
     }
-    (process, addr)
 }
 
 #[tokio::test]
@@ -243,18 +247,8 @@ async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_
     let work = tempfile::tempdir().expect("tempdir");
     let (_serve, serve_addr) = serving_worker(work.path()).await;
 
-    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    // Long enough to outlast the test; checkpoints often, for the checkpoint alert's series.
-    jobs.create(&PostParams::default(), &job("prom-e2e", 100_000, 10)).await.expect("create job");
-    let first = eventually(WAIT, "prom-e2e Running", || async {
-        let s = jobs.get("prom-e2e").await.ok()?.status?;
-        (s.phase == JobPhase::Running).then_some(s.attempt?)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
-
     let stop = Arc::new(AtomicBool::new(false));
-    follow_workers(work.path().into(), fleet.dir.path().into(), serve_addr, stop.clone());
+    follow_workers(work.path().into(), fleet.dir.path().into(), serve_addr.clone(), stop.clone());
     let agents: Vec<String> =
         fleet.agents.iter().map(|(_, port)| format!("'127.0.0.1:{port}'")).collect();
     let scrape = format!(
@@ -265,7 +259,38 @@ async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_
         agents.join(", "),
         work.path().join("workers.json").display()
     );
+    // The serving worker's request series come into being with its first request.
+    completions(&serve_addr);
     let prom = Prometheus::start(work.path(), &scrape);
+    // Scraped from before anything happens, so every first event is an increase.
+    eventually(
+        WAIT,
+        "Prometheus scraping the operator, the agents and the serving worker",
+        || async {
+            let n = prom.query("count(up == 1)").ok()?;
+            let up = n.first()?["value"][1].as_str()?.parse::<f64>().ok()?;
+            (up >= 4.0).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}",
+            std::fs::read_to_string(work.path().join("prometheus.log")).unwrap_or_default()
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    completions(&serve_addr);
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    // Long enough to outlast the test; checkpoints often, for the checkpoint alert's series.
+    jobs.create(&PostParams::default(), &job("prom-e2e", 100_000, 10)).await.expect("create job");
+    let first = eventually(WAIT, "prom-e2e Running", || async {
+        let s = jobs.get("prom-e2e").await.ok()?.status?;
+        (s.phase == JobPhase::Running).then_some(s.attempt?)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+
     eventually(WAIT, "Prometheus scraping the training workers", || async {
         let n = prom.query("count(up{job=\"flotilla-worker\"} == 1)").ok()?;
         let up = n.first()?["value"][1].as_str()?.parse::<f64>().ok()?;
@@ -311,11 +336,18 @@ async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_
             }
         };
         match result {
-            Ok(series) if !series.is_empty() => println!(
-                "| {file} | {title} | `{filled}` | {} | `{}` |",
-                series.len(),
-                sample(&series[0])
-            ),
+            Ok(series) if !series.is_empty() => {
+                // Show a series with a number where there is one (quantiles of idle series are NaN).
+                let shown = series
+                    .iter()
+                    .find(|s| s["value"][1].as_str().is_some_and(|v| v != "NaN"))
+                    .unwrap_or(&series[0]);
+                println!(
+                    "| {file} | {title} | `{filled}` | {} | `{}` |",
+                    series.len(),
+                    sample(shown)
+                )
+            }
             Ok(_) => failures.push(format!("{file} `{title}`: no series for {filled}")),
             Err(e) => failures.push(format!("{file} `{title}`: {filled}: {e}")),
         }

@@ -99,8 +99,17 @@ fn events_from_before_the_collector_started_are_not_counted() {
         ),
         "{text}"
     );
-    assert!(!text.contains("flotilla_operator_queue_wait_seconds_count{"), "{text}");
-    assert!(!text.contains("flotilla_operator_time_to_recover_seconds_count{"), "{text}");
+    assert!(
+        text.contains(
+            r#"flotilla_operator_restarts_total{kind="TrainingJob",reason="HardwareFault"} 0"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"flotilla_operator_queue_wait_seconds_count{kind="TrainingJob"} 0"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"flotilla_operator_time_to_recover_seconds_count{kind="TrainingJob",reason="HardwareFault"} 0"#), "{text}");
 }
 
 #[test]
@@ -122,7 +131,7 @@ fn restarts_by_reason_and_time_to_recover_follow_the_history() {
     assert!(text.contains(
         r#"flotilla_operator_restarts_total{kind="TrainingJob",reason="HardwareFault"} 1"#
     ));
-    assert!(!text.contains("flotilla_operator_time_to_recover_seconds_count{"), "{text}");
+    assert!(text.contains(r#"flotilla_operator_time_to_recover_seconds_count{kind="TrainingJob",reason="HardwareFault"} 0"#), "{text}");
     // Attempt 2 runs at 1_112: recovered in 12 s. Attempt 2 then exits; attempt 3 runs 3 s later.
     let running = job(
         "j",
