@@ -108,6 +108,7 @@ pub async fn start(
     };
     let core = core::AgentCore::new(&options.node, backend, options.state_file.clone())?;
     core.start(options.sample_interval)?;
+    core.metrics.label_gpus_with_workers_of(supervisor.clone());
     link::endpoint(&options.link)?; // fail now, not in the background, on a bad endpoint or files
     let admin_addr = match options.admin_addr {
         Some(addr) => {

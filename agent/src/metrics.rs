@@ -1,14 +1,25 @@
 //! The agent's Prometheus metrics: DCGM-exporter names and labels, so existing dashboards work,
 //! plus Flotilla's health metrics and the agent's own.
+//!
+//! The per-GPU gauges also carry `job_uid` and `rank`: the job attempt's worker that holds the
+//! GPU now (empty, so absent in Prometheus, on a free GPU) — the per-job view DCGM lacks. The
+//! holders are read from the worker supervisor at every scrape, and a GPU whose holder changed
+//! has its series moved to the new labels, so a GPU is never shown under two jobs at once.
 
 use crate::backend::{GpuDevice, GpuSample};
 use crate::health::Health;
+use crate::supervisor::{RunningWorker, WorkerSupervisor};
 use prometheus::{
     Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// DCGM-exporter labels, in order.
-const GPU_LABELS: [&str; 5] = ["gpu", "UUID", "device", "modelName", "Hostname"];
+/// DCGM-exporter labels, then the holder of the GPU, in order.
+const GPU_LABELS: [&str; 7] = ["gpu", "UUID", "device", "modelName", "Hostname", "job_uid", "rank"];
+
+/// The worker holding a GPU: job UID and rank (both empty when free).
+type Holder = (String, String);
 
 /// Every metric the agent exports, registered in one registry.
 #[derive(Clone)]
@@ -17,6 +28,12 @@ pub struct AgentMetrics {
     hostname: String,
     gauges: Vec<(&'static str, GaugeVec)>,
     health_state: GaugeVec,
+    /// The holder each GPU's series are labelled with now, by UUID.
+    holders: Arc<Mutex<HashMap<String, Holder>>>,
+    /// Where the holders come from; none until the agent starts its supervisor.
+    workers: Arc<OnceLock<Arc<dyn WorkerSupervisor>>>,
+    /// The GPUs seen so far (for moving their series), by UUID.
+    devices: Arc<Mutex<HashMap<String, GpuDevice>>>,
     xid_events: IntCounterVec,
     /// 1 while the stream to the operator is up.
     pub connected: IntGauge,
@@ -105,6 +122,9 @@ impl AgentMetrics {
             hostname: hostname.to_owned(),
             gauges,
             health_state,
+            holders: Arc::default(),
+            workers: Arc::default(),
+            devices: Arc::default(),
             xid_events,
             connected,
             connects,
@@ -114,14 +134,70 @@ impl AgentMetrics {
         })
     }
 
-    fn labels<'a>(&'a self, gpu: &'a GpuDevice, index: &'a str) -> [&'a str; 5] {
-        [index, &gpu.uuid, "nvidia", &gpu.model, &self.hostname]
+    /// Reads the GPUs' holders from `workers` at every scrape from now on.
+    pub fn label_gpus_with_workers_of(&self, workers: Arc<dyn WorkerSupervisor>) {
+        let _ = self.workers.set(workers);
+    }
+
+    /// The holders, locked while a GPU's series are written so a concurrent move cannot leave
+    /// a series under a holder that just left.
+    fn lock_holders(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn labels<'a>(
+        &'a self,
+        gpu: &'a GpuDevice,
+        index: &'a str,
+        holder: &'a Holder,
+    ) -> [&'a str; 7] {
+        [index, &gpu.uuid, "nvidia", &gpu.model, &self.hostname, &holder.0, &holder.1]
+    }
+
+    fn remember(&self, gpu: &GpuDevice) {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if !devices.contains_key(&gpu.uuid) {
+            devices.insert(gpu.uuid.clone(), gpu.clone());
+        }
+    }
+
+    /// Labels every GPU's series with the worker in `running` that holds it, moving the series
+    /// of GPUs whose holder changed.
+    pub fn set_holders(&self, running: &[RunningWorker]) {
+        let mut now: HashMap<&str, Holder> = HashMap::new();
+        for w in running {
+            for uuid in &w.gpu_uuids {
+                now.insert(uuid, (w.id.job_uid.clone(), w.id.rank.to_string()));
+            }
+        }
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut holders = self.lock_holders();
+        for (uuid, gpu) in &devices {
+            let new = now.get(uuid.as_str()).cloned().unwrap_or_default();
+            let old = holders.get(uuid).cloned().unwrap_or_default();
+            if new == old {
+                continue;
+            }
+            let index = gpu.index.to_string();
+            let (from, to) = (self.labels(gpu, &index, &old), self.labels(gpu, &index, &new));
+            for gauge in self.gauges.iter().map(|(_, g)| g).chain([&self.health_state]) {
+                if let Ok(g) = gauge.get_metric_with_label_values(&from) {
+                    let value = g.get();
+                    let _ = gauge.remove_label_values(&from);
+                    gauge.with_label_values(&to).set(value);
+                }
+            }
+            holders.insert(uuid.clone(), new);
+        }
     }
 
     /// Records one telemetry sample.
     pub fn observe_sample(&self, gpu: &GpuDevice, s: &GpuSample) {
+        self.remember(gpu);
         let index = gpu.index.to_string();
-        let labels = self.labels(gpu, &index);
+        let holders = self.lock_holders();
+        let holder = holders.get(&gpu.uuid).cloned().unwrap_or_default();
+        let labels = self.labels(gpu, &index, &holder);
         let mib = |b: u64| (b >> 20) as f64;
         let values = [
             f64::from(s.temperature_c),
@@ -151,9 +227,12 @@ impl AgentMetrics {
 
     /// Records an XID: DCGM's last-XID gauge and Flotilla's per-XID counter.
     pub fn observe_xid(&self, gpu: &GpuDevice, xid: u32) {
+        self.remember(gpu);
         let index = gpu.index.to_string();
+        let holders = self.lock_holders();
+        let holder = holders.get(&gpu.uuid).cloned().unwrap_or_default();
         if let Some((_, g)) = self.gauges.iter().find(|(n, _)| *n == "DCGM_FI_DEV_XID_ERRORS") {
-            g.with_label_values(&self.labels(gpu, &index)).set(f64::from(xid));
+            g.with_label_values(&self.labels(gpu, &index, &holder)).set(f64::from(xid));
         }
         self.xid_events
             .with_label_values(&[index.as_str(), &gpu.uuid, &self.hostname, &xid.to_string()])
@@ -162,12 +241,20 @@ impl AgentMetrics {
 
     /// Records a GPU's health.
     pub fn observe_health(&self, gpu: &GpuDevice, health: Health) {
+        self.remember(gpu);
         let index = gpu.index.to_string();
-        self.health_state.with_label_values(&self.labels(gpu, &index)).set(health.gauge_value());
+        let holders = self.lock_holders();
+        let holder = holders.get(&gpu.uuid).cloned().unwrap_or_default();
+        self.health_state
+            .with_label_values(&self.labels(gpu, &index, &holder))
+            .set(health.gauge_value());
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric, with the GPUs' holders as of now.
     pub fn render(&self) -> String {
+        if let Some(workers) = self.workers.get() {
+            self.set_holders(&workers.running());
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
@@ -205,7 +292,7 @@ mod tests {
         m.observe_xid(&gpu, 79);
         m.observe_health(&gpu, Health::Failed);
         let text = m.render();
-        let labels = r#"Hostname="node-a",UUID="GPU-abc",device="nvidia",gpu="3",modelName="NVIDIA H100 80GB HBM3""#;
+        let labels = r#"Hostname="node-a",UUID="GPU-abc",device="nvidia",gpu="3",job_uid="",modelName="NVIDIA H100 80GB HBM3",rank="""#;
         for line in [
             format!("DCGM_FI_DEV_GPU_TEMP{{{labels}}} 61"),
             format!("DCGM_FI_DEV_FB_FREE{{{labels}}} 2"),
@@ -216,5 +303,43 @@ mod tests {
         ] {
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
+    }
+
+    fn worker(job: &str, rank: u32, gpus: &[&str]) -> RunningWorker {
+        RunningWorker {
+            id: crate::supervisor::WorkerId { job_uid: job.into(), attempt: 1, rank },
+            pid: 1,
+            gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
+            started_at_unix_nanos: 0,
+        }
+    }
+
+    fn series(text: &str, name: &str) -> Vec<String> {
+        text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn gpu_series_carry_their_holder_and_move_when_it_changes() {
+        let m = AgentMetrics::new("node-a").expect("metrics");
+        let gpu = device();
+        let sample = GpuSample { index: 3, temperature_c: 61.0, ..Default::default() };
+        m.observe_sample(&gpu, &sample);
+        m.observe_health(&gpu, Health::Healthy);
+        m.set_holders(&[worker("uid-1", 5, &["GPU-abc", "GPU-other"])]);
+        let text = m.render();
+        let temp = series(&text, "DCGM_FI_DEV_GPU_TEMP");
+        assert_eq!(temp.len(), 1, "{temp:?}");
+        assert!(temp[0].contains(r#"job_uid="uid-1""#) && temp[0].contains(r#"rank="5""#));
+        assert!(temp[0].ends_with(" 61"), "the value moves with the series: {temp:?}");
+        let health = series(&text, "flotilla_gpu_health_state");
+        assert_eq!(health.len(), 1, "{health:?}");
+        assert!(health[0].contains(r#"job_uid="uid-1""#) && health[0].ends_with(" 0"));
+
+        // New samples land on the holder's series; freeing the GPU moves them back.
+        m.observe_sample(&gpu, &GpuSample { temperature_c: 70.0, ..sample });
+        m.set_holders(&[]);
+        let temp = series(&m.render(), "DCGM_FI_DEV_GPU_TEMP");
+        assert_eq!(temp.len(), 1, "{temp:?}");
+        assert!(temp[0].contains(r#"job_uid="""#) && temp[0].ends_with(" 70"), "{temp:?}");
     }
 }

@@ -277,6 +277,7 @@ async fn run_until(
     tracing::info!(%identity, "became leader");
     if let Some(l) = leading {
         l.gate.set(true);
+        tokio::spawn(crate::metrics_collect::fleet(l.state.clone(), metrics.clone()));
         tokio::spawn(crate::agents::mirror::run(client.clone(), l.state, l.telemetry_every));
     }
     metrics.is_leader.set(1);
@@ -378,6 +379,7 @@ async fn run_controllers(
     );
     ctx.fence_timeout = fence_timeout;
     let ctx = Arc::new(ctx);
+    tokio::spawn(crate::metrics_collect::objects(ctx.clone(), stop.clone()));
     let ready = admin.ready.clone();
     tokio::spawn(async move {
         if synced(&job_store).await && synced(&node_store).await {

@@ -12,5 +12,6 @@ pub mod fleet;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod metrics_collect;
 pub mod scheduling;
 pub mod validate;

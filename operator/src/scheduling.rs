@@ -183,6 +183,7 @@ pub fn schedule(
     preemption: bool,
     now: sched::Seconds,
 ) -> Scheduling {
+    let _timer = crate::metrics::SCHEDULING_DECISION_SECONDS.start_timer();
     let fleet = fleet(nodes);
     let running = running(&fleet, holdings);
     let mut queue = waiting.to_vec();

@@ -21,6 +21,13 @@ const EXPORTED: &[(&str, bool)] = &[
     ("flotilla_operator_reconcile_duration_seconds", true),
     ("flotilla_operator_phase_transitions_total", false),
     ("flotilla_operator_is_leader", false),
+    ("flotilla_operator_jobs", false),
+    ("flotilla_operator_queue_wait_seconds", true),
+    ("flotilla_operator_scheduling_decision_seconds", true),
+    ("flotilla_operator_restarts_total", false),
+    ("flotilla_operator_gpu_faults_total", false),
+    ("flotilla_operator_time_to_recover_seconds", true),
+    ("flotilla_operator_agents_connected", false),
     // agent/src/metrics.rs
     ("DCGM_FI_DEV_GPU_TEMP", false),
     ("DCGM_FI_DEV_MEMORY_TEMP", false),
@@ -719,7 +726,11 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
     ] {
         assert!(alerts.contains_key(wanted), "alert {wanted} missing; have {:?}", alerts.keys());
     }
-    assert!(alerts["FlotillaGpuFailed"].contains("flotilla_gpu_health_state == 2"));
+    // The GPU's holder labels change when its job moves away; the alert must not restart its clock.
+    assert!(
+        alerts["FlotillaGpuFailed"]
+            .contains("max without (job_uid, rank) (flotilla_gpu_health_state) == 2")
+    );
 }
 
 #[test]
