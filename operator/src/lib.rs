@@ -11,5 +11,6 @@ pub mod fleet;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod plugin;
 pub mod scheduling;
 pub mod validate;
