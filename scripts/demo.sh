@@ -21,6 +21,10 @@ rm -rf "$state"
 mkdir -p "$state"
 kubeconfig="$state/kubeconfig"
 kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
+# kubectl finds plugins on PATH: keep the demo's kubectl and `kubectl-flotilla` side by side.
+mkdir -p "$state/bin"
+ln -sf "$bin/kubectl" "$state/bin/kubectl"
+ln -sf "$target/kubectl-flotilla" "$state/bin/kubectl-flotilla"
 
 pids=()
 cleanup() {
@@ -93,6 +97,11 @@ Flotilla demo is up: control plane, operator, 2 agents × 4 simulated GPUs, a sa
   kubectl describe tj moe-tiny         # conditions, placement, events
   flotilla-agent inject --agent 127.0.0.1:9401 --gpu 0 --xid 79   # fail a GPU on demo-node-a
   flotilla-agent clear  --agent 127.0.0.1:9401 --gpu 0            # an admin clears it
+  kubectl flotilla logs moe-tiny --rank 1 -f          # a worker's log, streamed from its agent
+  kubectl flotilla logs moe-tiny --rank 0 --previous  # the attempt before a restart
+  kubectl flotilla inject demo-node-a --gpu 0 --xid 79  # the same fault, via the GpuNode's adminUrl
+  kubectl flotilla inject demo-node-a --gpu 0 --clear
+  (kubectl and the kubectl-flotilla plugin are also linked side by side in $state/bin)
   curl -s http://127.0.0.1:9090/metrics   # operator metrics; agents: 127.0.0.1:9401, :9402
 Logs: $state/*.log, worker logs under $state/workers/
 

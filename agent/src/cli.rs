@@ -114,9 +114,31 @@ pub struct RunArgs {
     /// A worker's log is rotated at this many bytes (two files kept per worker).
     #[arg(long, env = "FLOTILLA_WORKER_LOG_MAX_BYTES", default_value_t = 64 << 20)]
     pub worker_log_max_bytes: u64,
+    /// The admin server's URL as others reach it (reported to the operator, which shows it as
+    /// the GpuNode's `status.adminUrl` for `kubectl flotilla`); default `http://<--admin-addr>`.
+    #[arg(long, env = "FLOTILLA_AGENT_ADMIN_URL")]
+    pub admin_advertise_url: Option<String>,
 }
 
 impl RunArgs {
+    /// The admin URL to report: `--admin-advertise-url`, else `http://<--admin-addr>`.
+    pub fn admin_url(&self) -> anyhow::Result<String> {
+        match &self.admin_advertise_url {
+            Some(url) => {
+                let url = url.trim_end_matches('/');
+                let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+                match rest {
+                    Some(host) if !host.is_empty() && !host.contains('/') => Ok(url.to_owned()),
+                    _ => anyhow::bail!(
+                        "--admin-advertise-url: expected http://HOST:PORT or https://HOST:PORT, \
+                         got {url:?}"
+                    ),
+                }
+            }
+            None => Ok(format!("http://{}", self.admin_addr)),
+        }
+    }
+
     /// Where the worker supervisor keeps logs and sockets.
     pub fn worker_files(&self) -> crate::workers::WorkerFiles {
         crate::workers::WorkerFiles {
@@ -217,6 +239,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let supervisor = crate::workers::ProcessSupervisor::new(args.worker_files())?;
+            crate::link::set_admin_url(args.admin_url()?);
+            crate::admin::serve_worker_logs(supervisor.clone());
             let handle = crate::start(args.options()?, supervisor.clone()).await?;
             supervisor.attach(handle.worker_updates.clone());
             tracing::info!(node = %args.node, admin = ?handle.admin_addr, "agent started");

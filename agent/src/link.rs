@@ -211,6 +211,18 @@ async fn fence_watchdog(
     }
 }
 
+static ADMIN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the admin URL this process's agent reports when it registers (once per process: the
+/// `flotilla-agent run` command sets it before the link starts).
+pub fn set_admin_url(url: String) {
+    let _ = ADMIN_URL.set(url);
+}
+
+fn admin_url() -> String {
+    ADMIN_URL.get().cloned().unwrap_or_default()
+}
+
 fn registration(core: &AgentCore, supervisor: &dyn WorkerSupervisor) -> pb::AgentMessage {
     let health = core.health();
     let (last_seq, _) = core.seqs();
@@ -228,6 +240,7 @@ fn registration(core: &AgentCore, supervisor: &dyn WorkerSupervisor) -> pb::Agen
             .collect(),
         workers: supervisor.running().iter().map(convert::running_worker).collect(),
         last_critical_seq: last_seq,
+        admin_url: admin_url(),
     };
     pb::AgentMessage { body: Some(Up::Register(register)) }
 }

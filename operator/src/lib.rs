@@ -13,5 +13,6 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod metrics_collect;
+pub mod plugin;
 pub mod scheduling;
 pub mod validate;

@@ -81,7 +81,11 @@ fn fingerprint(record: &NodeRecord) -> Fingerprint {
 type Fingerprint = (bool, Vec<(GpuHealth, String)>, Option<(u32, i64)>);
 
 /// Writes one node's status, creating the `GpuNode` if it does not exist.
-async fn write(api: &Api<GpuNode>, record: &NodeRecord) -> Result<(), kube::Error> {
+async fn write(
+    api: &Api<GpuNode>,
+    record: &NodeRecord,
+    admin_url: Option<String>,
+) -> Result<(), kube::Error> {
     let object = match api.get_opt(&record.node).await? {
         Some(o) => o,
         None => {
@@ -100,6 +104,8 @@ async fn write(api: &Api<GpuNode>, record: &NodeRecord) -> Result<(), kube::Erro
         object.status.as_ref(),
         flotilla_proto::now_unix_nanos(),
     );
+    let mut status = status;
+    status.admin_url = admin_url;
     let patch = serde_json::json!({ "status": status });
     api.patch_status(&record.node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
@@ -109,10 +115,10 @@ async fn write(api: &Api<GpuNode>, record: &NodeRecord) -> Result<(), kube::Erro
 pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Duration) {
     let api: Api<GpuNode> = Api::all(client);
     let mut changed = fleet.changed();
-    let mut written: HashMap<String, (Fingerprint, Instant)> = HashMap::new();
+    let mut written: HashMap<String, ((Fingerprint, Option<String>), Instant)> = HashMap::new();
     loop {
         for record in fleet.nodes() {
-            let print = fingerprint(&record);
+            let print = (fingerprint(&record), fleet.admin_url(&record.node));
             let due = match written.get(&record.node) {
                 Some((last, at)) => *last != print || at.elapsed() >= telemetry_every,
                 None => true,
@@ -120,7 +126,7 @@ pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Durati
             if !due {
                 continue;
             }
-            match write(&api, &record).await {
+            match write(&api, &record, print.1.clone()).await {
                 Ok(()) => {
                     written.insert(record.node.clone(), (print, Instant::now()));
                 }

@@ -288,6 +288,7 @@ impl AgentService for AgentServer {
         }
         let record = convert::register(&register).map_err(Status::invalid_argument)?;
         let node = record.node.clone();
+        inner.fleet.set_admin_url(&node, &register.admin_url);
         let reg = inner.fleet.register(record);
         tracing::info!(%node, instance = %register.instance_id, gpus = register.gpus.len(), acked = reg.applied_seq, "agent registered");
 

@@ -133,11 +133,17 @@ pub struct FleetState {
     nodes: RwLock<HashMap<String, NodeCell>>,
     version: watch::Sender<u64>,
     next_session: Mutex<u64>,
+    admin_urls: RwLock<HashMap<String, String>>,
 }
 
 impl Default for FleetState {
     fn default() -> Self {
-        Self { nodes: RwLock::default(), version: watch::channel(0).0, next_session: Mutex::new(0) }
+        Self {
+            nodes: RwLock::default(),
+            version: watch::channel(0).0,
+            next_session: Mutex::new(0),
+            admin_urls: RwLock::default(),
+        }
     }
 }
 
@@ -172,6 +178,21 @@ impl FleetState {
     /// A receiver that changes whenever health, membership or liveness changes.
     pub fn changed(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+
+    /// Records the admin URL a node's agent reported at registration (empty: it runs none).
+    pub fn set_admin_url(&self, node: &str, url: &str) {
+        let mut urls = self.admin_urls.write().unwrap_or_else(|e| e.into_inner());
+        if url.is_empty() {
+            urls.remove(node);
+        } else {
+            urls.insert(node.to_owned(), url.to_owned());
+        }
+    }
+
+    /// The admin URL the node's agent last reported.
+    pub fn admin_url(&self, node: &str) -> Option<String> {
+        self.admin_urls.read().unwrap_or_else(|e| e.into_inner()).get(node).cloned()
     }
 
     /// Records a registration. A new `instance_id` resets the applied sequence number; the same

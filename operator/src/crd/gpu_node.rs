@@ -139,6 +139,10 @@ pub struct GpuNodeStatus {
     /// The agent's address for worker rendezvous (MASTER_ADDR), as the agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Base URL of the agent's admin HTTP server (worker logs, fault injection), as the agent
+    /// reports it at registration, e.g. `http://10.0.0.7:9400`; `kubectl flotilla` uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_url: Option<String>,
     /// The latest observations: Ready (agent connected).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
