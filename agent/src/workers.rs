@@ -23,6 +23,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::UnboundedSender;
 
+/// How long the progress lines a worker wrote before exiting may take to be read.
+const PROGRESS_DRAIN: Duration = Duration::from_secs(2);
+
 /// Where the supervisor keeps files, and how big a log may grow.
 #[derive(Clone, Debug)]
 pub struct WorkerFiles {
@@ -144,8 +147,13 @@ impl WorkerSupervisor for ProcessSupervisor {
         let log = BoundedLog::new(log_path, self.files.max_log_bytes);
         let stdout = child.stdout.take().map(|s| tokio::spawn(copy_to_log(s, log.clone())));
         let stderr = child.stderr.take().map(|s| tokio::spawn(copy_to_log(s, log.clone())));
-        let progress =
-            tokio::spawn(read_progress(listener, id.clone(), self.updates.get().cloned()));
+        let worker_gone = Arc::new(tokio::sync::Notify::new());
+        let mut progress = tokio::spawn(read_progress(
+            listener,
+            id.clone(),
+            self.updates.get().cloned(),
+            worker_gone.clone(),
+        ));
 
         let updates = self.updates.get().cloned();
         let registry = self.workers.clone();
@@ -156,7 +164,11 @@ impl WorkerSupervisor for ProcessSupervisor {
                 let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
                 reap_group(raw).await;
             }
-            progress.abort();
+            // Its last progress lines are read before its exit is reported.
+            worker_gone.notify_one();
+            if tokio::time::timeout(PROGRESS_DRAIN, &mut progress).await.is_err() {
+                progress.abort();
+            }
             for task in [stdout, stderr].into_iter().flatten() {
                 let _ = task.await;
             }
@@ -350,12 +362,22 @@ struct ProgressLine {
 
 /// Accepts the worker's progress connections (it reconnects after a failure) and forwards each
 /// well-formed line; a malformed line is logged and skipped, never fatal.
+/// Returns once `gone` is notified (the worker exited) and no connection is open.
 async fn read_progress(
     listener: tokio::net::UnixListener,
     id: WorkerId,
     updates: Option<UnboundedSender<WorkerUpdate>>,
+    gone: Arc<tokio::sync::Notify>,
 ) {
-    while let Ok((stream, _)) = listener.accept().await {
+    loop {
+        let stream = tokio::select! {
+            biased;
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => return,
+            },
+            () = gone.notified() => return,
+        };
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if line.len() > 4096 {

@@ -288,3 +288,92 @@ impl Trainer {
         Ok(Some(started.elapsed().as_secs_f64()))
     }
 }
+
+/// The attempt ledger's file name, in the checkpoint directory.
+pub const LEDGER_FILE: &str = "attempts.ledger";
+
+/// One worker's entry in the attempt ledger: a `start` line when created, an `end` line when
+/// dropped (a normal return, an error or a caught signal; a SIGKILLed worker writes none).
+///
+/// Each line is `job<TAB>attempt<TAB>rank<TAB>start|end<TAB>unix nanoseconds<TAB>pid`, written
+/// with one `write` to a file opened with `O_APPEND` and then fsynced, so lines from every
+/// worker sharing the directory never interleave and survive a crash. Tests read it to check
+/// that no two attempts of a job ever ran at the same time.
+#[derive(Debug)]
+pub struct LedgerEntry {
+    path: PathBuf,
+    job: String,
+    attempt: u64,
+    rank: usize,
+}
+
+impl LedgerEntry {
+    /// Appends this worker's `start` line to `<dir>/attempts.ledger`.
+    pub fn start(
+        dir: &std::path::Path,
+        job: &str,
+        attempt: u64,
+        rank: usize,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let entry = Self { path: dir.join(LEDGER_FILE), job: job.to_string(), attempt, rank };
+        entry.append("start")?;
+        Ok(entry)
+    }
+
+    fn append(&self, event: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        // Tabs and newlines in the job name would break the line format.
+        let job: String =
+            self.job.chars().map(|c| if c.is_whitespace() { '_' } else { c }).collect();
+        let line = format!(
+            "{job}\t{}\t{}\t{event}\t{nanos}\t{}\n",
+            self.attempt,
+            self.rank,
+            std::process::id()
+        );
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        file.write_all(line.as_bytes())?;
+        file.sync_all()
+    }
+}
+
+impl Drop for LedgerEntry {
+    fn drop(&mut self) {
+        if let Err(e) = self.append("end") {
+            tracing::warn!(path = %self.path.display(), error = %e, "attempt ledger: no end line");
+        }
+    }
+}
+
+#[cfg(test)]
+mod ledger_tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_entry_appends_start_then_end_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = LedgerEntry::start(dir.path(), "job 1", 2, 0).unwrap();
+        let b = LedgerEntry::start(dir.path(), "job 1", 2, 1).unwrap();
+        drop(a);
+        drop(b);
+        let text = std::fs::read_to_string(dir.path().join(LEDGER_FILE)).unwrap();
+        let events: Vec<Vec<&str>> =
+            text.lines().map(|l| l.split('\t').take(4).collect()).collect();
+        assert_eq!(
+            events,
+            vec![
+                vec!["job_1", "2", "0", "start"],
+                vec!["job_1", "2", "1", "start"],
+                vec!["job_1", "2", "0", "end"],
+                vec!["job_1", "2", "1", "end"],
+            ]
+        );
+        let times: Vec<u128> =
+            text.lines().map(|l| l.split('\t').nth(4).unwrap().parse().unwrap()).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+}

@@ -12,7 +12,7 @@
 //! its workers on its own.
 
 use crate::agents::{AgentServer, GpuHealth, NodeRecord, WorkerLaunchSpec, WorkerReport};
-use crate::crd::{GpuNode, TrainingJob};
+use crate::crd::{GpuNode, Progress, TrainingJob};
 use crate::fleet::{Fleet, ReplicaLaunch, WorkloadKey};
 use crate::lifecycle::{AttemptReport, HardwareFault, WorkerExit};
 use futures::future::BoxFuture;
@@ -76,7 +76,42 @@ struct AttemptSeen {
     /// This process sent every launch of the attempt, so it knows every worker.
     launched_here: bool,
     ranks: BTreeMap<u32, RankSeen>,
+    /// The newest training progress reported for the attempt (the highest step; only rank 0
+    /// reports with the built-in engine).
+    progress: Option<Progress>,
+    /// When and at which step the first progress of the attempt came, for the ETA.
+    progress_origin: Option<(Instant, i64)>,
 }
+
+/// What one worker event changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Folded {
+    /// Nothing new.
+    Nothing,
+    /// Only the attempt's training progress.
+    Progress,
+    /// A worker's state.
+    State,
+}
+
+/// A stale attempt's workers are asked to stop again after this long.
+const STALE_STOP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Attempts of the job `uid` other than `current` whose workers agents listed as running.
+fn stale_attempts(uid: &str, current: i32, nodes: &HashMap<String, NodeRecord>) -> Vec<u64> {
+    let mut stale: Vec<u64> = nodes
+        .values()
+        .flat_map(|n| &n.workers)
+        .filter(|w| w.job_uid == uid && w.attempt != current as u64)
+        .map(|w| w.attempt)
+        .collect();
+    stale.sort_unstable();
+    stale.dedup();
+    stale
+}
+
+/// Progress alone wakes a job's controller at most this often.
+const PROGRESS_WAKE_INTERVAL: Duration = Duration::from_secs(2);
 
 type AttemptId = (String, u64);
 
@@ -93,6 +128,10 @@ struct Inner {
     attempts: Mutex<HashMap<AttemptId, AttemptSeen>>,
     /// The workloads launched or stopped through this fleet, by UID, to announce changes.
     keys: Mutex<HashMap<String, WorkloadKey>>,
+    /// Stale attempts this process asked agents to stop, and when.
+    stale_stops: Mutex<HashMap<AttemptId, Instant>>,
+    /// When progress alone last woke each workload, by UID.
+    progress_woken: Mutex<HashMap<String, Instant>>,
     changed: tokio::sync::mpsc::UnboundedSender<WorkloadKey>,
     changes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkloadKey>>>,
 }
@@ -135,6 +174,8 @@ impl AgentFleet {
             started: Instant::now(),
             attempts: Mutex::default(),
             keys: Mutex::default(),
+            progress_woken: Mutex::default(),
+            stale_stops: Mutex::default(),
             changed,
             changes: Mutex::new(Some(changes)),
         }));
@@ -151,9 +192,28 @@ impl AgentFleet {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 let Some(inner) = folder.upgrade() else { return };
-                let changed =
-                    fold(&mut inner.attempts.lock().unwrap_or_else(|e| e.into_inner()), &report);
-                if changed {
+                let now = Instant::now();
+                let folded = fold(
+                    &mut inner.attempts.lock().unwrap_or_else(|e| e.into_inner()),
+                    &report,
+                    now,
+                );
+                let wake = match folded {
+                    Folded::Nothing => false,
+                    Folded::State => true,
+                    Folded::Progress => {
+                        let mut woken =
+                            inner.progress_woken.lock().unwrap_or_else(|e| e.into_inner());
+                        let last = woken.get(&report.job_uid).copied();
+                        let due =
+                            last.is_none_or(|t| now.duration_since(t) >= PROGRESS_WAKE_INTERVAL);
+                        if due {
+                            woken.insert(report.job_uid.clone(), now);
+                        }
+                        due
+                    }
+                };
+                if wake {
                     inner.announce(|uid| uid == report.job_uid);
                 }
             }
@@ -245,6 +305,33 @@ impl AgentFleet {
         }
     }
 
+    /// Stop (in the background) every attempt of `key` other than `current` that an agent
+    /// listed at registration, at most once per [`STALE_STOP_INTERVAL`] per attempt.
+    fn stop_stale(&self, key: &WorkloadKey, current: i32, nodes: &HashMap<String, NodeRecord>) {
+        let stale = stale_attempts(&key.uid, current, nodes);
+        if stale.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let now = Instant::now();
+        let mut stops = self.0.stale_stops.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in stale {
+            let id = (key.uid.clone(), attempt);
+            if stops.get(&id).is_some_and(|t| now.duration_since(*t) < STALE_STOP_INTERVAL) {
+                continue;
+            }
+            stops.insert(id, now);
+            let (fleet, key) = (self.clone(), key.clone());
+            tracing::warn!(job = %key.name, attempt, current, "stopping workers of a stale attempt");
+            runtime.spawn(async move {
+                let reason = format!("attempt {attempt} is stale; the job runs attempt {current}");
+                if let Err(e) = fleet.stop_attempt(&key, attempt as i32, &reason).await {
+                    tracing::warn!(job = %key.name, attempt, error = %e, "stopping a stale attempt failed");
+                }
+            });
+        }
+    }
+
     async fn stop_attempt(
         &self,
         key: &WorkloadKey,
@@ -305,6 +392,9 @@ impl Fleet for AgentFleet {
             .unwrap_or_default();
         let nodes: HashMap<String, NodeRecord> =
             inner.server.fleet().nodes().into_iter().map(|n| (n.node.clone(), n)).collect();
+        // Workers of other attempts that agents listed when they registered (left over from
+        // before an operator restart) must not train beside the current attempt.
+        self.stop_stale(key, attempt, &nodes);
         // Workers agents listed when they registered (adoption after an operator restart).
         for rec in nodes.values() {
             for w in rec.workers.iter().filter(|w| w.job_uid == id.0 && w.attempt == id.1) {
@@ -316,7 +406,9 @@ impl Fleet for AgentFleet {
             }
         }
         let complete = seen.launched_here || inner.started.elapsed() > inner.fence_timeout;
-        summarize(&seen.ranks, complete, &nodes, inner.fence_timeout)
+        let mut report = summarize(&seen.ranks, complete, &nodes, inner.fence_timeout);
+        report.progress = seen.progress;
+        report
     }
 
     fn launch(&self, key: &WorkloadKey, attempt: i32) -> BoxFuture<'_, Result<(), String>> {
@@ -361,17 +453,25 @@ impl Fleet for AgentFleet {
     }
 }
 
-/// Apply one worker event; true when the worker's state changed. A later event wins, except
-/// that nothing revives an exited worker.
-fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) -> bool {
+/// Apply one worker event received at `now`. A later event wins, except that nothing revives
+/// an exited worker. Progress is kept per attempt: the report with the highest step gives step,
+/// total, loss and throughput; the checkpoint step only grows; the ETA comes from the step rate
+/// since the attempt's first report.
+fn fold(
+    attempts: &mut HashMap<AttemptId, AttemptSeen>,
+    report: &WorkerReport,
+    now: Instant,
+) -> Folded {
     let seen = attempts.entry((report.job_uid.clone(), report.attempt)).or_default();
+    let progressed = report.progress.as_ref().is_some_and(|p| merge_progress(seen, p, now));
     let rank = seen.ranks.entry(report.rank).or_insert_with(|| RankSeen {
         node: report.node.clone(),
         gpu_uuids: Vec::new(),
         state: RankState::Launching,
     });
+    let unchanged = if progressed { Folded::Progress } else { Folded::Nothing };
     if matches!(rank.state, RankState::Exited { .. }) {
-        return false;
+        return unchanged;
     }
     let before = rank.state;
     rank.state = match report.phase.as_str() {
@@ -382,7 +482,32 @@ fn fold(attempts: &mut HashMap<AttemptId, AttemptSeen>, report: &WorkerReport) -
         }
         _ => rank.state,
     };
-    rank.state != before
+    if rank.state != before { Folded::State } else { unchanged }
+}
+
+/// Merge one progress report into the attempt's; true when anything shown changed.
+fn merge_progress(seen: &mut AttemptSeen, p: &Progress, now: Instant) -> bool {
+    let before = seen.progress.clone();
+    let (origin_at, origin_step) = *seen.progress_origin.get_or_insert((now, p.step));
+    let current = seen.progress.get_or_insert_with(|| Progress { step: -1, ..Default::default() });
+    let checkpoint = current.last_checkpoint_step.max(p.last_checkpoint_step);
+    if p.step >= current.step {
+        current.step = p.step;
+        current.total_steps = p.total_steps.or(current.total_steps);
+        current.loss = p.loss.or(current.loss);
+        current.tokens_per_second = p.tokens_per_second.or(current.tokens_per_second);
+        let elapsed = now.saturating_duration_since(origin_at).as_secs_f64();
+        let done = (p.step - origin_step) as f64;
+        current.eta_seconds = match current.total_steps {
+            Some(total) if p.step >= total => Some(0),
+            Some(total) if done > 0.0 && elapsed > 0.0 => {
+                Some(((total - p.step) as f64 * elapsed / done).ceil() as i64)
+            }
+            _ => current.eta_seconds,
+        };
+    }
+    current.last_checkpoint_step = checkpoint;
+    seen.progress != before
 }
 
 /// The lifecycle's summary of an attempt from what is known of its workers and their nodes.
@@ -715,6 +840,21 @@ mod tests {
             exit_code: code,
             signal: None,
             message: String::new(),
+            progress: None,
+        }
+    }
+
+    fn progress(rank: u32, step: i64, loss: f64, checkpoint: Option<i64>) -> WorkerReport {
+        WorkerReport {
+            progress: Some(Progress {
+                step,
+                total_steps: Some(100),
+                loss: Some(loss),
+                tokens_per_second: Some(1000.0 + step as f64),
+                last_checkpoint_step: checkpoint,
+                ..Default::default()
+            }),
+            ..report(rank, "PROGRESS", None)
         }
     }
 
@@ -723,6 +863,9 @@ mod tests {
     #[test]
     fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
         let mut attempts = HashMap::new();
+        let fold = |a: &mut HashMap<AttemptId, AttemptSeen>, r: &WorkerReport| {
+            super::fold(a, r, Instant::now()) == Folded::State
+        };
         assert!(fold(&mut attempts, &report(0, "STARTED", None)));
         assert!(!fold(&mut attempts, &report(0, "PROGRESS", None)), "progress alone is no change");
         assert!(fold(&mut attempts, &report(1, "PROGRESS", None)));
@@ -748,6 +891,46 @@ mod tests {
         assert!(!summarize(&seen.ranks, false, &nodes, FENCE).all_stopped);
         assert!(!summarize(&BTreeMap::new(), false, &nodes, FENCE).all_stopped);
         assert!(summarize(&BTreeMap::new(), true, &nodes, FENCE).all_stopped);
+    }
+
+    #[test]
+    fn progress_folds_to_the_highest_step_with_its_loss_a_growing_checkpoint_and_an_eta() {
+        let mut attempts = HashMap::new();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(fold(&mut attempts, &report(0, "STARTED", None), at(0)), Folded::State);
+        assert_eq!(fold(&mut attempts, &progress(0, 10, 2.5, None), at(0)), Folded::Progress);
+        let p = attempts[&("u".to_string(), 1)].progress.clone().expect("progress");
+        assert_eq!(
+            (p.step, p.loss, p.last_checkpoint_step, p.eta_seconds),
+            (10, Some(2.5), None, None)
+        );
+        // 20 steps in 10 s: 70 left take 35 s.
+        assert_eq!(fold(&mut attempts, &progress(0, 30, 2.0, Some(20)), at(10)), Folded::Progress);
+        // A rank behind does not move the step back, nor the checkpoint.
+        assert_eq!(fold(&mut attempts, &report(1, "STARTED", None), at(10)), Folded::State);
+        assert_eq!(fold(&mut attempts, &progress(1, 25, 9.0, Some(10)), at(10)), Folded::Nothing);
+        let p = attempts[&("u".to_string(), 1)].progress.clone().expect("progress");
+        assert_eq!(
+            (p.step, p.total_steps, p.loss, p.tokens_per_second),
+            (30, Some(100), Some(2.0), Some(1030.0))
+        );
+        assert_eq!((p.last_checkpoint_step, p.eta_seconds), (Some(20), Some(35)));
+        // Progress of a running rank is no change of its state.
+        assert_eq!(fold(&mut attempts, &progress(1, 31, 1.9, Some(20)), at(11)), Folded::Progress);
+        assert_eq!(attempts[&("u".to_string(), 1)].ranks[&1].state, RankState::Running);
+        // The last step finishes the ETA; a late line after the exit still counts.
+        fold(&mut attempts, &report(0, "EXITED", Some(0)), at(12));
+        assert_eq!(
+            fold(&mut attempts, &progress(0, 100, 1.0, Some(100)), at(12)),
+            Folded::Progress
+        );
+        let p = attempts[&("u".to_string(), 1)].progress.clone().expect("progress");
+        assert_eq!((p.step, p.eta_seconds, p.last_checkpoint_step), (100, Some(0), Some(100)));
+        // Another attempt has its own progress.
+        let other = WorkerReport { attempt: 2, ..progress(0, 5, 3.0, None) };
+        fold(&mut attempts, &other, at(13));
+        assert_eq!(attempts[&("u".to_string(), 2)].progress.as_ref().map(|p| p.step), Some(5));
     }
 
     #[test]
@@ -785,6 +968,25 @@ mod tests {
         assert_eq!((fault.node.as_str(), fault.gpu, fault.xid), ("a", Some(1), Some(79)));
         assert_eq!(r.node_lost.as_deref(), Some("b"));
         assert!(!r.all_stopped, "rank 0 on node a still runs");
+    }
+
+    #[test]
+    fn workers_of_other_attempts_listed_at_registration_are_stale() {
+        let worker = |uid: &str, attempt| crate::agents::RunningWorkerRecord {
+            job_uid: uid.into(),
+            attempt,
+            rank: 0,
+            pid: 1,
+            gpu_uuids: vec![],
+        };
+        let (a, mut ra) = node("a", vec![], Duration::ZERO);
+        ra.workers = vec![worker("u", 1), worker("u", 3), worker("other", 1)];
+        let (b, mut rb) = node("b", vec![], Duration::ZERO);
+        rb.workers = vec![worker("u", 2), worker("u", 1)];
+        let nodes = HashMap::from([(a, ra), (b, rb)]);
+        assert_eq!(stale_attempts("u", 3, &nodes), vec![1, 2]);
+        assert_eq!(stale_attempts("u", 1, &nodes), vec![2, 3]);
+        assert!(stale_attempts("none", 1, &nodes).is_empty());
     }
 
     fn job(engine: bool) -> TrainingJob {

@@ -4,7 +4,7 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, binary, job, walk};
+use e2e_support::{Rig, WAIT, assert_no_overlap, binary, job, walk};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
 use kube::api::{Api, PostParams};
 use operator_support::{eventually, install_crds};
@@ -73,4 +73,8 @@ async fn an_xid_79_under_the_job_restarts_it_on_healthy_gpus_from_its_checkpoint
             std::fs::read_to_string(p).unwrap_or_default().contains("resumed from checkpoint")
         });
     assert!(resumed, "attempt 2 resumed from a checkpoint\n{}", rig.logs());
+    assert_eq!(done.progress.as_ref().map(|p| p.step), Some(600), "exactly the requested steps");
+    // The stopped gang wrote its end lines before the new one started.
+    let attempts = assert_no_overlap(&rig.ledger("xid-e2e"), &[]);
+    assert_eq!(attempts, vec![(1, vec![0, 1]), (2, vec![0, 1])]);
 }

@@ -11,7 +11,7 @@ use clap::Args;
 use flotilla_engine::collective::{GroupSpec, Ring};
 use flotilla_engine::metrics::{Metrics, TrainMetrics};
 use flotilla_engine::progress::{ProgressLine, ProgressReporter};
-use flotilla_engine::train::Trainer;
+use flotilla_engine::train::{LedgerEntry, Trainer};
 
 use super::{ConfigSource, EXIT_TERMINATED, check_group, runtime};
 
@@ -46,6 +46,9 @@ pub struct TrainArgs {
     /// Restart attempt number, recorded in checkpoints.
     #[arg(long, env = "FLOTILLA_ATTEMPT", default_value_t = 0)]
     attempt: u64,
+    /// The job this worker belongs to, for the attempt ledger in the checkpoint directory.
+    #[arg(long, env = "FLOTILLA_JOB_UID", default_value = "")]
+    job_uid: String,
     /// Unix socket of the agent, which receives one JSON progress line per step.
     #[arg(long, env = "FLOTILLA_PROGRESS_SOCKET")]
     progress_socket: Option<PathBuf>,
@@ -64,6 +67,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     config.validate().map_err(|e| super::InvalidConfig(e.to_string()))?;
     check_group(args.rank, args.world_size)?;
+    // Ended (an `end` line) when `run` returns, whichever way.
+    let _ledger = match &args.checkpoint_dir {
+        Some(dir) => Some(
+            LedgerEntry::start(dir, &args.job_uid, args.attempt, args.rank)
+                .with_context(|| format!("attempt ledger in {}", dir.display()))?,
+        ),
+        None => None,
+    };
 
     let rt = runtime()?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -100,6 +100,8 @@ pub struct WorkerReport {
     pub signal: Option<i32>,
     /// Detail.
     pub message: String,
+    /// Training progress, with "PROGRESS".
+    pub progress: Option<crate::crd::Progress>,
 }
 
 type Outbound = mpsc::Sender<Result<pb::OperatorMessage, Status>>;
@@ -395,6 +397,15 @@ impl AgentServer {
                             exit_code: w.exit_code,
                             signal: w.signal,
                             message: w.message,
+                            progress: w.progress.map(|p| crate::crd::Progress {
+                                step: p.step as i64,
+                                total_steps: (p.total_steps > 0).then_some(p.total_steps as i64),
+                                loss: p.loss.is_finite().then_some(p.loss),
+                                tokens_per_second: Some(p.tokens_per_second),
+                                last_checkpoint_step: (p.last_checkpoint_step > 0)
+                                    .then_some(p.last_checkpoint_step as i64),
+                                ..Default::default()
+                            }),
                         });
                         None
                     }

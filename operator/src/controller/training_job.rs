@@ -1,19 +1,20 @@
 //! The `TrainingJob` controller: runs the state machine and executes its effects.
 
 use super::{Context, apply_status, object_key};
+use crate::crd::training_job::TrainingJobStatus;
 use crate::crd::{GpuNode, JobPhase, Placement, TrainingJob};
 use crate::error::{Error, Result};
 use crate::fleet::WorkloadKey;
 use crate::lifecycle::{self, AttemptReport, Effect, JobFacts, Transition};
 use crate::scheduling;
 use crate::validate;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,8 +87,16 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     let t = plan(job, &others, &nodes, &held, report, Timestamp::now());
 
     let old = job.status.clone().unwrap_or_default();
+    let mut t = t;
     if job.status.as_ref() != Some(&t.status) {
-        apply_status(api, &job.name_any(), &t.status).await?;
+        match progress_write_wait(&key.uid, &old, &t.status, std::time::Instant::now()) {
+            // Progress alone, too soon after the last write: written at the next look.
+            Some(wait) => {
+                let wait = SignedDuration::try_from(wait).unwrap_or(SignedDuration::ZERO);
+                t.requeue_after = Some(t.requeue_after.map_or(wait, |r| r.min(wait)));
+            }
+            None => apply_status(api, &job.name_any(), &t.status).await?,
+        }
     }
     match (
         &t.status.attempt,
@@ -128,6 +137,37 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
         }
     }
     Ok(next_action(&t))
+}
+
+/// Status writes caused by progress alone happen at most this often per job (every write wakes
+/// the controller again through its watch).
+const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// When each job's status was last written, by UID (this process's writes only).
+static LAST_WRITE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, std::time::Instant>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// `None` to write `new` now (and note the write); otherwise how long to wait first, because
+/// `new` differs from `old` only in `progress` and the job's last write was too recent.
+fn progress_write_wait(
+    uid: &str,
+    old: &TrainingJobStatus,
+    new: &TrainingJobStatus,
+    now: std::time::Instant,
+) -> Option<Duration> {
+    let mut writes = LAST_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+    let progress_only = TrainingJobStatus { progress: old.progress.clone(), ..new.clone() } == *old;
+    if progress_only
+        && let Some(last) = writes.get(uid)
+        && let Some(wait) = PROGRESS_WRITE_INTERVAL.checked_sub(now.duration_since(*last))
+        && !wait.is_zero()
+    {
+        return Some(wait);
+    }
+    writes.insert(uid.to_string(), now);
+    // Forget jobs not written for a long time, so the map stays small.
+    writes.retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+    None
 }
 
 fn next_action(t: &Transition) -> Action {
@@ -274,7 +314,7 @@ pub(crate) async fn request_preemption<K: Resource<DynamicType = ()>>(
 mod tests {
     use super::*;
     use crate::crd::gpu_node::{GpuHealth, GpuNodeSpec, GpuNodeStatus, GpuState};
-    use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand};
+    use crate::crd::training_job::{TrainingJobSpec, WorkerCommand};
 
     fn node(name: &str, gpus: i32) -> GpuNode {
         let mut n = GpuNode::new(name, GpuNodeSpec::default());
@@ -359,5 +399,24 @@ mod tests {
         let stale = job("a", 2, JobPhase::Queued);
         let t = plan(&b, &[&stale], &nodes, &booked, stopped(), Timestamp::now());
         assert_eq!(t.status.phase, JobPhase::Queued);
+    }
+
+    #[test]
+    fn progress_alone_is_written_at_most_every_two_seconds_other_changes_at_once() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let old = TrainingJobStatus { phase: JobPhase::Running, ..Default::default() };
+        let step = |n: i64| TrainingJobStatus {
+            progress: Some(crate::crd::Progress { step: n, ..Default::default() }),
+            ..old.clone()
+        };
+        assert_eq!(progress_write_wait("uid-p", &old, &step(1), at(0)), None, "first write");
+        let wait = progress_write_wait("uid-p", &step(1), &step(2), at(500));
+        assert_eq!(wait, Some(Duration::from_millis(1500)));
+        let phase = TrainingJobStatus { phase: JobPhase::Succeeded, ..step(3) };
+        assert_eq!(progress_write_wait("uid-p", &step(1), &phase, at(600)), None, "phase: now");
+        assert!(progress_write_wait("uid-p", &step(1), &step(4), at(2000)).is_some());
+        assert_eq!(progress_write_wait("uid-p", &step(1), &step(4), at(2600)), None);
+        assert_eq!(progress_write_wait("uid-q", &step(1), &step(4), at(2600)), None, "per job");
     }
 }

@@ -116,39 +116,60 @@ pub struct Rig {
     pub agents: Vec<(Process, u16)>,
     /// Logs, checkpoints, sockets.
     pub dir: tempfile::TempDir,
+    /// How the operator was started, to start it again.
+    settings: OperatorSettings,
+    /// Logs of operators stopped earlier.
+    old_operator_logs: Vec<PathBuf>,
+}
+
+/// The operator's settings in a rig.
+#[derive(Clone)]
+struct OperatorSettings {
+    kubeconfig: PathBuf,
+    namespace: String,
+    agent_port: u16,
+    master_port_base: String,
+}
+
+fn start_operator(s: &OperatorSettings, dir: &Path, log_name: &str) -> Operator {
+    let worker = binary("flotilla-worker", "flotilla-engine");
+    let log = dir.join(log_name);
+    let file = std::fs::File::create(&log).expect("operator log");
+    let ns = &s.namespace;
+    let child = Command::new(operator_binary())
+        .arg("run")
+        .env("KUBECONFIG", &s.kubeconfig)
+        .env("FLOTILLA_ADMIN_ADDR", "127.0.0.1:0")
+        .env("FLOTILLA_IDENTITY", format!("op-{ns}"))
+        .env("FLOTILLA_LEASE_NAMESPACE", ns)
+        .env("FLOTILLA_LEASE_DURATION_SECONDS", "4")
+        .env("FLOTILLA_LEASE_RENEW_SECONDS", "1")
+        .env("FLOTILLA_LOG", "info,flotilla_operator=debug,kube=warn")
+        .env("FLOTILLA_AGENT_LISTEN", format!("127.0.0.1:{}", s.agent_port))
+        .env("FLOTILLA_AGENT_INSECURE", "true")
+        .env("FLOTILLA_WORKER_BINARY", &worker)
+        .env("FLOTILLA_CHECKPOINT_ROOT", dir.join("checkpoints"))
+        .env("FLOTILLA_WORKER_MASTER_ADDR", "127.0.0.1")
+        .env("FLOTILLA_MASTER_PORT_BASE", &s.master_port_base)
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("starting flotilla-operator");
+    Operator { child, identity: format!("op-{ns}"), log }
 }
 
 impl Rig {
     /// Start everything and wait until both agents' GpuNodes show 4 healthy GPUs.
     pub async fn start(cp: &flotilla_tests::ControlPlane, ns: &str, client: &kube::Client) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let worker = binary("flotilla-worker", "flotilla-engine");
         let agent_port = free_port();
-        let log = dir.path().join("operator.log");
-        let file = std::fs::File::create(&log).expect("operator log");
-        let child = Command::new(operator_binary())
-            .arg("run")
-            .env("KUBECONFIG", cp.kubeconfig())
-            .env("FLOTILLA_ADMIN_ADDR", "127.0.0.1:0")
-            .env("FLOTILLA_IDENTITY", format!("op-{ns}"))
-            .env("FLOTILLA_LEASE_NAMESPACE", ns)
-            .env("FLOTILLA_LEASE_DURATION_SECONDS", "4")
-            .env("FLOTILLA_LEASE_RENEW_SECONDS", "1")
-            .env("FLOTILLA_LOG", "info,flotilla_operator=debug,kube=warn")
-            .env("FLOTILLA_AGENT_LISTEN", format!("127.0.0.1:{agent_port}"))
-            .env("FLOTILLA_AGENT_INSECURE", "true")
-            .env("FLOTILLA_WORKER_BINARY", &worker)
-            .env("FLOTILLA_CHECKPOINT_ROOT", dir.path().join("checkpoints"))
-            .env("FLOTILLA_WORKER_MASTER_ADDR", "127.0.0.1")
-            .env(
-                "FLOTILLA_MASTER_PORT_BASE",
-                free_port().saturating_sub(1000).max(20000).to_string(),
-            )
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("starting flotilla-operator");
-        let operator = Operator { child, identity: format!("op-{ns}"), log };
+        let settings = OperatorSettings {
+            kubeconfig: cp.kubeconfig().into(),
+            namespace: ns.to_string(),
+            agent_port,
+            master_port_base: free_port().saturating_sub(1000).max(20000).to_string(),
+        };
+        let operator = start_operator(&settings, dir.path(), "operator.log");
         let agents = ["a", "b"]
             .iter()
             .map(|n| {
@@ -156,7 +177,7 @@ impl Rig {
                 (start_agent(&format!("{ns}-{n}"), agent_port, admin, dir.path()), admin)
             })
             .collect();
-        let rig = Rig { operator, agents, dir };
+        let rig = Rig { operator, agents, dir, settings, old_operator_logs: Vec::new() };
         let nodes: Api<GpuNode> = Api::all(client.clone());
         for name in rig.node_names() {
             eventually(WAIT, &format!("GpuNode {name} with 4 healthy GPUs"), || async {
@@ -169,6 +190,36 @@ impl Rig {
         rig
     }
 
+    /// SIGKILL the operator (no clean shutdown: its lease stays until it expires) and wait
+    /// for it to be gone.
+    pub fn kill_operator(&mut self) {
+        self.operator.child.kill().expect("SIGKILL the operator");
+        self.operator.child.wait().expect("reaping the operator");
+    }
+
+    /// Start a new operator with the same settings (identity, agent port, checkpoint root).
+    pub fn restart_operator(&mut self) {
+        let n = self.old_operator_logs.len() + 2;
+        let fresh = start_operator(&self.settings, self.dir.path(), &format!("operator-{n}.log"));
+        let old = std::mem::replace(&mut self.operator, fresh);
+        self.old_operator_logs.push(old.log.clone());
+        drop(old);
+    }
+
+    /// Pids of the `flotilla-worker` processes of rank `rank` of the job `name` in this rig
+    /// (their command line names the rank's engine configuration in the job's checkpoint
+    /// directory, which lies in this rig's temporary directory).
+    pub fn worker_pids(&self, name: &str, rank: u32) -> Vec<i32> {
+        let config = format!("/{name}-[^/]*/engine-config.rank{rank}.json");
+        let pattern = format!("{}/checkpoints/.*{config}", self.dir.path().display());
+        let out = Command::new("pgrep").args(["-f", &pattern]).output().expect("running pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter(|&pid: &i32| pid != std::process::id() as i32)
+            .collect()
+    }
+
     /// The agents' node names.
     pub fn node_names(&self) -> Vec<String> {
         self.agents.iter().map(|(p, _)| p.node.clone()).collect()
@@ -176,7 +227,12 @@ impl Rig {
 
     /// Every log: operator, agents, workers.
     pub fn logs(&self) -> String {
-        let mut all = format!("operator:\n{}", self.operator.log());
+        let mut all = String::new();
+        for old in &self.old_operator_logs {
+            let text = std::fs::read_to_string(old).unwrap_or_default();
+            all.push_str(&format!("{}:\n{text}\n", old.display()));
+        }
+        all.push_str(&format!("operator:\n{}", self.operator.log()));
         for (a, _) in &self.agents {
             all.push_str(&format!("\n{}:\n{}", a.log.display(), a.log()));
         }
@@ -199,6 +255,107 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
         } else {
             out.push(path);
         }
+    }
+    out
+}
+
+/// One line of a job's attempt ledger (written by each `flotilla-worker train`, see the
+/// engine's `train::LedgerEntry`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerLine {
+    /// The job's UID.
+    pub job: String,
+    /// The attempt.
+    pub attempt: u64,
+    /// The worker's rank.
+    pub rank: u32,
+    /// True for `start`, false for `end`.
+    pub start: bool,
+    /// Wall-clock time, Unix nanoseconds.
+    pub at: u128,
+}
+
+impl Rig {
+    /// The attempt ledger of the job `name` (in its checkpoint directory), parsed; panics on a
+    /// malformed line, naming it.
+    pub fn ledger(&self, name: &str) -> Vec<LedgerLine> {
+        let files: Vec<PathBuf> = walk(&self.dir.path().join("checkpoints"))
+            .into_iter()
+            .filter(|p| {
+                p.file_name().is_some_and(|f| f == "attempts.ledger")
+                    && p.parent()
+                        .and_then(Path::file_name)
+                        .is_some_and(|d| d.to_string_lossy().starts_with(&format!("{name}-")))
+            })
+            .collect();
+        assert_eq!(files.len(), 1, "one attempt ledger for {name}, found {files:?}");
+        let text = std::fs::read_to_string(&files[0]).expect("reading the attempt ledger");
+        text.lines().map(|l| parse_ledger_line(l).unwrap_or_else(|e| panic!("{e}"))).collect()
+    }
+}
+
+fn parse_ledger_line(line: &str) -> Result<LedgerLine, String> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let bad = |what: &str| format!("ledger line {line:?}: {what}");
+    if f.len() != 6 {
+        return Err(bad(&format!("expected 6 tab-separated fields, got {}", f.len())));
+    }
+    Ok(LedgerLine {
+        job: f[0].to_string(),
+        attempt: f[1].parse().map_err(|_| bad("attempt is not a number"))?,
+        rank: f[2].parse().map_err(|_| bad("rank is not a number"))?,
+        start: match f[3] {
+            "start" => true,
+            "end" => false,
+            other => return Err(bad(&format!("expected start or end, got {other}"))),
+        },
+        at: f[4].parse().map_err(|_| bad("time is not a number"))?,
+    })
+}
+
+/// Asserts from a job's ledger that its attempts never overlapped: every worker that started
+/// also ended (except the `(attempt, rank)`s in `no_end`, killed by SIGKILL, which cannot write),
+/// and each attempt's first start comes after the last end of every earlier attempt. Returns the
+/// attempts in order, with the ranks that started in each.
+pub fn assert_no_overlap(ledger: &[LedgerLine], no_end: &[(u64, u32)]) -> Vec<(u64, Vec<u32>)> {
+    assert!(!ledger.is_empty(), "the attempt ledger is empty");
+    let jobs: std::collections::BTreeSet<&str> = ledger.iter().map(|l| l.job.as_str()).collect();
+    assert_eq!(jobs.len(), 1, "one job in the ledger, got {jobs:?}");
+    // attempt -> (first start, last end, ranks started, ranks ended)
+    let mut attempts: std::collections::BTreeMap<u64, (u128, u128, Vec<u32>, Vec<u32>)> =
+        Default::default();
+    for l in ledger {
+        let a = attempts.entry(l.attempt).or_insert((u128::MAX, 0, Vec::new(), Vec::new()));
+        if l.start {
+            a.0 = a.0.min(l.at);
+            a.2.push(l.rank);
+        } else {
+            a.1 = a.1.max(l.at);
+            a.3.push(l.rank);
+        }
+    }
+    let mut out = Vec::new();
+    let mut earlier_end: Option<(u64, u128)> = None;
+    for (&n, (first_start, last_end, started, ended)) in &attempts {
+        for rank in started {
+            let expected_end = !no_end.contains(&(n, *rank));
+            assert_eq!(
+                ended.contains(rank),
+                expected_end,
+                "attempt {n} rank {rank}: end line expected: {expected_end}\n{ledger:#?}"
+            );
+        }
+        if let Some((m, end)) = earlier_end {
+            assert!(
+                *first_start > end,
+                "attempt {n} started at {first_start} before attempt {m} ended at {end}\n{ledger:#?}"
+            );
+        }
+        let end = earlier_end.map_or(*last_end, |(_, e)| e.max(*last_end));
+        earlier_end = Some((n, end));
+        let mut ranks = started.clone();
+        ranks.sort_unstable();
+        out.push((n, ranks));
     }
     out
 }
