@@ -11,7 +11,8 @@ use kube::api::{Api, PostParams};
 use operator_support::{eventually, install_crds};
 use std::time::Duration;
 
-const STEPS: i64 = 600;
+// Long enough (about a minute here) that the job still runs when the new operator starts.
+const STEPS: i64 = 1500;
 
 #[tokio::test]
 async fn a_restarted_operator_adopts_the_running_workers_and_the_job_succeeds() {
@@ -32,9 +33,17 @@ async fn a_restarted_operator_adopts_the_running_workers_and_the_job_succeeds() 
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
     let pids = [rig.worker_pids("opkill-e2e", 0), rig.worker_pids("opkill-e2e", 1)];
+    assert!(pids.iter().all(|p| p.len() == 1), "one process per rank: {pids:?}\n{}", rig.logs());
 
     rig.kill_operator();
     rig.restart_operator();
+    // The workers outlived the operator: the same processes run on.
+    assert_eq!(
+        [rig.worker_pids("opkill-e2e", 0), rig.worker_pids("opkill-e2e", 1)],
+        pids,
+        "the same worker processes run on\n{}",
+        rig.logs()
+    );
     // The workers trained on while no operator ran, and the new one shows their progress.
     let step_then = before.progress.as_ref().map_or(0, |p| p.step);
     eventually(WAIT, "progress from the adopted workers", || async {
@@ -44,12 +53,6 @@ async fn a_restarted_operator_adopts_the_running_workers_and_the_job_succeeds() 
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-    assert_eq!(
-        [rig.worker_pids("opkill-e2e", 0), rig.worker_pids("opkill-e2e", 1)],
-        pids,
-        "the same worker processes run on\n{}",
-        rig.logs()
-    );
 
     let done = eventually(Duration::from_secs(300), "opkill-e2e Succeeded or Failed", || async {
         let s = jobs.get("opkill-e2e").await.ok()?.status?;
