@@ -8,4 +8,4 @@ FLOTILLA_CONTROLPLANE_BIN_DIR="$(bash tests/controlplane/build.sh)"
 export FLOTILLA_CONTROLPLANE_BIN_DIR
 # The end-to-end tests run the real binaries (operator, agent, flotilla-worker): build them first.
 cargo build --workspace --bins
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"
