@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local demo: builds what it needs, starts a real control plane (etcd + kube-apiserver) on
 # loopback, the operator, two agents with 4 simulated GPUs each (mTLS between them), applies the
-# CRDs and a sample TrainingJob of real `flotilla-worker` processes, and prints a walkthrough.
+# CRDs and a sample TrainingJob of real `flotilla-worker` processes, serves its checkpoint with a
+# sample InferenceService, and prints a walkthrough.
 # Ctrl-C stops everything it started.
 #
 #   scripts/demo.sh            interactive: runs until Ctrl-C
@@ -108,12 +109,34 @@ Logs: $state/*.log, worker logs under $state/workers/
 MSG
 "${kubectl[@]}" get gpunodes
 
+# Once the job has a checkpoint, serve it: the sample InferenceService (2 replicas).
+succeeded() { [[ $("${kubectl[@]}" get tj moe-tiny -o jsonpath='{.status.phase}') == Succeeded ]]; }
+echo "demo: waiting for moe-tiny to finish, then serving its checkpoint"
+wait_for "moe-tiny to succeed" 300 succeeded || {
+  "${kubectl[@]}" describe tj moe-tiny; tail -30 "$state/operator.log"; exit 1; }
+"${kubectl[@]}" get tj moe-tiny
+sed "s|checkpointPath: /shared/checkpoints/moe-tiny|checkpointPath: $state/checkpoints/moe-tiny|" \
+  deploy/examples/inferenceservice.yaml | "${kubectl[@]}" apply -f - >/dev/null
+served() {
+  [[ $("${kubectl[@]}" get infsvc moe-tiny-chat -o jsonpath='{.status.readyReplicas}') == 2 ]]
+}
+wait_for "moe-tiny-chat to have 2 ready replicas" 180 served || {
+  "${kubectl[@]}" describe infsvc moe-tiny-chat; tail -30 "$state/operator.log"; exit 1; }
+"${kubectl[@]}" get infsvc moe-tiny-chat
+endpoint=$("${kubectl[@]}" get infsvc moe-tiny-chat -o jsonpath='{.status.endpoints[0]}')
+cat <<MSG
+  kubectl get infsvc,endpointslices    # ready replicas and their addresses
+  curl -s $endpoint/v1/completions -H 'content-type: application/json' \\
+    -d '{"model":"moe-tiny","prompt":"The ","max_tokens":16}'
+MSG
+echo "demo: a completion from $endpoint:"
+curl -sf "$endpoint/v1/completions" -H 'content-type: application/json' \
+  -d '{"model":"moe-tiny","prompt":"The ","max_tokens":16}' || {
+  echo "demo: the completion request failed" >&2; exit 1; }
+echo
+
 if $check; then
-  succeeded() { [[ $("${kubectl[@]}" get tj moe-tiny -o jsonpath='{.status.phase}') == Succeeded ]]; }
-  wait_for "moe-tiny to succeed" 300 succeeded || {
-    "${kubectl[@]}" describe tj moe-tiny; tail -30 "$state/operator.log"; exit 1; }
-  "${kubectl[@]}" get tj moe-tiny
-  echo "demo: --check passed: moe-tiny Succeeded"
+  echo "demo: --check passed: moe-tiny Succeeded and moe-tiny-chat serves 2 ready replicas"
   exit 0
 fi
 echo "demo: press Ctrl-C to stop"
