@@ -37,6 +37,17 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A base for the operator's rendezvous ports (it adds up to 1,000 per job): below Linux's
+/// ephemeral range (32768 and up), where the OS never hands out ports on its own, so a worker's
+/// `MASTER_PORT` cannot collide with a connection or a port-0 listener of another process.
+pub fn master_port_base() -> String {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    (20_000 + seed % 11_000).to_string()
+}
+
 /// A child process killed when dropped, with its log file.
 pub struct Process {
     /// The child.
@@ -167,7 +178,7 @@ impl Rig {
             kubeconfig: cp.kubeconfig().into(),
             namespace: ns.to_string(),
             agent_port,
-            master_port_base: free_port().saturating_sub(1000).max(20000).to_string(),
+            master_port_base: master_port_base(),
         };
         let operator = start_operator(&settings, dir.path(), "operator.log");
         let agents = ["a", "b"]

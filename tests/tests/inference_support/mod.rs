@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use crate::e2e_support::{Process, WAIT, binary, free_port, start_agent, walk};
+use crate::e2e_support::{Process, WAIT, binary, free_port, master_port_base, start_agent, walk};
 use crate::operator_support::{Operator, eventually, operator_binary};
 use flotilla_operator::crd::GpuNode;
 use flotilla_operator::endpoints;
@@ -56,10 +56,7 @@ impl ServingRig {
             // refuse loopback addresses, so replicas are reached at the host's own address.
             .env("FLOTILLA_WORKER_MASTER_ADDR", host_address())
             .env("FLOTILLA_WORKER_STOP_GRACE_SECONDS", "10")
-            .env(
-                "FLOTILLA_MASTER_PORT_BASE",
-                free_port().saturating_sub(1000).max(20000).to_string(),
-            )
+            .env("FLOTILLA_MASTER_PORT_BASE", master_port_base())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
             .spawn()

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use crate::e2e_support::{Process, WAIT, binary, free_port, walk};
+use crate::e2e_support::{Process, WAIT, binary, free_port, master_port_base, walk};
 use crate::operator_support::{eventually, operator_binary};
 use flotilla_operator::crd::GpuNode;
 use kube::api::Api;
@@ -56,10 +56,7 @@ impl Fleet {
             .env("FLOTILLA_WORKER_BINARY", binary("flotilla-worker", "flotilla-engine"))
             .env("FLOTILLA_CHECKPOINT_ROOT", dir.path().join("checkpoints"))
             .env("FLOTILLA_WORKER_MASTER_ADDR", "127.0.0.1")
-            .env(
-                "FLOTILLA_MASTER_PORT_BASE",
-                free_port().saturating_sub(1000).max(20000).to_string(),
-            );
+            .env("FLOTILLA_MASTER_PORT_BASE", master_port_base());
         let child = spawn(cmd, &log, "flotilla-operator");
         let operator = Process { child, log, node: String::new() };
         let mut agents = Vec::new();
