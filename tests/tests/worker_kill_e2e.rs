@@ -62,7 +62,13 @@ async fn a_sigkilled_worker_restarts_the_job_from_its_checkpoint_spending_one_re
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
     assert_eq!(done.phase, JobPhase::Succeeded, "{:?}\n{}", done.message, rig.logs());
-    assert_eq!((done.restarts, done.hardware_restarts), (1, 0), "a crash spends the budget");
+    assert_eq!(
+        (done.restarts, done.hardware_restarts),
+        (1, 0),
+        "a crash spends the budget: {:?}\n{}",
+        done.restart_history,
+        rig.logs()
+    );
     assert_eq!(done.restart_history.len(), 1, "{:?}", done.restart_history);
     let record = &done.restart_history[0];
     assert_eq!((record.cause, record.attempt), (RestartCause::WorkerExit, 1));
