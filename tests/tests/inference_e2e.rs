@@ -109,7 +109,7 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     // 2. Serve it with 3 replicas.
     let services: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
-    let base_port = e2e_support::free_port();
+    let base_port = e2e_support::serving_port_base();
     services
         .create(&PostParams::default(), &service(&checkpoint, base_port))
         .await
