@@ -33,6 +33,9 @@ cleanup() {
   # Agents first (they stop their workers), then the operator, then the control plane.
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # A stopped agent leaves its workers running (serving replicas never end on their own); every
+  # worker the demo started names the demo's state directory in its arguments.
+  pkill -TERM -f -- "$state/" 2>/dev/null || true
   echo "demo: stopped everything it started"
 }
 trap cleanup EXIT INT TERM
