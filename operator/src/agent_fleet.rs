@@ -145,6 +145,27 @@ impl std::fmt::Debug for AgentFleet {
 // === impl AgentFleet ===
 
 impl Inner {
+    /// The UUID of GPU `index` on `node`, as its agent reported it.
+    fn gpu_uuid(&self, node: &str, index: i32) -> Option<String> {
+        let rec = self.server.fleet().node(node)?;
+        rec.gpus.iter().find(|g| i64::from(g.index) == i64::from(index)).map(|g| g.uuid.clone())
+    }
+
+    /// Remember that this process launches `specs` for attempt `id`: each rank starts out
+    /// Launching, and the attempt's report is complete without waiting for the fence timeout.
+    fn record_launch(&self, id: &AttemptId, specs: &[(String, WorkerLaunchSpec)]) {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = attempts.entry(id.clone()).or_default();
+        seen.launched_here = true;
+        for (node, spec) in specs {
+            seen.ranks.entry(spec.rank).or_insert(RankSeen {
+                node: node.clone(),
+                gpu_uuids: spec.gpu_uuids.clone(),
+                state: RankState::Launching,
+            });
+        }
+    }
+
     /// Tell the controllers to look at the workloads whose UID `pick` selects.
     fn announce(&self, pick: impl Fn(&str) -> bool) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
@@ -261,25 +282,10 @@ impl AgentFleet {
         let master_addr = reported
             .or_else(|| inner.args.worker_master_addr.clone())
             .unwrap_or_else(|| rank0.clone());
-        let fleet = inner.server.fleet();
-        let uuid_of = |node: &str, index: i32| {
-            let rec = fleet.node(node)?;
-            rec.gpus.iter().find(|g| i64::from(g.index) == i64::from(index)).map(|g| g.uuid.clone())
-        };
+        let uuid_of = |node: &str, index: i32| inner.gpu_uuid(node, index);
         let specs = launch_specs(&job, attempt, &uuid_of, &master_addr, &inner.args)?;
         let id: AttemptId = (key.uid.clone(), attempt as u64);
-        {
-            let mut attempts = inner.attempts.lock().unwrap_or_else(|e| e.into_inner());
-            let seen = attempts.entry(id.clone()).or_default();
-            seen.launched_here = true;
-            for (node, spec) in &specs {
-                seen.ranks.entry(spec.rank).or_insert(RankSeen {
-                    node: node.clone(),
-                    gpu_uuids: spec.gpu_uuids.clone(),
-                    state: RankState::Launching,
-                });
-            }
-        }
+        inner.record_launch(&id, &specs);
         let sent = futures::future::join_all(specs.iter().map(|(node, spec)| async move {
             (spec.rank, inner.server.launch_worker(node, spec, COMMAND_TIMEOUT).await)
         }))
@@ -675,25 +681,10 @@ impl AgentFleet {
     ) -> Result<(), String> {
         let inner = &self.0;
         let what = format!("InferenceService {}/{} {}", key.namespace, key.name, key.uid);
-        let fleet = inner.server.fleet();
-        let uuid_of = |node: &str, index: i32| {
-            let rec = fleet.node(node)?;
-            rec.gpus.iter().find(|g| i64::from(g.index) == i64::from(index)).map(|g| g.uuid.clone())
-        };
+        let uuid_of = |node: &str, index: i32| inner.gpu_uuid(node, index);
         let specs = replica_specs(&key.uid, attempt, replica, &uuid_of, &inner.args)?;
         let id: AttemptId = (key.uid.clone(), attempt as u64);
-        {
-            let mut attempts = inner.attempts.lock().unwrap_or_else(|e| e.into_inner());
-            let seen = attempts.entry(id.clone()).or_default();
-            seen.launched_here = true;
-            for (node, spec) in &specs {
-                seen.ranks.entry(spec.rank).or_insert(RankSeen {
-                    node: node.clone(),
-                    gpu_uuids: spec.gpu_uuids.clone(),
-                    state: RankState::Launching,
-                });
-            }
-        }
+        inner.record_launch(&id, &specs);
         let mut failures = Vec::new();
         for (node, spec) in &specs {
             if let Err(e) = inner.server.launch_worker(node, spec, COMMAND_TIMEOUT).await {
