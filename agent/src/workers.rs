@@ -127,6 +127,16 @@ impl WorkerSupervisor for ProcessSupervisor {
             .kill_on_drop(false);
         // Its own process group, so a stop reaches everything it started.
         command.as_std_mut().process_group(0);
+        // It dies with the agent (safety rule 1): an agent that crashes or is stopped must not
+        // leave workers training or serving that nobody supervises and no restarted agent
+        // knows of. The signal is SIGKILL, because nobody is left to wait for a checkpoint.
+        let agent_pid = std::process::id();
+        // SAFETY: `die_with_parent` makes only async-signal-safe calls (prctl, getppid) and
+        // allocates nothing, as code between fork and exec must.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.as_std_mut().pre_exec(move || die_with_parent(agent_pid));
+        }
         let mut child = command.spawn().map_err(|e| {
             SupervisorError::Failed(format!(
                 "job {} attempt {} rank {}: starting {}: {e}",
@@ -229,6 +239,20 @@ impl WorkerSupervisor for ProcessSupervisor {
     fn running(&self) -> Vec<RunningWorker> {
         self.workers.snapshot()
     }
+}
+
+/// In a worker between fork and exec: ask for SIGKILL when the agent dies, and fail the spawn if
+/// it already died (then the child was re-parented before the request could take effect).
+///
+/// Linux sends the signal when the *thread* that forked the child ends. Workers are forked by
+/// the agent's runtime worker threads (the link task), which live as long as the agent.
+fn die_with_parent(agent_pid: u32) -> std::io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+    if nix::unistd::getppid().as_raw() as u32 != agent_pid {
+        // The spawn fails and the child exits without running the worker.
+        return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+    }
+    Ok(())
 }
 
 /// The environment of a worker: the torchrun variables every training program understands,

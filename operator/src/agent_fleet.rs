@@ -58,6 +58,10 @@ struct RankSeen {
     node: String,
     gpu_uuids: Vec<String>,
     state: RankState,
+    /// The instance id of the node's agent that runs (or was asked to run) the worker; empty
+    /// when unknown. A different agent instance that does not list the worker means the agent
+    /// restarted, and the worker died with it.
+    instance: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,11 +161,14 @@ impl Inner {
         let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         let seen = attempts.entry(id.clone()).or_default();
         seen.launched_here = true;
+        let fleet = self.server.fleet();
         for (node, spec) in specs {
+            let instance = fleet.node(node).map(|n| n.instance_id).unwrap_or_default();
             seen.ranks.entry(spec.rank).or_insert(RankSeen {
                 node: node.clone(),
                 gpu_uuids: spec.gpu_uuids.clone(),
                 state: RankState::Launching,
+                instance,
             });
         }
     }
@@ -408,6 +415,7 @@ impl Fleet for AgentFleet {
                     node: rec.node.clone(),
                     gpu_uuids: w.gpu_uuids.clone(),
                     state: RankState::Running,
+                    instance: rec.instance_id.clone(),
                 });
             }
         }
@@ -474,6 +482,7 @@ fn fold(
         node: report.node.clone(),
         gpu_uuids: Vec::new(),
         state: RankState::Launching,
+        instance: String::new(),
     });
     let unchanged = if progressed { Folded::Progress } else { Folded::Nothing };
     if matches!(rank.state, RankState::Exited { .. }) {
@@ -516,6 +525,15 @@ fn merge_progress(seen: &mut AttemptSeen, p: &Progress, now: Instant) -> bool {
     seen.progress != before
 }
 
+/// True when the worker `rank` was started by an earlier agent process on its node than the
+/// one registered now, and the new one does not list it: it died with the old agent (workers
+/// get SIGKILL when their agent dies), so it is confirmed gone.
+fn agent_restarted_without(rec: &NodeRecord, seen: &RankSeen, rank: u32) -> bool {
+    !seen.instance.is_empty()
+        && rec.instance_id != seen.instance
+        && !rec.workers.iter().any(|w| w.rank == rank && seen.gpu_uuids == w.gpu_uuids)
+}
+
 /// The lifecycle's summary of an attempt from what is known of its workers and their nodes.
 /// `complete`: the known workers are all the attempt has.
 fn summarize(
@@ -538,8 +556,34 @@ fn summarize(
             RankState::Launching => {}
         }
         if silent(&seen.node) {
-            report.node_lost.get_or_insert_with(|| seen.node.clone());
+            report.node_lost.get_or_insert_with(|| HardwareFault {
+                node: seen.node.clone(),
+                gpu: None,
+                xid: None,
+                message: format!(
+                    "node {} stopped reporting for longer than the fence timeout ({}s)",
+                    seen.node,
+                    fence_timeout.as_secs()
+                ),
+            });
             continue;
+        }
+        if let Some(rec) = nodes.get(&seen.node) {
+            if agent_restarted_without(rec, seen, rank) {
+                report.node_lost.get_or_insert_with(|| HardwareFault {
+                    node: seen.node.clone(),
+                    gpu: None,
+                    xid: None,
+                    message: format!(
+                        "the agent on {} restarted and no longer runs worker {rank}: workers die with their agent",
+                        seen.node
+                    ),
+                });
+                continue;
+            }
+            if !rec.connected || rec.lost {
+                report.node_unreachable.get_or_insert_with(|| seen.node.clone());
+            }
         }
         stopped = false;
         if report.fault.is_none()
@@ -771,7 +815,7 @@ pub fn replica_specs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::GpuRecord;
+    use crate::agents::{GpuRecord, RunningWorkerRecord};
     use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand};
     use crate::crd::{Attempt, JobPhase, Placement, WorkerPlacement};
 
@@ -933,6 +977,7 @@ mod tests {
                     node: "a".into(),
                     gpu_uuids: vec!["GPU-1".into()],
                     state: RankState::Running,
+                    instance: "i".into(),
                 },
             ),
             (
@@ -941,6 +986,7 @@ mod tests {
                     node: "b".into(),
                     gpu_uuids: vec!["GPU-0".into()],
                     state: RankState::Running,
+                    instance: "i".into(),
                 },
             ),
         ]);
@@ -957,8 +1003,52 @@ mod tests {
         let r = summarize(&ranks, true, &nodes, FENCE);
         let fault = r.fault.expect("fault");
         assert_eq!((fault.node.as_str(), fault.gpu, fault.xid), ("a", Some(1), Some(79)));
-        assert_eq!(r.node_lost.as_deref(), Some("b"));
+        assert_eq!(r.node_lost.map(|l| l.node).as_deref(), Some("b"));
         assert!(!r.all_stopped, "rank 0 on node a still runs");
+    }
+
+    #[test]
+    fn a_restarted_agent_that_does_not_list_a_worker_means_it_is_gone_and_a_closed_stream_is_doubt()
+    {
+        let rank = |node: &str, uuid: &str| RankSeen {
+            node: node.into(),
+            gpu_uuids: vec![uuid.into()],
+            state: RankState::Running,
+            instance: "i".into(),
+        };
+        let ranks = BTreeMap::from([(0, rank("a", "GPU-0")), (1, rank("b", "GPU-0"))]);
+        let (name, mut restarted) = node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO);
+        restarted.instance_id = "j".into();
+        let mut nodes = HashMap::from([
+            (name, restarted),
+            node("b", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),
+        ]);
+        let r = summarize(&ranks, true, &nodes, FENCE);
+        let lost = r.node_lost.expect("rank 0's agent restarted without it");
+        assert_eq!(lost.node, "a");
+        assert!(lost.message.contains("restarted"), "{}", lost.message);
+        assert!(!r.all_stopped, "rank 1 on node b still runs");
+
+        // The same worker listed by the new agent (adopted across its restart) is not lost.
+        nodes.get_mut("a").unwrap().workers.push(RunningWorkerRecord {
+            job_uid: "job".into(),
+            attempt: 1,
+            rank: 0,
+            pid: 7,
+            gpu_uuids: vec!["GPU-0".into()],
+        });
+        assert_eq!(summarize(&ranks, true, &nodes, FENCE).node_lost, None);
+
+        // A closed stream (same instance): the worker's fate is unknown until the fence.
+        let nodes = HashMap::from([
+            node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),
+            node("b", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),
+        ]);
+        let mut nodes = nodes;
+        nodes.get_mut("b").unwrap().connected = false;
+        let r = summarize(&ranks, true, &nodes, FENCE);
+        assert_eq!((r.node_lost, r.node_unreachable.as_deref()), (None, Some("b")));
+        assert!(!r.all_stopped, "an unreachable node's worker is not confirmed stopped");
     }
 
     #[test]

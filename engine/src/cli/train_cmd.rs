@@ -118,8 +118,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         !args.no_progress_bar && args.rank == 0,
     );
     let layers: Vec<usize> = trainer.model().moe_blocks().map(|(i, _)| i).collect();
+    let mut first_step = true;
     while trainer.step() < total {
         let report = trainer.train_step(stop.load(Ordering::SeqCst))?;
+        if std::mem::take(&mut first_step) {
+            // The moment a (re)started gang trains again: what recovery time is measured to.
+            tracing::info!(step = report.step, "first step of this run done");
+        }
         let biases: Vec<Vec<f32>> =
             trainer.model().moe_blocks().map(|(_, b)| b.bias.clone()).collect();
         train_metrics.observe_step(&report, &layers, &biases);

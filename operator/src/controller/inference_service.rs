@@ -155,8 +155,8 @@ fn failure(report: &AttemptReport) -> Option<(bool, String)> {
     if let Some(f) = &report.fault {
         return Some((true, format!("hardware fault: {}", f.message)));
     }
-    if let Some(node) = &report.node_lost {
-        return Some((true, format!("node {node} lost (agent silent past the fence timeout)")));
+    if let Some(lost) = &report.node_lost {
+        return Some((true, format!("node lost: {}", lost.message)));
     }
     let exit = report.exits.first()?;
     let how = match (exit.code, exit.signal) {

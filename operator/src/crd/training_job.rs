@@ -256,7 +256,8 @@ pub enum PlacementStrategy {
     /// Fill as few nodes as possible (fast collectives, leaves whole nodes free).
     #[default]
     Pack,
-    /// Use as many nodes as possible (smaller blast radius per node fault).
+    /// At most one worker per node (smaller blast radius per node fault); a gang that cannot
+    /// spread that far waits.
     Spread,
 }
 

@@ -249,14 +249,20 @@ impl<'f, 'a> Step<'f, 'a> {
         if let Some(fault) = &report.fault {
             return self.restart_for_hardware(RestartCause::HardwareFault, fault.clone());
         }
-        if let Some(node) = &report.node_lost {
-            let fault = HardwareFault {
-                node: node.clone(),
-                gpu: None,
-                xid: None,
-                message: format!("node {node} stopped reporting for longer than the fence timeout"),
-            };
-            return self.restart_for_hardware(RestartCause::NodeLost, fault);
+        if let Some(lost) = &report.node_lost {
+            return self.restart_for_hardware(RestartCause::NodeLost, lost.clone());
+        }
+        if let Some(node) = &report.node_unreachable {
+            // Peers of a worker on a vanished node exit on their own within seconds; charging
+            // those exits to the job would fail it for a hardware loss. Wait for the node to come
+            // back (its reports then tell) or for the fence timeout (then it is NodeLost).
+            let n = self.attempt_number().unwrap_or_default();
+            let note = format!(
+                "the agent on {node} is unreachable; attempt {n} waits for it to reconnect or for the fence timeout before restarting"
+            );
+            self.condition(ct::READY, false, "NodeUnreachable", &note);
+            // Look again soon: the fence timeout ends the wait, and nothing else announces it.
+            return self.requeue_within(SignedDuration::from_secs(1));
         }
         let policy = &f.spec.restart_policy;
         let classified: Vec<_> =
@@ -285,6 +291,15 @@ impl<'f, 'a> Step<'f, 'a> {
         }
         if let Some(by) = &f.preempted_by {
             return self.restart_for_preemption(by);
+        }
+        let was_unreachable =
+            self.t.status.conditions.iter().any(|c| {
+                c.type_ == ct::READY && c.status == "False" && c.reason == "NodeUnreachable"
+            });
+        if self.phase() == JobPhase::Running && was_unreachable {
+            let n = self.attempt_number().unwrap_or_default();
+            let note = format!("every node of attempt {n} is reachable again");
+            self.condition(ct::READY, true, "Running", &note);
         }
         if self.phase() == JobPhase::Scheduled && report.running + succeeded >= f.spec.workers {
             let n = self.attempt_number().unwrap_or_default();
@@ -353,8 +368,12 @@ impl<'f, 'a> Step<'f, 'a> {
         self.record(cause, fault.message.clone(), None, Some(&fault));
         let note =
             format!("{}; restarting elsewhere without spending the restart budget", fault.message);
-        self.condition(ct::READY, false, "HardwareFault", &fault.message);
-        self.goto(JobPhase::Restarting, true, "HardwareFault", note);
+        let reason = match cause {
+            RestartCause::NodeLost => "NodeLost",
+            _ => "HardwareFault",
+        };
+        self.condition(ct::READY, false, reason, &fault.message);
+        self.goto(JobPhase::Restarting, true, reason, note);
         self.requeue_within(POLL);
     }
 

@@ -96,8 +96,13 @@ pub struct AttemptReport {
     pub exits: Vec<WorkerExit>,
     /// A hardware fault under the attempt, if any.
     pub fault: Option<HardwareFault>,
-    /// A node of the attempt whose agent has not been heard from for longer than the fence timeout.
-    pub node_lost: Option<String>,
+    /// A node of the attempt whose workers are gone with it: its agent has not been heard from
+    /// for longer than the fence timeout, or it restarted (workers die with their agent).
+    pub node_lost: Option<HardwareFault>,
+    /// A node of the attempt whose agent's stream is closed or silent past the heartbeat
+    /// timeout, but not yet for the fence timeout: its workers' fate is unknown, so exits of
+    /// the other workers (who lose their peer) are not charged to the job yet.
+    pub node_unreachable: Option<String>,
     /// Every worker of the attempt is confirmed dead (or the fence timeout passed), so another
     /// attempt may start. True when the attempt never launched anything.
     pub all_stopped: bool,

@@ -102,6 +102,10 @@ fn condition<'a>(t: &'a Transition, type_: &str) -> Option<&'a str> {
     t.status.conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
 }
 
+fn reason<'a>(t: &'a Transition, type_: &str) -> Option<&'a str> {
+    t.status.conditions.iter().find(|c| c.type_ == type_).map(|c| c.reason.as_str())
+}
+
 #[test]
 fn pending_valid_job_is_queued_with_an_event() {
     let t = Case::new(JobPhase::Pending, None).decide();
@@ -304,11 +308,52 @@ fn a_preemption_request_names_the_attempt_it_targets() {
 #[test]
 fn lost_node_restarts_as_hardware() {
     let mut c = Case::new(JobPhase::Scheduled, Some(1));
-    c.report.node_lost = Some("node-0".into());
+    c.report.node_lost = Some(HardwareFault {
+        node: "node-0".into(),
+        gpu: None,
+        xid: None,
+        message: "node node-0 stopped reporting".into(),
+    });
     let t = c.decide();
     assert_eq!(t.status.phase, JobPhase::Restarting);
-    assert_eq!(t.status.restart_history.last().unwrap().cause, RestartCause::NodeLost);
-    assert_eq!(t.status.restarts, 0);
+    let last = t.status.restart_history.last().unwrap();
+    assert_eq!((last.cause, last.node.as_deref()), (RestartCause::NodeLost, Some("node-0")));
+    assert_eq!((t.status.restarts, t.status.hardware_restarts), (0, 1));
+    assert_eq!(reason(&t, "Ready"), Some("NodeLost"));
+}
+
+#[test]
+fn exits_while_a_node_is_unreachable_wait_for_the_node_instead_of_spending_the_budget() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.running = 1;
+    c.report.exits = vec![exit(1, 1)];
+    c.report.node_unreachable = Some("node-0".into());
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running, "no restart while node-0 is in doubt");
+    assert_eq!((t.status.restarts, t.status.hardware_restarts), (0, 0));
+    assert_eq!(reason(&t, "Ready"), Some("NodeUnreachable"));
+    assert!(t.effects.is_empty(), "nothing stopped or launched: {:?}", t.effects);
+
+    // The node comes back: its worker's own report decides (here: rank 1's exit is charged).
+    c.status = t.status.clone();
+    c.report.node_unreachable = None;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!(t.status.restarts, 1);
+}
+
+#[test]
+fn a_node_back_before_any_exit_makes_the_job_ready_again() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.running = 2;
+    c.report.node_unreachable = Some("node-0".into());
+    let t = c.decide();
+    assert_eq!(reason(&t, "Ready"), Some("NodeUnreachable"));
+    c.status = t.status.clone();
+    c.report.node_unreachable = None;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert_eq!(reason(&t, "Ready"), Some("Running"));
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Helpers of the end-to-end tests: the operator and two agents with simulated GPUs as real
+//! Helpers of the end-to-end tests: the operator and two (or more) agents with simulated GPUs as real
 //! processes, and a tiny-engine TrainingJob.
 
 #![allow(dead_code)]
@@ -84,7 +84,8 @@ impl Drop for Process {
 
 pub fn start_agent(node: &str, operator_port: u16, admin_port: u16, dir: &Path) -> Process {
     let log = dir.join(format!("agent-{node}.log"));
-    let file = std::fs::File::create(&log).expect("agent log");
+    // Appended to: a restarted agent keeps its predecessor's lines.
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
     let child = Command::new(binary("flotilla-agent", "flotilla-agent"))
         .arg("run")
         .env("FLOTILLA_NODE_NAME", node)
@@ -129,7 +130,7 @@ pub fn job(name: &str, steps: u64, checkpoint_every: u64) -> TrainingJob {
     )
 }
 
-/// The operator and two agents (4 simulated GPUs each, admin servers on known ports).
+/// The operator and its agents (4 simulated GPUs each, admin servers on known ports).
 pub struct Rig {
     /// The operator.
     pub operator: Operator,
@@ -150,6 +151,8 @@ struct OperatorSettings {
     namespace: String,
     agent_port: u16,
     master_port_base: String,
+    /// Further environment (timeouts a test shortens).
+    env: Vec<(String, String)>,
 }
 
 fn start_operator(s: &OperatorSettings, dir: &Path, log_name: &str) -> Operator {
@@ -172,6 +175,7 @@ fn start_operator(s: &OperatorSettings, dir: &Path, log_name: &str) -> Operator 
         .env("FLOTILLA_CHECKPOINT_ROOT", dir.join("checkpoints"))
         .env("FLOTILLA_WORKER_MASTER_ADDR", "127.0.0.1")
         .env("FLOTILLA_MASTER_PORT_BASE", &s.master_port_base)
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
         .stdout(file.try_clone().expect("log"))
         .stderr(file)
         .spawn()
@@ -180,8 +184,19 @@ fn start_operator(s: &OperatorSettings, dir: &Path, log_name: &str) -> Operator 
 }
 
 impl Rig {
-    /// Start everything and wait until both agents' GpuNodes show 4 healthy GPUs.
+    /// Start everything with two agents and wait until their GpuNodes show 4 healthy GPUs.
     pub async fn start(cp: &flotilla_tests::ControlPlane, ns: &str, client: &kube::Client) -> Rig {
+        Rig::start_with(cp, ns, client, 2, &[]).await
+    }
+
+    /// [`Rig::start`] with `nodes` agents (named a, b, c, …) and further operator environment.
+    pub async fn start_with(
+        cp: &flotilla_tests::ControlPlane,
+        ns: &str,
+        client: &kube::Client,
+        nodes: usize,
+        operator_env: &[(&str, &str)],
+    ) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let agent_port = free_port();
         let settings = OperatorSettings {
@@ -189,9 +204,10 @@ impl Rig {
             namespace: ns.to_string(),
             agent_port,
             master_port_base: master_port_base(),
+            env: operator_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let operator = start_operator(&settings, dir.path(), "operator.log");
-        let agents = ["a", "b"]
+        let agents = ["a", "b", "c", "d"][..nodes]
             .iter()
             .map(|n| {
                 let admin = free_port();
@@ -216,6 +232,21 @@ impl Rig {
     pub fn kill_operator(&mut self) {
         self.operator.child.kill().expect("SIGKILL the operator");
         self.operator.child.wait().expect("reaping the operator");
+    }
+
+    /// SIGKILL the agent of `node` (no clean shutdown) and wait for it to be gone.
+    pub fn kill_agent(&mut self, node: &str) {
+        let (agent, _) = self.agents.iter_mut().find(|(p, _)| p.node == node).expect("agent");
+        agent.child.kill().expect("SIGKILL the agent");
+        agent.child.wait().expect("reaping the agent");
+    }
+
+    /// Start the agent of `node` again (after [`Rig::kill_agent`]), on the same admin port.
+    pub fn restart_agent(&mut self, node: &str) {
+        let agent_port = self.settings.agent_port;
+        let dir = self.dir.path().to_path_buf();
+        let (agent, admin) = self.agents.iter_mut().find(|(p, _)| p.node == node).expect("agent");
+        *agent = start_agent(node, agent_port, *admin, &dir);
     }
 
     /// Start a new operator with the same settings (identity, agent port, checkpoint root).
