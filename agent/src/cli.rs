@@ -118,6 +118,15 @@ pub struct RunArgs {
     /// the GpuNode's `status.adminUrl` for `kubectl flotilla`); default `http://<--admin-addr>`.
     #[arg(long, env = "FLOTILLA_AGENT_ADMIN_URL")]
     pub admin_advertise_url: Option<String>,
+    /// The IP address workers on this node are reached at (rendezvous, serving endpoints);
+    /// shown as the GpuNode's `status.address`. Default: the address the operator sees the
+    /// agent's connection come from (unless that is a loopback address).
+    #[arg(long, env = "FLOTILLA_NODE_ADDRESS", value_parser = parse_ip)]
+    pub advertise_address: Option<std::net::IpAddr>,
+}
+
+fn parse_ip(value: &str) -> Result<std::net::IpAddr, String> {
+    value.parse().map_err(|_| format!("expected an IPv4 or IPv6 address, got {value:?}"))
 }
 
 impl RunArgs {
@@ -240,6 +249,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let supervisor = crate::workers::ProcessSupervisor::new(args.worker_files())?;
             crate::link::set_admin_url(args.admin_url()?);
+            crate::link::set_node_address(
+                args.advertise_address.map(|a| a.to_string()).unwrap_or_default(),
+            );
             crate::admin::serve_worker_logs(supervisor.clone());
             let handle = crate::start(args.options()?, supervisor.clone()).await?;
             supervisor.attach(handle.worker_updates.clone());

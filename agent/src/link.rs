@@ -223,6 +223,14 @@ fn admin_url() -> String {
     ADMIN_URL.get().cloned().unwrap_or_default()
 }
 
+static NODE_ADDRESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the address this process's agent reports for its node's workers (once per process; empty
+/// leaves it to the operator, which then uses the address the connection comes from).
+pub fn set_node_address(address: String) {
+    let _ = NODE_ADDRESS.set(address);
+}
+
 fn registration(core: &AgentCore, supervisor: &dyn WorkerSupervisor) -> pb::AgentMessage {
     let health = core.health();
     let (last_seq, _) = core.seqs();
@@ -241,6 +249,7 @@ fn registration(core: &AgentCore, supervisor: &dyn WorkerSupervisor) -> pb::Agen
         workers: supervisor.running().iter().map(convert::running_worker).collect(),
         last_critical_seq: last_seq,
         admin_url: admin_url(),
+        address: NODE_ADDRESS.get().cloned().unwrap_or_default(),
     };
     pb::AgentMessage { body: Some(Up::Register(register)) }
 }

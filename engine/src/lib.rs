@@ -6,6 +6,16 @@
 
 pub mod config;
 
+/// Exit codes of `flotilla-worker` that the operator tells apart (the others: 0 success, 1 a
+/// runtime failure, 143 stopped by a signal after checkpointing).
+pub mod exit {
+    /// The configuration or usage is invalid.
+    pub const INVALID_CONFIG: u8 = 2;
+    /// `serve` could not bind its port: a placement problem (the port is taken), not a model
+    /// that fails to load, so the replica is tried again rather than the rollout stopped.
+    pub const PORT_UNAVAILABLE: u8 = 3;
+}
+
 #[cfg(feature = "runtime")]
 pub mod checkpoint;
 #[cfg(feature = "runtime")]

@@ -171,3 +171,21 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
     assert_eq!(b.finish(Duration::from_secs(10)).0, Some(0));
     assert_eq!(final_loss(&resumed_out), final_loss(&expected_out));
 }
+
+#[test]
+fn serve_on_a_taken_port_exits_with_the_port_unavailable_code() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"))
+        .args(["serve", "--preset", "tiny", "--host", "127.0.0.1", "--port", &port])
+        .env_remove("FLOTILLA_CHECKPOINT_DIR")
+        .output()
+        .expect("running flotilla-worker serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(flotilla_engine::exit::PORT_UNAVAILABLE)),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("cannot bind 127.0.0.1:{port}")), "{stderr}");
+}

@@ -861,6 +861,7 @@ mod tests {
             last_fault: None,
             workers: Vec::new(),
             session: 1,
+            address: None,
         };
         (name.into(), rec)
     }

@@ -516,7 +516,7 @@ async fn workloads_set_only_variables_the_binaries_read() {
             "agent",
             "agent/src",
             // read by tracing's EnvFilter and by the NVIDIA container runtime; FLOTILLA_POD_IP
-            // only composes FLOTILLA_AGENT_ADMIN_URL through Kubernetes' $(VAR) expansion
+            // only composes FLOTILLA_AGENT_ADMIN_URL and FLOTILLA_NODE_ADDRESS through Kubernetes' $(VAR) expansion
             &[
                 "RUST_LOG",
                 "NVIDIA_VISIBLE_DEVICES",

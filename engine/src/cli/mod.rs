@@ -1,7 +1,8 @@
 //! Command line of `flotilla-worker`. Every flag has an environment fallback.
 //!
 //! Exit codes: 0 success; 1 runtime failure (lost peer, I/O, corrupt checkpoint); 2 invalid
-//! configuration or usage; 143 stopped by SIGTERM/SIGINT after writing a checkpoint.
+//! configuration or usage; 3 `serve` cannot bind its port; 143 stopped by SIGTERM/SIGINT after
+//! writing a checkpoint.
 
 mod serve_cmd;
 mod train_cmd;
@@ -16,7 +17,15 @@ use flotilla_engine::config::{EngineConfig, PRESETS};
 /// Exit code for a run stopped by a signal after checkpointing.
 pub const EXIT_TERMINATED: u8 = 143;
 /// Exit code for an invalid configuration.
-pub const EXIT_INVALID_CONFIG: u8 = 2;
+pub const EXIT_INVALID_CONFIG: u8 = flotilla_engine::exit::INVALID_CONFIG;
+
+/// `serve` could not bind its port (exits with [`flotilla_engine::exit::PORT_UNAVAILABLE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind {addr}: {source}")]
+pub struct PortUnavailable {
+    addr: String,
+    source: std::io::Error,
+}
 
 #[derive(Parser)]
 #[command(
@@ -123,6 +132,8 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<InvalidConfig>().is_some() {
                 ExitCode::from(EXIT_INVALID_CONFIG)
+            } else if e.downcast_ref::<PortUnavailable>().is_some() {
+                ExitCode::from(flotilla_engine::exit::PORT_UNAVAILABLE)
             } else {
                 ExitCode::FAILURE
             }

@@ -93,7 +93,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
-            .with_context(|| format!("cannot bind {}:{}", args.host, args.port))?;
+            .map_err(|source| super::PortUnavailable {
+                addr: format!("{}:{}", args.host, args.port),
+                source,
+            })?;
         println!("listening on {}", listener.local_addr()?);
         std::io::stdout().flush()?;
         axum::serve(listener, router(state))

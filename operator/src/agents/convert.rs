@@ -94,6 +94,16 @@ pub fn register(r: &pb::Register) -> Result<NodeRecord, String> {
         node: r.node_name.clone(),
         agent_version: r.agent_version.clone(),
         instance_id: r.instance_id.clone(),
+        address: match r.address.trim() {
+            "" => None,
+            a => Some(
+                a.parse::<std::net::IpAddr>()
+                    .map_err(|_| {
+                        format!("register.address: expected an IP address or nothing, got {a:?}")
+                    })?
+                    .to_string(),
+            ),
+        },
         backend: r.backend.clone(),
         gpus,
         applied_seq: 0,
@@ -154,5 +164,29 @@ pub fn apply_health(node: &mut NodeRecord, report: &pb::HealthReport) {
             gpu.temperature_c = Some(s.temperature_c);
             gpu.memory_used_bytes = Some(s.memory_used_bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration(address: &str) -> pb::Register {
+        pb::Register {
+            node_name: "node-a".into(),
+            instance_id: "i".into(),
+            address: address.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reported_address_must_be_an_ip_and_is_kept_normalised() {
+        assert_eq!(register(&registration("")).expect("none").address, None);
+        let v6 = register(&registration(" 2001:DB8::7 ")).expect("IPv6");
+        assert_eq!(v6.address.as_deref(), Some("2001:db8::7"));
+        let err = register(&registration("node-a.example")).expect_err("a name");
+        assert!(err.starts_with("register.address: expected an IP address"), "{err}");
+        assert!(err.contains("node-a.example"), "{err}");
     }
 }

@@ -106,6 +106,7 @@ async fn write(
     );
     let mut status = status;
     status.admin_url = admin_url;
+    status.address = record.address.clone();
     let patch = serde_json::json!({ "status": status });
     api.patch_status(&record.node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
@@ -186,6 +187,7 @@ mod tests {
             }),
             workers: vec![],
             session: 1,
+            address: None,
         }
     }
 

@@ -261,6 +261,7 @@ impl AgentService for AgentServer {
             return Err(Status::unavailable("this operator does not hold the leader lease; retry"));
         }
         let peer_cert = request.peer_certs().and_then(|certs| certs.first().cloned());
+        let peer_ip = request.remote_addr().map(|a| a.ip().to_canonical());
         let mut inbound = request.into_inner();
         let first =
             tokio::time::timeout(inner.config.register_timeout, inbound.message()).await.map_err(
@@ -288,7 +289,12 @@ impl AgentService for AgentServer {
             }
             None => {}
         }
-        let record = convert::register(&register).map_err(Status::invalid_argument)?;
+        let mut record = convert::register(&register).map_err(Status::invalid_argument)?;
+        // A loopback peer says nothing other hosts could use (one-host setups fall back to the
+        // operator's --worker-master-addr).
+        if record.address.is_none() {
+            record.address = peer_ip.filter(|ip| !ip.is_loopback()).map(|ip| ip.to_string());
+        }
         let node = record.node.clone();
         inner.fleet.set_admin_url(&node, &register.admin_url);
         let reg = inner.fleet.register(record);

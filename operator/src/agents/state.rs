@@ -110,6 +110,9 @@ pub struct NodeRecord {
     pub workers: Vec<RunningWorkerRecord>,
     /// Stream generation; a newer stream for the node supersedes older ones.
     pub session: u64,
+    /// Where the node's workers are reached: what the agent reported, else the address its
+    /// connection came from unless that is loopback; `None` when neither is known.
+    pub address: Option<String>,
 }
 
 impl NodeRecord {
@@ -346,6 +349,7 @@ mod tests {
             last_fault: None,
             workers: Vec::new(),
             session: 0,
+            address: None,
         }
     }
 

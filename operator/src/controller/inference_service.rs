@@ -221,7 +221,13 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
         }
         if let Some((hardware, why)) = failure(&report) {
             let never_served = r.state == ReplicaState::Starting;
-            if never_served && !hardware && r.revision == rev {
+            // A taken port says nothing about the model: the replica is launched again (on the
+            // next launch's port) instead of stopping the rollout.
+            let port_taken = report
+                .exits
+                .iter()
+                .any(|e| e.code == Some(i32::from(flotilla_engine::exit::PORT_UNAVAILABLE)));
+            if never_served && !hardware && !port_taken && r.revision == rev {
                 load_failure = Some(format!(
                     "replica {} (launch {}) of revision {rev} ({}) failed before it answered: {why}",
                     r.index,

@@ -346,6 +346,38 @@ fn a_model_that_fails_to_load_stops_the_rollout_and_old_replicas_keep_serving() 
 }
 
 #[test]
+fn a_replica_whose_port_is_taken_is_launched_again_and_does_not_stop_the_rollout() {
+    let mut world = World::new(&[("a", 4), ("b", 4)]);
+    let mut svc = ready_service(&mut world, 3);
+    svc.spec.model.checkpoint_path = "/ckpt/b".into();
+    let p = world.step(&mut svc);
+    let [(slot, attempt)] = launches(&p)[..] else { panic!("{:?}", p.effects) };
+    let taken = i32::from(flotilla_engine::exit::PORT_UNAVAILABLE);
+    world.reports.insert(
+        replica_id("u", slot, attempt),
+        AttemptReport {
+            exits: vec![WorkerExit { rank: 0, code: Some(taken), signal: None }],
+            all_stopped: true,
+            ..Default::default()
+        },
+    );
+    let p = world.step(&mut svc);
+    assert_ne!(condition(&p, PROGRESSING).1, "ModelLoadFailed");
+    assert_eq!(p.status.failed_revision, None);
+    assert!(!p.events.iter().any(|e| e.1 == "ModelLoadFailed"), "{:?}", p.events);
+    let relaunch: Vec<_> = p
+        .status
+        .replicas
+        .iter()
+        .filter(|r| {
+            r.index == slot && r.attempt > attempt && r.checkpoint.as_deref() == Some("/ckpt/b")
+        })
+        .map(|r| r.state)
+        .collect();
+    assert_eq!(relaunch, vec![ReplicaState::Starting], "slot {slot} launched again (a new port)");
+}
+
+#[test]
 fn a_replica_that_never_answers_counts_as_a_load_failure_after_the_startup_timeout() {
     let mut world = World::new(&[("a", 1)]);
     let mut svc = service(1);

@@ -186,6 +186,7 @@ fn node(name: &str, connected: bool, fault: Option<(i64, u32, Option<u32>)>) -> 
         }),
         workers: vec![],
         session: 1,
+        address: None,
     }
 }
 

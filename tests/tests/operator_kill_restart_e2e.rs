@@ -1,0 +1,91 @@
+//! End to end, an operator crash in the middle of a restart: XID 79 under a running job, and the
+//! operator SIGKILLed the moment the job's status shows the restart begun. A new operator with
+//! the same settings finishes the restart exactly once: one history record, one hardware
+//! restart, attempt 2 on healthy GPUs, never overlapping attempt 1, exactly the requested steps.
+
+mod e2e_support;
+mod operator_support;
+
+use e2e_support::{Rig, WAIT, assert_no_overlap, binary, job, walk};
+use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use kube::api::{Api, PostParams};
+use operator_support::{eventually, install_crds};
+use std::process::Command;
+use std::time::Duration;
+
+#[tokio::test]
+async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_once() {
+    let cp = flotilla_tests::control_plane().await;
+    install_crds(cp).expect("CRDs install");
+    let client = cp.client().await.expect("client");
+    let ns = flotilla_tests::namespace(&client, "opkillrs").await.expect("namespace");
+    let mut rig = Rig::start(cp, &ns, &client).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &job("opkillrs-e2e", 600, 20)).await.expect("create job");
+    let running = eventually(WAIT, "opkillrs-e2e Running", || async {
+        let s = jobs.get("opkillrs-e2e").await.ok()?.status?;
+        (s.phase == JobPhase::Running).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let first = running.attempt.expect("attempt").placement;
+    let checkpoints = rig.dir.path().join("checkpoints");
+    eventually(WAIT, "a first checkpoint", || async {
+        walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+
+    let victim = &first.workers[0];
+    let gpu = victim.gpus[0];
+    let admin = rig.agents.iter().find(|(p, _)| p.node == victim.node).expect("agent").1;
+    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
+        .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
+        .args(["--xid", "79"])
+        .output()
+        .expect("flotilla-agent inject");
+    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The first status that shows the restart: kill the operator right there.
+    let seen = eventually(Duration::from_secs(60), "the restart begun", || async {
+        let s = jobs.get("opkillrs-e2e").await.ok()?.status?;
+        (!s.restart_history.is_empty()).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    rig.kill_operator();
+    let at_kill = jobs.get("opkillrs-e2e").await.expect("job").status.expect("status");
+    let attempt_at_kill = at_kill.attempt.as_ref().map_or(0, |a| a.number);
+    println!(
+        "operator killed with the job {:?} (first seen {:?}), attempt {attempt_at_kill}",
+        at_kill.phase, seen.phase
+    );
+    rig.restart_operator();
+
+    let done = eventually(Duration::from_secs(300), "opkillrs-e2e Succeeded or Failed", || async {
+        let s = jobs.get("opkillrs-e2e").await.ok()?.status?;
+        s.phase.is_terminal().then_some(s)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    assert_eq!(done.phase, JobPhase::Succeeded, "{:?}\n{}", done.message, rig.logs());
+    assert_eq!(
+        (done.restarts, done.hardware_restarts, done.restart_history.len()),
+        (0, 1, 1),
+        "one restart, recorded once: {:?}\n{}",
+        done.restart_history,
+        rig.logs()
+    );
+    let record = &done.restart_history[0];
+    assert_eq!((record.cause, record.xid), (RestartCause::HardwareFault, Some(79)));
+    let second = done.attempt.expect("attempt");
+    assert_eq!(second.number, 2, "exactly one new attempt");
+    assert!(
+        !second.placement.workers.iter().any(|w| w.node == victim.node && w.gpus.contains(&gpu)),
+        "the failed GPU was placed again: {:?}",
+        second.placement
+    );
+    assert_eq!(done.progress.as_ref().map(|p| p.step), Some(600), "exactly the requested steps");
+    let attempts = assert_no_overlap(&rig.ledger("opkillrs-e2e"), &[]);
+    assert_eq!(attempts, vec![(1, vec![0, 1]), (2, vec![0, 1])]);
+}
