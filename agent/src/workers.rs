@@ -213,6 +213,10 @@ impl WorkerSupervisor for ProcessSupervisor {
             .map(|w| (w.id, w.pid))
             .collect();
         for (id, pid) in targets {
+            if !self.workers.begin_stop(&id) {
+                tracing::debug!(job = %id.job_uid, attempt = id.attempt, rank = id.rank, "already stopping");
+                continue;
+            }
             tracing::info!(job = %id.job_uid, attempt = id.attempt, rank = id.rank, reason, "stopping worker");
             self.signal_group(pid, Signal::SIGTERM);
             let registry = self.workers.clone();
@@ -282,12 +286,22 @@ pub fn worker_env(launch: &WorkerLaunch, progress_socket: &Path) -> BTreeMap<Str
 
 /// The running set, shared with the tasks that watch each worker.
 #[derive(Clone, Debug, Default)]
-struct Registry(Arc<Mutex<HashMap<WorkerId, RunningWorker>>>);
+struct Registry {
+    workers: Arc<Mutex<HashMap<WorkerId, RunningWorker>>>,
+    /// Workers sent SIGTERM and not yet gone.
+    stopping: Arc<Mutex<std::collections::HashSet<WorkerId>>>,
+}
 
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, RunningWorker>> {
         // A panic while holding this lock leaves a plain map behind; keep using it.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks `id` as stopping; false when it already was (a repeated stop: the worker got its
+    /// SIGTERM, and a second one would make it skip its checkpoint).
+    fn begin_stop(&self, id: &WorkerId) -> bool {
+        self.stopping.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone())
     }
 
     fn contains(&self, id: &WorkerId) -> bool {
@@ -300,6 +314,7 @@ impl Registry {
 
     fn remove(&self, id: &WorkerId) {
         self.lock().remove(id);
+        self.stopping.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
     }
 
     fn snapshot(&self) -> Vec<RunningWorker> {
@@ -571,6 +586,33 @@ mod tests {
         let alive = nix::sys::signal::kill(Pid::from_raw(grandchild), None).is_ok();
         assert!(!alive, "grandchild {grandchild} outlived its worker");
         assert!(sup.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_repeated_stop_sends_no_second_sigterm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sup, mut rx) = supervisor(dir.path());
+        // Counts SIGTERMs (like the engine, a second one would mean "skip the checkpoint"),
+        // exits 0 two seconds after the first.
+        let script = format!(
+            "cd {} && n=0; trap 'n=$((n+1)); echo $n > terms' TERM; \
+             while [ ! -f terms ]; do sleep 0.05; done; sleep 2; exit 0",
+            dir.path().display()
+        );
+        let job = launch("job-4", 1, &script);
+        sup.launch(job.clone()).expect("launch");
+        assert_eq!(next(&mut rx).await, WorkerUpdate::Started(job.id.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..3 {
+            sup.stop("job-4", 1, None, Duration::from_secs(30), "test").expect("stop");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match next(&mut rx).await {
+            WorkerUpdate::Exited { code, .. } => assert_eq!(code, Some(0)),
+            other => panic!("expected Exited, got {other:?}"),
+        }
+        let terms = std::fs::read_to_string(dir.path().join("terms")).expect("terms file");
+        assert_eq!(terms.trim(), "1", "three stops, one SIGTERM");
     }
 
     #[tokio::test]

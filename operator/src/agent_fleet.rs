@@ -101,6 +101,10 @@ enum Folded {
 /// A stale attempt's workers are asked to stop again after this long.
 const STALE_STOP_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A stop of an attempt is sent again at most this often (agents ignore repeats for workers
+/// already stopping, so this only saves messages).
+const STOP_RESEND_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Attempts of the job `uid` other than `current` whose workers agents listed as running.
 fn stale_attempts(uid: &str, current: i32, nodes: &HashMap<String, NodeRecord>) -> Vec<u64> {
     let mut stale: Vec<u64> = nodes
@@ -134,6 +138,9 @@ struct Inner {
     keys: Mutex<HashMap<String, WorkloadKey>>,
     /// Stale attempts this process asked agents to stop, and when.
     stale_stops: Mutex<HashMap<AttemptId, Instant>>,
+    /// When this process last asked agents to stop each attempt (the state machine asks again
+    /// on every look while workers of an attempt that is over still run).
+    stops_sent: Mutex<HashMap<AttemptId, Instant>>,
     /// When progress alone last woke each workload, by UID.
     progress_woken: Mutex<HashMap<String, Instant>>,
     changed: tokio::sync::mpsc::UnboundedSender<WorkloadKey>,
@@ -204,6 +211,7 @@ impl AgentFleet {
             keys: Mutex::default(),
             progress_woken: Mutex::default(),
             stale_stops: Mutex::default(),
+            stops_sent: Mutex::default(),
             changed,
             changes: Mutex::new(Some(changes)),
         }));
@@ -458,7 +466,23 @@ impl Fleet for AgentFleet {
     ) -> BoxFuture<'_, Result<(), String>> {
         let (key, reason) = (key.clone(), reason.to_string());
         self.0.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.uid.clone(), key.clone());
-        Box::pin(async move { self.stop_attempt(&key, attempt, &reason).await })
+        let now = Instant::now();
+        let id: AttemptId = (key.uid.clone(), attempt as u64);
+        let repeat = {
+            let mut sent = self.0.stops_sent.lock().unwrap_or_else(|e| e.into_inner());
+            let recent =
+                sent.get(&id).is_some_and(|t| now.duration_since(*t) < STOP_RESEND_INTERVAL);
+            if !recent {
+                sent.insert(id, now);
+            }
+            recent
+        };
+        Box::pin(async move {
+            if repeat {
+                return Ok(());
+            }
+            self.stop_attempt(&key, attempt, &reason).await
+        })
     }
 
     fn changes(&self) -> Option<futures::stream::BoxStream<'static, WorkloadKey>> {

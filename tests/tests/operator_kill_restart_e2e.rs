@@ -6,9 +6,10 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, assert_no_overlap, binary, job, walk};
+use e2e_support::{Rig, WAIT, binary, job, walk};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
-use kube::api::{Api, PostParams};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use operator_support::{eventually, install_crds};
 use std::process::Command;
 use std::time::Duration;
@@ -46,19 +47,38 @@ async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_on
         .expect("flotilla-agent inject");
     assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
 
-    // The first status that shows the restart: kill the operator right there.
-    let seen = eventually(Duration::from_secs(60), "the restart begun", || async {
-        let s = jobs.get("opkillrs-e2e").await.ok()?.status?;
-        (!s.restart_history.is_empty()).then_some(s)
+    // Kill the operator the moment a status write shows the restart begun (a watch sees it
+    // within milliseconds; polling would miss it: fault to new gang takes about 0.3 s here).
+    let watch = WatchParams::default().fields("metadata.name=opkillrs-e2e");
+    let mut events = jobs.watch(&watch, "0").await.expect("watch").boxed();
+    let seen = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(event) = events.try_next().await.expect("watch event") {
+            if let WatchEvent::Modified(job) = event
+                && let Some(s) = job.status
+                && !s.restart_history.is_empty()
+            {
+                return s;
+            }
+        }
+        panic!("the watch ended before the restart showed");
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    .unwrap_or_else(|_| panic!("no restart within 60 s\n{}", rig.logs()));
     rig.kill_operator();
     let at_kill = jobs.get("opkillrs-e2e").await.expect("job").status.expect("status");
     let attempt_at_kill = at_kill.attempt.as_ref().map_or(0, |a| a.number);
     println!(
-        "operator killed with the job {:?} (first seen {:?}), attempt {attempt_at_kill}",
-        at_kill.phase, seen.phase
+        "operator killed when the job showed {:?} (attempt {}); after the kill: {:?}, attempt \
+         {attempt_at_kill}",
+        seen.phase,
+        seen.attempt.as_ref().map_or(0, |a| a.number),
+        at_kill.phase
+    );
+    // The point of the test: the restart was still in flight (attempt 2 not yet running).
+    assert!(
+        seen.phase == JobPhase::Restarting || seen.phase == JobPhase::Queued,
+        "the kill came after the restart: {:?}",
+        seen.phase
     );
     rig.restart_operator();
 
@@ -86,6 +106,6 @@ async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_on
         second.placement
     );
     assert_eq!(done.progress.as_ref().map(|p| p.step), Some(600), "exactly the requested steps");
-    let attempts = assert_no_overlap(&rig.ledger("opkillrs-e2e"), &[]);
+    let attempts = rig.assert_ledger("opkillrs-e2e", &[]);
     assert_eq!(attempts, vec![(1, vec![0, 1]), (2, vec![0, 1])]);
 }

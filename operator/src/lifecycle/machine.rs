@@ -16,6 +16,7 @@ const POLL: SignedDuration = SignedDuration::from_secs(10);
 pub fn decide(facts: &JobFacts<'_>) -> Transition {
     let mut step = Step::new(facts);
     step.run();
+    step.stop_leftovers();
     step.finish()
 }
 
@@ -123,6 +124,25 @@ impl<'f, 'a> Step<'f, 'a> {
 
     fn finish(self) -> Transition {
         self.t
+    }
+
+    /// Workers run only in Scheduled and Running. In any other phase, an attempt whose workers
+    /// are not all confirmed stopped is asked to stop (again): the stop that goes with a
+    /// transition is lost if the operator dies between writing the status and sending it, and a
+    /// new operator must not wait forever for workers nobody told to stop. Repeats are cheap:
+    /// the fleet sends them at most every few seconds and agents ignore them for workers
+    /// already stopping.
+    fn stop_leftovers(&mut self) {
+        if has_live_attempt(self.phase()) || self.f.report.all_stopped {
+            return;
+        }
+        let Some(attempt) = self.attempt_number() else { return };
+        if self.t.effects.iter().any(|e| matches!(e, Effect::Stop { .. })) {
+            return;
+        }
+        let phase = self.phase();
+        let reason = format!("the job is {phase:?}; attempt {attempt} must not run");
+        self.t.effects.push(Effect::Stop { attempt, reason });
     }
 
     // --- helpers ---

@@ -170,7 +170,14 @@ fn next_attempt_waits_until_the_previous_is_confirmed_stopped() {
     c.report.all_stopped = false;
     let t = c.decide();
     assert_eq!(t.status.phase, JobPhase::Queued);
-    assert!(t.effects.is_empty(), "no launch while attempt 3 may still run");
+    assert_eq!(
+        t.effects,
+        vec![Effect::Stop {
+            attempt: 3,
+            reason: "the job is Queued; attempt 3 must not run".into()
+        }],
+        "no launch while attempt 3 may still run, only its stop"
+    );
     c.report.all_stopped = true;
     let t = c.decide();
     assert_eq!(t.status.attempt.as_ref().unwrap().number, 4);
@@ -357,6 +364,31 @@ fn a_node_back_before_any_exit_makes_the_job_ready_again() {
 }
 
 #[test]
+fn workers_of_an_attempt_that_is_over_are_asked_to_stop_on_every_look() {
+    // A new operator finds the job Restarting (the old one died before sending the stop).
+    let mut c = Case::new(JobPhase::Restarting, Some(1));
+    c.report.running = 2;
+    c.report.all_stopped = false;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert!(
+        matches!(t.effects[..], [Effect::Stop { attempt: 1, .. }]),
+        "stop sent again: {:?}",
+        t.effects
+    );
+    // Nor may workers run under a finished job.
+    c.status = status(JobPhase::Failed, Some(1));
+    let t = c.decide();
+    assert!(matches!(t.effects[..], [Effect::Stop { attempt: 1, .. }]), "{:?}", t.effects);
+    // Once they have stopped, nothing more is sent; a live attempt is never stopped this way.
+    c.report.all_stopped = true;
+    assert!(c.decide().effects.is_empty());
+    c.status = status(JobPhase::Running, Some(1));
+    c.report.all_stopped = false;
+    assert!(!c.decide().effects.iter().any(|e| matches!(e, Effect::Stop { .. })));
+}
+
+#[test]
 fn exit_code_classes_follow_the_policy() {
     let mut p = RestartPolicy::default();
     let e = |code| WorkerExit { rank: 0, code: Some(code), signal: None };
@@ -455,6 +487,7 @@ fn ttl_deletes_a_finished_job_only_after_it_passes() {
         let mut c = Case::new(phase, Some(1));
         c.spec.ttl_seconds_after_finished = Some(100);
         c.status.completion_time = Some(Time(at(0)));
+        c.report.all_stopped = true;
         c.now = at(40);
         let t = c.decide();
         assert!(t.effects.is_empty());
@@ -473,7 +506,7 @@ fn terminal_phases_never_change_or_launch() {
         c.spec.suspend = true;
         let t = c.decide();
         assert_eq!(t.status.phase, phase);
-        assert!(t.effects.is_empty());
+        assert!(!t.effects.iter().any(|e| matches!(e, Effect::Launch { .. })), "{:?}", t.effects);
         assert!(t.event.is_none());
     }
 }

@@ -346,6 +346,15 @@ impl Rig {
     }
 }
 
+impl Rig {
+    /// [`assert_no_overlap`] on the ledger of the job `name`, with every log on failure.
+    pub fn assert_ledger(&self, name: &str, no_end: &[(u64, u32)]) -> Vec<(u64, Vec<u32>)> {
+        let ledger = self.ledger(name);
+        std::panic::catch_unwind(|| assert_no_overlap(&ledger, no_end))
+            .unwrap_or_else(|_| panic!("the attempt ledger of {name} (above)\n{}", self.logs()))
+    }
+}
+
 fn parse_ledger_line(line: &str) -> Result<LedgerLine, String> {
     let f: Vec<&str> = line.split('\t').collect();
     let bad = |what: &str| format!("ledger line {line:?}: {what}");
