@@ -100,6 +100,9 @@ async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_on
     assert_eq!((record.cause, record.xid), (RestartCause::HardwareFault, Some(79)));
     let second = done.attempt.expect("attempt");
     assert_eq!(second.number, 2, "exactly one new attempt");
+    // The old gang was stopped, not left to train to the end beside a restart in limbo.
+    let resumed = second.resumed_from_step.unwrap_or(0);
+    assert!(resumed < 600, "attempt 2 resumed from step {resumed}: attempt 1 was never stopped");
     assert!(
         !second.placement.workers.iter().any(|w| w.node == victim.node && w.gpus.contains(&gpu)),
         "the failed GPU was placed again: {:?}",
