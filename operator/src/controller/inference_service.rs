@@ -628,6 +628,26 @@ fn replica_request(
     req
 }
 
+/// The replicas `svc` wants and has no live replica for, as waiting requests for the scheduler:
+/// training jobs placed meanwhile queue behind them by priority, so a job preempted for a
+/// replica cannot take the freed GPUs back before the replica is placed. None for a failed
+/// (invalid or blocked) service.
+pub fn waiting_replicas(svc: &InferenceService) -> Vec<flotilla_scheduler::JobRequest> {
+    let Some(uid) = svc.uid() else { return Vec::new() };
+    let status = svc.status.as_ref();
+    if svc.metadata.deletion_timestamp.is_some()
+        || status.is_some_and(|s| s.phase == ServicePhase::Failed)
+    {
+        return Vec::new();
+    }
+    let replicas = status.map_or(&[][..], |s| s.replicas.as_slice());
+    let arrival = svc.metadata.creation_timestamp.as_ref().map_or(0, |t| scheduling::unix(t.0));
+    (0..svc.spec.replicas)
+        .filter(|slot| !replicas.iter().any(|r| r.index == *slot && live(r)))
+        .map(|slot| replica_request(svc, &uid, slot).arrival(arrival))
+        .collect()
+}
+
 /// An invalid service: Valid=False, phase Failed, every running replica stopped.
 fn invalid_plan(
     svc: &InferenceService,

@@ -166,6 +166,16 @@ impl Context {
         held
     }
 
+    /// Service replicas waiting for a placement (see [`inference_service::waiting_replicas`]).
+    pub fn waiting_replicas(&self) -> Vec<flotilla_scheduler::JobRequest> {
+        let services = self.services.state();
+        services
+            .iter()
+            .filter_map(|g| g.0.as_ref().ok())
+            .flat_map(inference_service::waiting_replicas)
+            .collect()
+    }
+
     /// Forget an object's transient failures (after a successful reconciliation).
     pub fn succeeded(&self, key: &str) {
         self.failures.lock().expect("not poisoned").remove(key);

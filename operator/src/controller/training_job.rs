@@ -84,7 +84,8 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
         Some(a) => ctx.fleet.report(&key, a.number),
         None => AttemptReport { all_stopped: true, ..Default::default() },
     };
-    let t = plan(job, &others, &nodes, &held, report, Timestamp::now());
+    let replicas = ctx.waiting_replicas();
+    let t = plan(job, &others, &replicas, &nodes, &held, report, Timestamp::now());
 
     let old = job.status.clone().unwrap_or_default();
     let mut t = t;
@@ -200,6 +201,7 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
 pub fn plan(
     job: &TrainingJob,
     others: &[&TrainingJob],
+    waiting_replicas: &[flotilla_scheduler::JobRequest],
     nodes: &[GpuNode],
     booked: &BTreeMap<String, Placement>,
     report: AttemptReport,
@@ -225,7 +227,8 @@ pub fn plan(
     let mut preempt = Vec::new();
     let candidate = wants_placement.then(|| {
         let holdings = scheduling::holdings(others, booked, &job.uid().unwrap_or_default());
-        let waiting = scheduling::waiting_jobs(others, &holdings);
+        let mut waiting = scheduling::waiting_jobs(others, &holdings);
+        waiting.extend(waiting_replicas.iter().cloned());
         let me = scheduling::job_request(job);
         let now = scheduling::unix(now);
         let s = scheduling::schedule(&me, &waiting, nodes, &holdings, stopping.is_empty(), now);
@@ -367,6 +370,7 @@ mod tests {
         let t = plan(
             &job("a", 2, JobPhase::Queued),
             &[],
+            &[],
             &nodes,
             &BTreeMap::new(),
             stopped(),
@@ -383,6 +387,7 @@ mod tests {
         let first = plan(
             &job("a", 2, JobPhase::Queued),
             &[],
+            &[],
             &nodes,
             &BTreeMap::new(),
             stopped(),
@@ -391,14 +396,43 @@ mod tests {
         let mut running = job("a", 2, JobPhase::Running);
         running.status = Some(first.status.clone());
         let b = job("b", 1, JobPhase::Queued);
-        let t = plan(&b, &[&running], &nodes, &BTreeMap::new(), stopped(), Timestamp::now());
+        let t = plan(&b, &[&running], &[], &nodes, &BTreeMap::new(), stopped(), Timestamp::now());
         assert_eq!(t.status.phase, JobPhase::Queued, "all 4 GPUs are taken by job a");
         // The same when the cache has not caught up but this process booked the GPUs.
         let booked =
             BTreeMap::from([("uid-a".to_string(), first.status.attempt.unwrap().placement)]);
         let stale = job("a", 2, JobPhase::Queued);
-        let t = plan(&b, &[&stale], &nodes, &booked, stopped(), Timestamp::now());
+        let t = plan(&b, &[&stale], &[], &nodes, &booked, stopped(), Timestamp::now());
         assert_eq!(t.status.phase, JobPhase::Queued);
+    }
+
+    #[test]
+    fn a_waiting_replica_of_higher_priority_goes_first_and_the_job_waits() {
+        let nodes = [node("n1", 4)];
+        let replica =
+            flotilla_scheduler::JobRequest::new("svc-uid#0".to_string(), 1, 1).priority(10);
+        let t = plan(
+            &job("a", 2, JobPhase::Queued),
+            &[],
+            std::slice::from_ref(&replica),
+            &nodes,
+            &BTreeMap::new(),
+            stopped(),
+            Timestamp::now(),
+        );
+        assert_eq!(t.status.phase, JobPhase::Queued, "the replica takes one of the 4 GPUs first");
+        assert!(!t.effects.iter().any(|e| matches!(e, Effect::Launch { .. })));
+        // Without it, the job is placed.
+        let t = plan(
+            &job("a", 2, JobPhase::Queued),
+            &[],
+            &[],
+            &nodes,
+            &BTreeMap::new(),
+            stopped(),
+            Timestamp::now(),
+        );
+        assert_eq!(t.status.phase, JobPhase::Scheduled);
     }
 
     #[test]

@@ -355,7 +355,7 @@ impl Rig {
     }
 }
 
-fn parse_ledger_line(line: &str) -> Result<LedgerLine, String> {
+pub fn parse_ledger_line(line: &str) -> Result<LedgerLine, String> {
     let f: Vec<&str> = line.split('\t').collect();
     let bad = |what: &str| format!("ledger line {line:?}: {what}");
     if f.len() != 6 {
