@@ -9,6 +9,7 @@
 use crate::backend::{GpuDevice, GpuSample};
 use crate::health::Health;
 use crate::supervisor::{RunningWorker, WorkerSupervisor};
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -35,6 +36,9 @@ pub struct AgentMetrics {
     /// The GPUs seen so far (for moving their series), by UUID.
     devices: Arc<Mutex<HashMap<String, GpuDevice>>>,
     xid_events: IntCounterVec,
+    /// Every `xid_events` series created so far, by its labels, with the XIDs that wait for the
+    /// series' first scrape (0 once it was scraped). See [`AgentMetrics::observe_xid`].
+    xid_series: Arc<Mutex<HashMap<[String; 4], u64>>>,
     /// 1 while the stream to the operator is up.
     pub connected: IntGauge,
     /// Connections opened to the operator.
@@ -75,6 +79,19 @@ const DCGM_GAUGES: [(&str, &str); 16] = [
     ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed."),
     ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "Total number of single-bit volatile ECC errors."),
 ];
+
+/// The value of `gauge`'s series with `labels`, if that series exists (without creating it, as
+/// `get_metric_with_label_values` would).
+fn gauge_value(gauge: &GaugeVec, labels: &[&str; 7]) -> Option<f64> {
+    gauge.collect().iter().flat_map(|family| family.get_metric()).find_map(|m| {
+        let pairs = m.get_label();
+        let matches = pairs.len() == GPU_LABELS.len()
+            && GPU_LABELS.iter().zip(labels).all(|(name, value)| {
+                pairs.iter().any(|p| p.name() == *name && p.value() == *value)
+            });
+        matches.then(|| m.get_gauge().get_value())
+    })
+}
 
 impl AgentMetrics {
     /// Creates and registers every metric; `hostname` fills the `Hostname` label.
@@ -126,6 +143,7 @@ impl AgentMetrics {
             workers: Arc::default(),
             devices: Arc::default(),
             xid_events,
+            xid_series: Arc::default(),
             connected,
             connects,
             unacked_events,
@@ -143,6 +161,10 @@ impl AgentMetrics {
     /// a series under a holder that just left.
     fn lock_holders(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
         self.holders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_xid_series(&self) -> std::sync::MutexGuard<'_, HashMap<[String; 4], u64>> {
+        self.xid_series.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn labels<'a>(
@@ -163,6 +185,10 @@ impl AgentMetrics {
 
     /// Labels every GPU's series with the worker in `running` that holds it, moving the series
     /// of GPUs whose holder changed.
+    ///
+    /// Only series that exist are moved: a gauge the GPU never had under its old holder (the
+    /// last-XID gauge of a GPU without an XID, say) is not created under the new one, so no
+    /// made-up zero appears.
     pub fn set_holders(&self, running: &[RunningWorker]) {
         let mut now: HashMap<&str, Holder> = HashMap::new();
         for w in running {
@@ -181,8 +207,8 @@ impl AgentMetrics {
             let index = gpu.index.to_string();
             let (from, to) = (self.labels(gpu, &index, &old), self.labels(gpu, &index, &new));
             for gauge in self.gauges.iter().map(|(_, g)| g).chain([&self.health_state]) {
-                if let Ok(g) = gauge.get_metric_with_label_values(&from) {
-                    let value = g.get();
+                // `get_metric_with_label_values` would create the series it looks up, at 0.
+                if let Some(value) = gauge_value(gauge, &from) {
                     let _ = gauge.remove_label_values(&from);
                     gauge.with_label_values(&to).set(value);
                 }
@@ -226,17 +252,38 @@ impl AgentMetrics {
     }
 
     /// Records an XID: DCGM's last-XID gauge and Flotilla's per-XID counter.
+    ///
+    /// A counter series that first appears at 1 hides its first event from `increase()` and
+    /// `rate()`, which need two samples, and the first XID of a kind on a GPU is the one that
+    /// matters. The set of XIDs is open, so the series cannot all be made at startup; instead a
+    /// new series is created at 0 and the XIDs wait in `xid_unexposed` until a scrape has shown
+    /// it ([`Self::render`] adds them after encoding). The count is one scrape late the first
+    /// time only; later XIDs of the kind count at once.
     pub fn observe_xid(&self, gpu: &GpuDevice, xid: u32) {
         self.remember(gpu);
         let index = gpu.index.to_string();
-        let holders = self.lock_holders();
-        let holder = holders.get(&gpu.uuid).cloned().unwrap_or_default();
-        if let Some((_, g)) = self.gauges.iter().find(|(n, _)| *n == "DCGM_FI_DEV_XID_ERRORS") {
-            g.with_label_values(&self.labels(gpu, &index, &holder)).set(f64::from(xid));
+        {
+            let holders = self.lock_holders();
+            let holder = holders.get(&gpu.uuid).cloned().unwrap_or_default();
+            if let Some((_, g)) = self.gauges.iter().find(|(n, _)| *n == "DCGM_FI_DEV_XID_ERRORS") {
+                g.with_label_values(&self.labels(gpu, &index, &holder)).set(f64::from(xid));
+            }
         }
-        self.xid_events
-            .with_label_values(&[index.as_str(), &gpu.uuid, &self.hostname, &xid.to_string()])
-            .inc();
+        let labels = [index, gpu.uuid.clone(), self.hostname.clone(), xid.to_string()];
+        let mut series = self.lock_xid_series();
+        match series.get_mut(&labels) {
+            // Created, not scraped yet: one more XID waits.
+            Some(waiting) if *waiting > 0 => *waiting += 1,
+            // Scraped at least once: counts at once.
+            Some(_) => {
+                self.xid_events.with_label_values(&labels.each_ref().map(|l| l.as_str())).inc()
+            }
+            // New: the series appears at 0 and the XID waits for it to be scraped.
+            None => {
+                self.xid_events.with_label_values(&labels.each_ref().map(|l| l.as_str()));
+                series.insert(labels, 1);
+            }
+        }
     }
 
     /// Records a GPU's health.
@@ -255,9 +302,20 @@ impl AgentMetrics {
         if let Some(workers) = self.workers.get() {
             self.set_holders(&workers.running());
         }
+        // Held from before the gathering to the adding, so an XID series created meanwhile
+        // cannot have its XIDs added before a scrape showed it at 0.
+        let mut xid_series = self.lock_xid_series();
+        let families = self.registry.gather();
+        for (labels, waiting) in xid_series.iter_mut().filter(|(_, w)| **w > 0) {
+            self.xid_events
+                .with_label_values(&labels.each_ref().map(|l| l.as_str()))
+                .inc_by(*waiting);
+            *waiting = 0;
+        }
+        drop(xid_series);
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }
@@ -291,6 +349,7 @@ mod tests {
         m.observe_sample(&gpu, &sample);
         m.observe_xid(&gpu, 79);
         m.observe_health(&gpu, Health::Failed);
+        m.render(); // the XID counter's first scrape shows it at 0
         let text = m.render();
         let labels = r#"Hostname="node-a",UUID="GPU-abc",device="nvidia",gpu="3",job_uid="",modelName="NVIDIA H100 80GB HBM3",rank="""#;
         for line in [
@@ -341,5 +400,59 @@ mod tests {
         let temp = series(&m.render(), "DCGM_FI_DEV_GPU_TEMP");
         assert_eq!(temp.len(), 1, "{temp:?}");
         assert!(temp[0].contains(r#"job_uid="""#) && temp[0].ends_with(" 70"), "{temp:?}");
+    }
+
+    #[test]
+    fn a_new_xid_series_is_scraped_at_zero_before_it_counts() {
+        let m = AgentMetrics::new("node-a").expect("metrics");
+        let gpu = device();
+        let count = |text: &str, xid: u32| {
+            let prefix = format!(
+                r#"flotilla_gpu_xid_events_total{{Hostname="node-a",UUID="GPU-abc",gpu="3",xid="{xid}"}} "#
+            );
+            text.lines().find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+        };
+        m.observe_xid(&gpu, 79);
+        m.observe_xid(&gpu, 79);
+        let first = m.render();
+        assert_eq!(count(&first, 79).as_deref(), Some("0"), "{first}");
+        // The XIDs that waited for that scrape count from the next one on.
+        assert_eq!(count(&m.render(), 79).as_deref(), Some("2"));
+        // Once scraped, a series counts at once.
+        m.observe_xid(&gpu, 79);
+        assert_eq!(count(&m.render(), 79).as_deref(), Some("3"));
+        // Another XID gets its own series, at 0 first again.
+        m.observe_xid(&gpu, 13);
+        let text = m.render();
+        assert_eq!(
+            (count(&text, 13).as_deref(), count(&text, 79).as_deref()),
+            (Some("0"), Some("3"))
+        );
+        assert_eq!(count(&m.render(), 13).as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn moving_a_holder_moves_only_the_series_that_exist() {
+        let m = AgentMetrics::new("node-a").expect("metrics");
+        let (quiet, faulty) =
+            (device(), GpuDevice { index: 4, uuid: "GPU-def".into(), ..device() });
+        for gpu in [&quiet, &faulty] {
+            let sample = GpuSample { index: gpu.index, temperature_c: 61.0, ..Default::default() };
+            m.observe_sample(gpu, &sample);
+            m.observe_health(gpu, Health::Healthy);
+        }
+        m.observe_xid(&faulty, 13);
+        m.set_holders(&[worker("uid-1", 0, &["GPU-abc", "GPU-def"])]);
+        m.set_holders(&[worker("uid-2", 1, &["GPU-abc", "GPU-def"])]);
+        let text = m.render();
+        // The GPU without an XID has no last-XID series, under any holder.
+        let xid = series(&text, "DCGM_FI_DEV_XID_ERRORS");
+        assert_eq!(xid.len(), 1, "{xid:?}");
+        assert!(xid[0].contains(r#"UUID="GPU-def""#), "{xid:?}");
+        assert!(xid[0].contains(r#"job_uid="uid-2""#) && xid[0].ends_with(" 13"), "{xid:?}");
+        // The gauges both GPUs have moved, one series each, with their values.
+        let temp = series(&text, "DCGM_FI_DEV_GPU_TEMP");
+        assert_eq!(temp.len(), 2, "{temp:?}");
+        assert!(temp.iter().all(|t| t.contains(r#"rank="1""#) && t.ends_with(" 61")), "{temp:?}");
     }
 }

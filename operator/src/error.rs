@@ -39,6 +39,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Every [`Error::metric_label`], so the error metric's series can exist at 0 before the
+    /// first error of each kind (a test keeps the two in step).
+    pub const METRIC_LABELS: [&'static str; 6] =
+        ["kube", "finalizer", "malformed", "missing_field", "json", "fleet"];
+
     /// A short label for the `error` dimension of the error metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -61,5 +66,27 @@ impl Error {
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_label_is_listed() {
+        let status: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": 409})).expect("status");
+        let json = serde_json::from_str::<u8>("x").expect_err("not a number");
+        let errors = [
+            Error::Kube(kube::Error::Api(Box::new(status))),
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
+            Error::Malformed { kind: "TrainingJob", name: "ns/a".into(), message: "bad".into() },
+            Error::MissingField("metadata.uid"),
+            Error::Json(json),
+            Error::Fleet("down".into()),
+        ];
+        let labels: Vec<&str> = errors.iter().map(Error::metric_label).collect();
+        assert_eq!(labels, Error::METRIC_LABELS);
     }
 }

@@ -5,6 +5,7 @@
 //! reconciliations, their errors, the scheduler's decision time and the lease are recorded where
 //! they happen.
 
+use crate::crd::JobPhase;
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -31,6 +32,22 @@ pub const XID_CLASSES: [&str; 6] =
 
 /// The reasons of `flotilla_operator_restarts_total` (the restart causes).
 pub const RESTART_REASONS: [&str; 4] = ["WorkerExit", "HardwareFault", "NodeLost", "Preempted"];
+
+/// The kinds the controllers reconcile (the `kind` label of the reconcile metrics).
+pub const KINDS: [&str; 3] = ["TrainingJob", "InferenceService", "GpuNode"];
+
+/// The phases of a TrainingJob (the `phase` label of its phase transitions). InferenceService
+/// transitions are labelled with event reasons, an open set, so they are not made in advance.
+const JOB_PHASES: [JobPhase; 8] = [
+    JobPhase::Pending,
+    JobPhase::Queued,
+    JobPhase::Scheduled,
+    JobPhase::Running,
+    JobPhase::Restarting,
+    JobPhase::Suspended,
+    JobPhase::Succeeded,
+    JobPhase::Failed,
+];
 
 /// Every metric the operator exports.
 #[derive(Clone)]
@@ -151,7 +168,19 @@ impl Metrics {
             "Agents with an open stream that are not lost",
         )
         .expect("valid metric");
-        // Series that exist before their first event, so `increase()` counts that event too.
+        // Series that exist before their first event, so `increase()` counts that event too:
+        // a counter series that first appears at 1 has no earlier sample to increase from.
+        // Only where the label values are a known, fixed set.
+        for kind in KINDS {
+            reconciles.with_label_values(&[kind]);
+            reconcile_seconds.with_label_values(&[kind]);
+            for error in crate::error::Error::METRIC_LABELS {
+                reconcile_errors.with_label_values(&[kind, error]);
+            }
+        }
+        for phase in JOB_PHASES {
+            phase_transitions.with_label_values(&["TrainingJob", phase.as_str()]);
+        }
         for class in XID_CLASSES {
             gpu_faults.with_label_values(&[class]);
         }
@@ -239,6 +268,11 @@ mod tests {
             "flotilla_operator_time_to_recover_seconds_sum{kind=\"TrainingJob\",reason=\"HardwareFault\"} 7",
             "flotilla_operator_agents_connected 2",
             "flotilla_operator_scheduling_decision_seconds_count",
+            // Made at 0 before their first event.
+            "flotilla_operator_reconciles_total{kind=\"GpuNode\"} 0",
+            "flotilla_operator_reconcile_errors_total{error=\"fleet\",kind=\"InferenceService\"} 0",
+            "flotilla_operator_phase_transitions_total{kind=\"TrainingJob\",phase=\"Succeeded\"} 0",
+            "flotilla_operator_phase_transitions_total{kind=\"TrainingJob\",phase=\"Failed\"} 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -79,12 +79,21 @@ impl Prometheus {
 
     /// The series an instant query returns, or Prometheus's error.
     fn query(&self, expr: &str) -> Result<Vec<Json>, String> {
-        let body = curl(&[
-            "--get",
-            "--data-urlencode",
-            &format!("query={expr}"),
-            &format!("{}/api/v1/query", self.url),
-        ])?;
+        self.query_at(expr, None)
+    }
+
+    /// The series an instant query at `time` (Unix seconds; now if none) returns.
+    fn query_at(&self, expr: &str, time: Option<f64>) -> Result<Vec<Json>, String> {
+        let time = time.map(|t| format!("time={t:.3}"));
+        let mut args = vec!["--get", "--data-urlencode"];
+        let query = format!("query={expr}");
+        args.push(&query);
+        if let Some(t) = &time {
+            args.extend(["--data-urlencode", t]);
+        }
+        let url = format!("{}/api/v1/query", self.url);
+        args.push(&url);
+        let body = curl(&args)?;
         let reply: Json =
             serde_json::from_str(&body).map_err(|e| format!("not JSON ({e}): {body}"))?;
         if reply["status"] != "success" {
@@ -181,6 +190,24 @@ fn sample(series: &Json) -> String {
         })
         .unwrap_or_default();
     format!("{{{}}} {value}", labels.join(","))
+}
+
+/// The "Failed GPUs" panel's query, as the dashboard has it.
+fn failed_gpus_panel() -> String {
+    panel_queries()
+        .into_iter()
+        .find(|(file, title, _)| file == "fleet-health.json" && title == "Failed GPUs")
+        .map(|(_, _, expr)| fill(&expr))
+        .expect("the Failed GPUs panel")
+}
+
+/// The first series' value of an instant query, as a number.
+fn first_value(series: &[Json]) -> Option<f64> {
+    series.first()?["value"][1].as_str()?.parse().ok()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64()
 }
 
 /// Keeps Prometheus's worker targets file up to date as workers start (new attempts, new ports).
@@ -305,6 +332,7 @@ async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_
         )
     });
 
+    let mut failures = Vec::new();
     // A GPU failure: XID 79 under rank 0; the job restarts elsewhere.
     let victim = &first.placement.workers[0];
     let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
@@ -313,17 +341,72 @@ async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_
         .output()
         .expect("flotilla-agent inject");
     assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
-    eventually(WAIT, "prom-e2e attempt 2 running", || async {
-        let s = jobs.get("prom-e2e").await.ok()?.status?;
-        let a = s.attempt?;
-        (a.number == 2 && a.start_time.is_some() && s.phase == JobPhase::Running).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+
+    // Through the fault (the GPU fails, its worker goes, the job restarts elsewhere, so the
+    // GPU's holder labels change), the "Failed GPUs" panel and the FlotillaGpuFailed expression
+    // are evaluated at the same instants: whenever the alert holds for the victim, the panel
+    // counts it. The victim's own health series are printed as they change.
+    let alert_expr = alert_rules()
+        .into_iter()
+        .find(|(name, _)| name == "FlotillaGpuFailed")
+        .map(|(_, expr)| expr)
+        .expect("FlotillaGpuFailed");
+    let panel_expr = failed_gpus_panel();
+    let victim_series = format!(
+        "flotilla_gpu_health_state{{Hostname=\"{}\",gpu=\"{}\"}}",
+        victim.node, victim.gpus[0]
+    );
+    println!("\nThrough the fault (victim {} GPU {}):", victim.node, victim.gpus[0]);
+    let watch_until = Instant::now() + WAIT;
+    let (mut last, mut alert_since, mut restarted) = (String::new(), None, false);
+    while Instant::now() < watch_until {
+        // A second back, so every scrape up to that instant is in.
+        let at = Some(unix_now() - 1.0);
+        let alert = prom.query_at(&alert_expr, at).unwrap_or_else(|e| panic!("{alert_expr}: {e}"));
+        let on_victim = alert.iter().any(|a| {
+            a["metric"]["Hostname"] == victim.node.as_str()
+                && a["metric"]["gpu"] == victim.gpus[0].to_string().as_str()
+        });
+        let panel = prom.query_at(&panel_expr, at).unwrap_or_else(|e| panic!("{panel_expr}: {e}"));
+        let panel = first_value(&panel).unwrap_or(0.0);
+        let raw = prom.query_at(&victim_series, at).unwrap_or_else(|e| panic!("{e}"));
+        let raw: Vec<String> = raw.iter().map(sample).collect();
+        let line = format!(
+            "alert expr on victim: {on_victim}; panel: {panel}; victim series: {}",
+            raw.join(" ")
+        );
+        if line != last {
+            println!("  {:>5.1}s {line}", started.elapsed().as_secs_f64());
+            last = line;
+        }
+        if on_victim && panel < 1.0 {
+            failures.push(format!(
+                "the Failed GPUs panel read {panel} while FlotillaGpuFailed's expression held \
+                 for the victim; its series: {raw:?}"
+            ));
+        }
+        if on_victim {
+            alert_since.get_or_insert_with(Instant::now);
+        }
+        if !restarted {
+            restarted = jobs.get("prom-e2e").await.ok().and_then(|j| j.status).is_some_and(|s| {
+                s.phase == JobPhase::Running
+                    && s.attempt.is_some_and(|a| a.number == 2 && a.start_time.is_some())
+            });
+        }
+        // Done a few seconds after the restart, with the alert holding for a while.
+        if restarted && alert_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(restarted, "prom-e2e attempt 2 never ran\n{}", fleet.logs());
+    if alert_since.is_none() {
+        failures.push(format!("{alert_expr} never held for the victim"));
+    }
 
     // Every panel query: no error, and series (polled: scrapes and rule evaluations lag).
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut failures = Vec::new();
     println!("\n| dashboard | panel | query | series | sample |\n|---|---|---|---|---|");
     for (file, title, expr) in panel_queries() {
         let filled = fill(&expr);
