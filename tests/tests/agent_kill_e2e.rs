@@ -8,7 +8,7 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, assert_no_overlap, job, walk};
+use e2e_support::{Rig, assert_no_overlap, job, walk};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
 use kube::api::{Api, PostParams};
 use operator_support::{eventually, install_crds};
@@ -33,19 +33,7 @@ async fn a_killed_agent_takes_its_workers_with_it_and_the_job_restarts_elsewhere
     let mut rig = Rig::start_with(cp, &ns, &client, 3, &env).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("agentkill-e2e", 600, 20)).await.expect("create job");
-    let running = eventually(WAIT, "agentkill-e2e Running", || async {
-        let s = jobs.get("agentkill-e2e").await.ok()?.status?;
-        (s.phase == JobPhase::Running).then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-    let first = running.attempt.expect("attempt").placement;
-    let checkpoints = rig.dir.path().join("checkpoints");
-    eventually(WAIT, "a first checkpoint", || async {
-        walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let first = rig.running_with_checkpoint(&jobs, "agentkill-e2e").await;
 
     let victim = first.workers.iter().find(|w| w.rank == 0).expect("rank 0").node.clone();
     let pids = rig.worker_pids("agentkill-e2e", 0);
@@ -62,13 +50,7 @@ async fn a_killed_agent_takes_its_workers_with_it_and_the_job_restarts_elsewhere
     .unwrap_or_else(|e| panic!("{e}: pids {pids:?} still run\n{}", rig.logs()));
     let worker_gone_after = killed_at.elapsed();
 
-    let done =
-        eventually(Duration::from_secs(300), "agentkill-e2e Succeeded or Failed", || async {
-            let s = jobs.get("agentkill-e2e").await.ok()?.status?;
-            s.phase.is_terminal().then_some(s)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let done = rig.finished(&jobs, "agentkill-e2e").await;
     assert_eq!(done.phase, JobPhase::Succeeded, "{:?}\n{}", done.message, rig.logs());
     // The surviving worker's exit (its peer vanished) was not charged to the job.
     assert_eq!(

@@ -4,12 +4,10 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, assert_no_overlap, binary, job, walk};
+use e2e_support::{Rig, assert_no_overlap, job, walk};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
 use kube::api::{Api, PostParams};
-use operator_support::{eventually, install_crds};
-use std::process::Command;
-use std::time::Duration;
+use operator_support::install_crds;
 
 #[tokio::test]
 async fn an_xid_79_under_the_job_restarts_it_on_healthy_gpus_from_its_checkpoint() {
@@ -21,36 +19,12 @@ async fn an_xid_79_under_the_job_restarts_it_on_healthy_gpus_from_its_checkpoint
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     // Long enough that the fault lands mid-run; no restart budget: hardware restarts are free.
     jobs.create(&PostParams::default(), &job("xid-e2e", 600, 20)).await.expect("create job");
-    let running = eventually(WAIT, "xid-e2e Running", || async {
-        let s = jobs.get("xid-e2e").await.ok()?.status?;
-        (s.phase == JobPhase::Running).then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-    let first = running.attempt.expect("attempt").placement;
-    let checkpoints = rig.dir.path().join("checkpoints");
-    eventually(WAIT, "a first checkpoint", || async {
-        walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-
+    let first = rig.running_with_checkpoint(&jobs, "xid-e2e").await;
     let victim = &first.workers[0];
     let gpu = victim.gpus[0];
-    let admin = rig.agents.iter().find(|(p, _)| p.node == victim.node).expect("agent").1;
-    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
-        .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
-        .args(["--xid", "79"])
-        .output()
-        .expect("flotilla-agent inject");
-    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    rig.inject_xid(&victim.node, gpu, 79);
 
-    let done = eventually(Duration::from_secs(300), "xid-e2e Succeeded or Failed", || async {
-        let s = jobs.get("xid-e2e").await.ok()?.status?;
-        s.phase.is_terminal().then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let done = rig.finished(&jobs, "xid-e2e").await;
     assert_eq!(done.phase, JobPhase::Succeeded, "{:?}\n{}", done.message, rig.logs());
     assert_eq!((done.restarts, done.hardware_restarts), (0, 1));
     let record = done.restart_history.last().expect("a restart record");

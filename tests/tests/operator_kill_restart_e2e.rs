@@ -6,12 +6,11 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, binary, job, walk};
+use e2e_support::{Rig, job};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
-use operator_support::{eventually, install_crds};
-use std::process::Command;
+use operator_support::install_crds;
 use std::time::Duration;
 
 #[tokio::test]
@@ -23,29 +22,10 @@ async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_on
     let mut rig = Rig::start(cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("opkillrs-e2e", 600, 20)).await.expect("create job");
-    let running = eventually(WAIT, "opkillrs-e2e Running", || async {
-        let s = jobs.get("opkillrs-e2e").await.ok()?.status?;
-        (s.phase == JobPhase::Running).then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-    let first = running.attempt.expect("attempt").placement;
-    let checkpoints = rig.dir.path().join("checkpoints");
-    eventually(WAIT, "a first checkpoint", || async {
-        walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-
+    let first = rig.running_with_checkpoint(&jobs, "opkillrs-e2e").await;
     let victim = &first.workers[0];
     let gpu = victim.gpus[0];
-    let admin = rig.agents.iter().find(|(p, _)| p.node == victim.node).expect("agent").1;
-    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
-        .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
-        .args(["--xid", "79"])
-        .output()
-        .expect("flotilla-agent inject");
-    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    rig.inject_xid(&victim.node, gpu, 79);
 
     // Kill the operator the moment a status write shows the restart begun (a watch sees it
     // within milliseconds; polling would miss it: fault to new gang takes about 0.3 s here).
@@ -82,12 +62,7 @@ async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_on
     );
     rig.restart_operator();
 
-    let done = eventually(Duration::from_secs(300), "opkillrs-e2e Succeeded or Failed", || async {
-        let s = jobs.get("opkillrs-e2e").await.ok()?.status?;
-        s.phase.is_terminal().then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let done = rig.finished(&jobs, "opkillrs-e2e").await;
     assert_eq!(done.phase, JobPhase::Succeeded, "{:?}\n{}", done.message, rig.logs());
     assert_eq!(
         (done.restarts, done.hardware_restarts, done.restart_history.len()),

@@ -8,7 +8,7 @@ use flotilla_operator::crd::engine::EngineConfig;
 use flotilla_operator::crd::training_job::{
     PlacementStrategy, RestartPolicy, SchedulingSpec, TrainingJobSpec,
 };
-use flotilla_operator::crd::{GpuNode, TrainingJob};
+use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
 use kube::api::Api;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -142,6 +142,55 @@ pub struct Rig {
     settings: OperatorSettings,
     /// Logs of operators stopped earlier.
     old_operator_logs: Vec<PathBuf>,
+}
+
+impl Rig {
+    /// Waits until the job `name` runs and has written a first checkpoint; returns the running
+    /// attempt's placement.
+    pub async fn running_with_checkpoint(
+        &self,
+        jobs: &Api<TrainingJob>,
+        name: &str,
+    ) -> flotilla_operator::crd::Placement {
+        let running = eventually(WAIT, &format!("{name} Running"), || async {
+            let s = jobs.get(name).await.ok()?.status?;
+            (s.phase == JobPhase::Running).then_some(s)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+        let checkpoints = self.dir.path().join("checkpoints");
+        eventually(WAIT, "a first checkpoint", || async {
+            walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+        running.attempt.expect("a running job has an attempt").placement
+    }
+
+    /// Injects XID `xid` into GPU `gpu` of `node` through its agent's admin server.
+    pub fn inject_xid(&self, node: &str, gpu: i32, xid: u32) {
+        let admin = self.agents.iter().find(|(p, _)| p.node == node).expect("agent").1;
+        let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
+            .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
+            .args(["--xid", &xid.to_string()])
+            .output()
+            .expect("flotilla-agent inject");
+        assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Waits (up to 5 minutes) until the job `name` Succeeded or Failed; returns its status.
+    pub async fn finished(
+        &self,
+        jobs: &Api<TrainingJob>,
+        name: &str,
+    ) -> flotilla_operator::crd::TrainingJobStatus {
+        eventually(Duration::from_secs(300), &format!("{name} Succeeded or Failed"), || async {
+            let s = jobs.get(name).await.ok()?.status?;
+            s.phase.is_terminal().then_some(s)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
 }
 
 /// The operator's settings in a rig.
