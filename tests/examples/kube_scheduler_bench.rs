@@ -39,7 +39,8 @@
 //!
 //! Run: `cargo run --release -p flotilla-tests --example kube_scheduler_bench -- [--nodes N]
 //! [--jobs J] [--fill F] [--seed S] [--settle SECONDS] [--concurrency C] [--variant mixed|single]
-//! [--only kube|flotilla]`
+//! [--only kube|flotilla] [--log-dir DIR]` (`--log-dir` keeps the operator's and
+//! kube-scheduler's logs, one directory per run).
 
 #[allow(dead_code)]
 #[path = "../../operator/scheduler/examples/bench_core/workload.rs"]
@@ -154,12 +155,15 @@ struct Args {
     variant: Option<Variant>,
     /// Only this scheduler (default both).
     only: Option<System>,
+    /// Keep the logs (operator, kube-scheduler) under this directory instead of a temporary one.
+    log_dir: Option<PathBuf>,
     /// Child mode: run this scheduler alone and print its figures.
     run: Option<System>,
 }
 
 const USAGE: &str = "kube_scheduler_bench [--nodes N] [--jobs J] [--fill F] [--seed S] \
-                     [--settle SECONDS] [--concurrency C] [--variant mixed|single] [--only kube|flotilla]";
+                     [--settle SECONDS] [--concurrency C] [--variant mixed|single] [--only kube|flotilla] \
+                     [--log-dir DIR]";
 
 fn parse_args(argv: &[String]) -> anyhow::Result<Args> {
     let mut args = Args {
@@ -171,6 +175,7 @@ fn parse_args(argv: &[String]) -> anyhow::Result<Args> {
         concurrency: 16,
         variant: None,
         only: None,
+        log_dir: None,
         run: None,
     };
     let mut it = argv.iter();
@@ -191,6 +196,7 @@ fn parse_args(argv: &[String]) -> anyhow::Result<Args> {
             "--concurrency" => args.concurrency = value.parse().with_context(bad)?,
             "--variant" => args.variant = Some(Variant::parse(value).with_context(bad)?),
             "--only" => args.only = Some(System::parse(value).with_context(bad)?),
+            "--log-dir" => args.log_dir = Some(PathBuf::from(value)),
             "--run" => args.run = Some(System::parse(value).with_context(bad)?),
             other => bail!("unknown flag {other}\nusage: {USAGE}"),
         }
@@ -599,6 +605,24 @@ impl Drop for Tethered {
     }
 }
 
+/// Where a run's logs go: a temporary directory (removed with the returned guard), or a
+/// directory of its own under `--log-dir`.
+fn run_dir(args: &Args, what: &str) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match &args.log_dir {
+        Some(root) => {
+            let variant = args.variant.unwrap_or(Variant::Mixed).arg();
+            let dir = root.join(format!("{variant}-{what}"));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Ok((None, dir))
+        }
+        None => {
+            let tmp = tempfile::tempdir()?;
+            let dir = tmp.path().to_path_buf();
+            Ok((Some(tmp), dir))
+        }
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -642,9 +666,11 @@ fn build_operator() -> anyhow::Result<PathBuf> {
 // === kube-scheduler ===
 
 async fn run_kube(args: &Args, variant: Variant) -> anyhow::Result<Value> {
+    let begun = Instant::now();
     let cp = flotilla_tests::control_plane().await;
+    eprintln!("kube: control plane up in {:.1} s", begun.elapsed().as_secs_f64());
     let client = cp.client().await?;
-    let dir = tempfile::tempdir()?;
+    let (_tmp, dir) = run_dir(args, "kube")?;
     let setup = Instant::now();
     create_nodes(&client, args).await?;
     eprintln!(
@@ -653,7 +679,7 @@ async fn run_kube(args: &Args, variant: Variant) -> anyhow::Result<Value> {
         setup.elapsed().as_secs_f64()
     );
 
-    let config = dir.path().join("kube-scheduler.yaml");
+    let config = dir.join("kube-scheduler.yaml");
     std::fs::write(
         &config,
         format!(
@@ -667,7 +693,7 @@ async fn run_kube(args: &Args, variant: Variant) -> anyhow::Result<Value> {
     let mut command = Command::new(cp.bin_dir().join("kube-scheduler"));
     command.arg("--config").arg(&config).arg("--secure-port=0");
     let mut scheduler =
-        Tethered::spawn("kube-scheduler", command, &dir.path().join("kube-scheduler.log"))?;
+        Tethered::spawn("kube-scheduler", command, &dir.join("kube-scheduler.log"))?;
 
     // The check: one 8-GPU Pod per node, all bound, then deleted.
     let check_ns = flotilla_tests::namespace(&client, "kbench-check").await?;
@@ -817,9 +843,11 @@ async fn measure_pods(
 // === Flotilla ===
 
 async fn run_flotilla(args: &Args, variant: Variant) -> anyhow::Result<Value> {
+    let begun = Instant::now();
     let cp = flotilla_tests::control_plane().await;
+    eprintln!("flotilla: control plane up in {:.1} s", begun.elapsed().as_secs_f64());
     let client = cp.client().await?;
-    let dir = tempfile::tempdir()?;
+    let (_tmp, dir) = run_dir(args, "flotilla")?;
     install_crds(cp)?;
     let system_ns = flotilla_tests::namespace(&client, "kbench-system").await?;
     let agent_port = free_port()?;
@@ -833,11 +861,10 @@ async fn run_flotilla(args: &Args, variant: Variant) -> anyhow::Result<Value> {
         .env("FLOTILLA_LOG", "info,kube=warn")
         .env("FLOTILLA_AGENT_LISTEN", format!("127.0.0.1:{agent_port}"))
         .env("FLOTILLA_AGENT_INSECURE", "true")
-        .env("FLOTILLA_CHECKPOINT_ROOT", dir.path().join("checkpoints"))
+        .env("FLOTILLA_CHECKPOINT_ROOT", dir.join("checkpoints"))
         .env("FLOTILLA_WORKER_MASTER_ADDR", "127.0.0.1")
         .env("FLOTILLA_MASTER_PORT_BASE", "20000");
-    let mut operator =
-        Tethered::spawn("flotilla-operator", command, &dir.path().join("operator.log"))?;
+    let mut operator = Tethered::spawn("flotilla-operator", command, &dir.join("operator.log"))?;
 
     let setup = Instant::now();
     let registered = Arc::new(AtomicUsize::new(0));
