@@ -645,8 +645,36 @@ fn profile_dir() -> anyhow::Result<PathBuf> {
 fn build_operator() -> anyhow::Result<PathBuf> {
     let dir = profile_dir()?;
     let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_owned();
-    let mut cargo = Command::new(env!("CARGO"));
+    // `cargo` as the user's shell runs it (the toolchain of rust-toolchain.toml), without what
+    // `cargo run` adds to this process's environment: with those, cargo sees a different build
+    // environment and recompiles part of the operator on every run.
+    let mut cargo = Command::new("cargo");
+    // Built together with this example, so that cargo resolves the same features for the
+    // dependencies both share and neither build undoes the other's.
     cargo.args(["build", "--quiet", "-p", "flotilla-operator", "--bin", "flotilla-operator"]);
+    cargo.args(["-p", "flotilla-tests", "--example", "kube_scheduler_bench"]);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let configured = ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL"].contains(&&*key)
+            || ["CARGO_BUILD_", "CARGO_PROFILE_", "CARGO_NET_", "CARGO_REGISTRIES_", "CARGO_TERM_"]
+                .iter()
+                .any(|p| key.starts_with(p));
+        if (key == "CARGO" || key.starts_with("CARGO_") || key == "RUSTUP_TOOLCHAIN") && !configured
+        {
+            cargo.env_remove(&*key);
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        let target = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let kept: Vec<PathBuf> = std::env::split_paths(&paths)
+            .filter(|p| !p.starts_with(&target) && !p.to_string_lossy().contains("/toolchains/"))
+            .collect();
+        if kept.is_empty() {
+            cargo.env_remove("LD_LIBRARY_PATH");
+        } else {
+            cargo.env("LD_LIBRARY_PATH", std::env::join_paths(kept)?);
+        }
+    }
     match profile.as_str() {
         "debug" => {}
         "release" => {
