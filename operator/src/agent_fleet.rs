@@ -17,7 +17,7 @@ use crate::fleet::{Fleet, ReplicaLaunch, WorkloadKey};
 use crate::lifecycle::{AttemptReport, HardwareFault, WorkerExit};
 use futures::future::BoxFuture;
 use kube::{Api, Client, ResourceExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -411,8 +411,18 @@ impl Fleet for AgentFleet {
             .get(&id)
             .cloned()
             .unwrap_or_default();
-        let nodes: HashMap<String, NodeRecord> =
-            inner.server.fleet().nodes().into_iter().map(|n| (n.node.clone(), n)).collect();
+        // Only the nodes this attempt's ranks were seen on and those whose agents list workers
+        // of the job: a fleet of thousands of nodes is not copied for every report.
+        let ranks_on: HashSet<&str> = seen.ranks.values().map(|r| r.node.as_str()).collect();
+        let nodes: HashMap<String, NodeRecord> = inner
+            .server
+            .fleet()
+            .nodes_where(|n| {
+                ranks_on.contains(n.node.as_str()) || n.workers.iter().any(|w| w.job_uid == id.0)
+            })
+            .into_iter()
+            .map(|n| (n.node.clone(), n))
+            .collect();
         // Workers of other attempts that agents listed when they registered (left over from
         // before an operator restart) must not train beside the current attempt.
         self.stop_stale(key, attempt, &nodes);

@@ -156,7 +156,7 @@ pub fn waiting_jobs(others: &[&TrainingJob], holdings: &[Holding]) -> Vec<sched:
 pub fn place(
     me: &sched::JobRequest,
     waiting: &[sched::JobRequest],
-    nodes: &[GpuNode],
+    nodes: &[&GpuNode],
     holdings: &[Holding],
     now: sched::Seconds,
 ) -> Result<Placement, Unschedulable> {
@@ -178,7 +178,7 @@ pub struct Scheduling {
 pub fn schedule(
     me: &sched::JobRequest,
     waiting: &[sched::JobRequest],
-    nodes: &[GpuNode],
+    nodes: &[&GpuNode],
     holdings: &[Holding],
     preemption: bool,
     now: sched::Seconds,
@@ -245,7 +245,7 @@ pub fn schedule(
 /// The scheduler's fleet: every named `GpuNode` once, its GPUs from status with health and
 /// cordons, its zone, rack and NVLink domains from labels. Failed, validating and unknown GPUs
 /// count as failed; degraded ones drain.
-pub fn fleet(nodes: &[GpuNode]) -> sched::Fleet {
+pub fn fleet(nodes: &[&GpuNode]) -> sched::Fleet {
     let mut names = HashSet::new();
     let nodes = nodes
         .iter()
@@ -429,7 +429,8 @@ mod tests {
     ) -> Result<Placement, Unschedulable> {
         let holdings = holdings(others, &BTreeMap::new(), &me.uid().unwrap());
         let waiting = waiting_jobs(others, &holdings);
-        place(&job_request(me), &waiting, nodes, &holdings, 100)
+        let nodes: Vec<&GpuNode> = nodes.iter().collect();
+        place(&job_request(me), &waiting, &nodes, &holdings, 100)
     }
 
     fn seats(p: &Placement) -> Vec<(&str, Vec<i32>)> {
@@ -485,7 +486,8 @@ mod tests {
     fn schedule_alone(me: &TrainingJob, others: &[&TrainingJob], nodes: &[GpuNode]) -> Scheduling {
         let holdings = holdings(others, &BTreeMap::new(), &me.uid().unwrap());
         let waiting = waiting_jobs(others, &holdings);
-        schedule(&job_request(me), &waiting, nodes, &holdings, true, 100)
+        let nodes: Vec<&GpuNode> = nodes.iter().collect();
+        schedule(&job_request(me), &waiting, &nodes, &holdings, true, 100)
     }
 
     #[test]
@@ -561,7 +563,7 @@ mod tests {
         assert_eq!(holdings.len(), 2);
         let waiting = waiting_jobs(&[&stale], &holdings);
         assert!(waiting.is_empty(), "a job holding GPUs is not queued again");
-        let p = place(&job_request(&me), &waiting, &nodes, &holdings, 100).unwrap();
+        let p = place(&job_request(&me), &waiting, &[&nodes[0]], &holdings, 100).unwrap();
         assert_eq!(seats(&p), vec![("a", vec![3])]);
     }
 }

@@ -287,6 +287,22 @@ impl FleetState {
         out
     }
 
+    /// Copies of the records `keep` accepts, sorted by name; cheaper than [`Self::nodes`] when
+    /// a caller needs a few of many (each record holds every GPU's state).
+    pub fn nodes_where(&self, keep: impl Fn(&NodeRecord) -> bool) -> Vec<NodeRecord> {
+        let cells: Vec<NodeCell> =
+            self.nodes.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut out: Vec<NodeRecord> = cells
+            .iter()
+            .filter_map(|c| {
+                let rec = lock(c);
+                keep(&rec).then(|| rec.clone())
+            })
+            .collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        out
+    }
+
     /// Health of one GPU, by node and index.
     pub fn gpu_health(&self, node: &str, index: u32) -> Option<GpuHealth> {
         let cell = self.cell(node)?;

@@ -442,7 +442,8 @@ fn preemption_victims(
     now: Timestamp,
 ) -> Vec<String> {
     let request = replica_request(svc, uid, slot);
-    scheduling::schedule(&request, &[], nodes, holdings, true, scheduling::unix(now)).preempt
+    let nodes: Vec<&GpuNode> = nodes.iter().collect();
+    scheduling::schedule(&request, &[], &nodes, holdings, true, scheduling::unix(now)).preempt
 }
 
 /// What the replica pass found besides the replicas.
@@ -588,16 +589,14 @@ fn place(
     let rack = |n: &GpuNode| n.labels().get(RACK_LABEL).cloned();
     let taken_racks: BTreeSet<String> =
         nodes.iter().filter(|n| taken.contains(n.name_any().as_str())).filter_map(rack).collect();
-    let other_rack: Vec<GpuNode> = nodes
-        .iter()
-        .filter(|n| rack(n).is_some_and(|r| !taken_racks.contains(&r)))
-        .cloned()
-        .collect();
-    let other_node: Vec<GpuNode> =
-        nodes.iter().filter(|n| !taken.contains(n.name_any().as_str())).cloned().collect();
+    let other_rack: Vec<&GpuNode> =
+        nodes.iter().filter(|n| rack(n).is_some_and(|r| !taken_racks.contains(&r))).collect();
+    let other_node: Vec<&GpuNode> =
+        nodes.iter().filter(|n| !taken.contains(n.name_any().as_str())).collect();
+    let all: Vec<&GpuNode> = nodes.iter().collect();
     let request = replica_request(svc, uid, slot);
     let mut last = String::from("no GpuNodes");
-    for tier in [other_rack.as_slice(), other_node.as_slice(), nodes] {
+    for tier in [other_rack.as_slice(), other_node.as_slice(), all.as_slice()] {
         if tier.is_empty() {
             continue;
         }
@@ -798,8 +797,8 @@ pub async fn reconcile(
             Finalizer::Cleanup(svc) => cleanup(&svc, &sctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    .await;
+    let action = super::finalized(action)?;
     ctx.succeeded(&object_key(svc));
     Ok(action)
 }

@@ -141,9 +141,10 @@ impl Context {
 
     /// Drop bookings of objects no longer in either cache (deleted without a finalizer).
     pub fn prune_bookings(&self, booked: &mut BTreeMap<String, Placement>) {
-        let mut live: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-        live.extend(self.jobs.state().iter().filter_map(|g| g.0.as_ref().ok()?.uid()));
-        live.extend(self.services.state().iter().filter_map(|g| g.0.as_ref().ok()?.uid()));
+        let (jobs, services) = (self.jobs.state(), self.services.state());
+        let mut live: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        live.extend(jobs.iter().filter_map(|g| g.0.as_ref().ok()?.metadata.uid.as_deref()));
+        live.extend(services.iter().filter_map(|g| g.0.as_ref().ok()?.metadata.uid.as_deref()));
         booked.retain(|key, _| live.contains(key.split('#').next().unwrap_or(key)));
     }
 
@@ -198,6 +199,22 @@ impl Context {
     }
 }
 
+/// The outcome of `kube`'s finalizer helper as this crate's result. Removing the finalizer of an
+/// object that is already gone means an earlier reconciliation removed it and the API server
+/// deleted the object since (this one ran from an older cache): nothing is left to do, so it is
+/// not reported as a failure.
+pub fn finalized(
+    outcome: std::result::Result<Action, kube::runtime::finalizer::Error<Error>>,
+) -> Result<Action, Error> {
+    use kube::runtime::finalizer::Error as Finalizer;
+    match outcome {
+        Err(Finalizer::RemoveFinalizer(kube::Error::Api(status))) if status.code == 404 => {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
+}
+
 /// `namespace/name` of an object, for logs and backoff bookkeeping.
 pub fn object_key<K: Resource>(obj: &K) -> String {
     match obj.namespace() {
@@ -219,4 +236,26 @@ where
     });
     api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::finalizer::Error as Finalizer;
+
+    fn api_error(code: u16) -> kube::Error {
+        let status: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": code})).expect("status");
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn removing_the_finalizer_of_an_object_already_gone_is_not_a_failure() {
+        let gone = finalized(Err(Finalizer::RemoveFinalizer(api_error(404))));
+        assert_eq!(gone.expect("not an error"), Action::await_change());
+        let refused = finalized(Err(Finalizer::RemoveFinalizer(api_error(500))));
+        assert!(matches!(refused, Err(Error::Finalizer(_))));
+        let adding = finalized(Err(Finalizer::AddFinalizer(api_error(404))));
+        assert!(matches!(adding, Err(Error::Finalizer(_))), "only removal of a gone object");
+    }
 }

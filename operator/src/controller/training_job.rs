@@ -41,8 +41,8 @@ pub async fn reconcile(
             Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    .await;
+    let action = super::finalized(action)?;
     ctx.succeeded(&object_key(job));
     Ok(action)
 }
@@ -77,7 +77,8 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     let guards = ctx.jobs.state();
     let others: Vec<&TrainingJob> =
         guards.iter().filter_map(|g| g.0.as_ref().ok()).filter(|o| o.uid() != job.uid()).collect();
-    let nodes = ctx.gpu_nodes();
+    let node_guards = ctx.nodes.state();
+    let nodes: Vec<&GpuNode> = node_guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
     ctx.prune_bookings(&mut booked);
     let held = ctx.held_by_services(&booked);
     let report = match job.status.as_ref().and_then(|s| s.attempt.as_ref()) {
@@ -89,6 +90,15 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
 
     let old = job.status.clone().unwrap_or_default();
     let mut t = t;
+    // Book (or release) the GPUs before writing, then let go of the lock: the next job's pass
+    // sees this placement at once, and status writes of many jobs overlap.
+    let keeps_gpus =
+        lifecycle::has_live_attempt(t.status.phase) || t.status.phase == JobPhase::Restarting;
+    let before = match (&t.status.attempt, keeps_gpus) {
+        (Some(a), true) => booked.insert(key.uid.clone(), a.placement.clone()),
+        _ => booked.remove(&key.uid),
+    };
+    drop(booked);
     if job.status.as_ref() != Some(&t.status) {
         match progress_write_wait(&key.uid, &old, &t.status, std::time::Instant::now()) {
             // Progress alone, too soon after the last write: written at the next look.
@@ -96,17 +106,19 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
                 let wait = SignedDuration::try_from(wait).unwrap_or(SignedDuration::ZERO);
                 t.requeue_after = Some(t.requeue_after.map_or(wait, |r| r.min(wait)));
             }
-            None => apply_status(api, &job.name_any(), &t.status).await?,
+            None => {
+                if let Err(e) = apply_status(api, &job.name_any(), &t.status).await {
+                    // Not written: the booking goes back to what the cache will keep showing.
+                    let mut booked = ctx.booked.lock().await;
+                    match before {
+                        Some(placement) => booked.insert(key.uid.clone(), placement),
+                        None => booked.remove(&key.uid),
+                    };
+                    return Err(e);
+                }
+            }
         }
     }
-    match (
-        &t.status.attempt,
-        lifecycle::has_live_attempt(t.status.phase) || t.status.phase == JobPhase::Restarting,
-    ) {
-        (Some(a), true) => booked.insert(key.uid.clone(), a.placement.clone()),
-        _ => booked.remove(&key.uid),
-    };
-    drop(booked);
     if !t.preempt.is_empty() {
         request_preemption(job, &object_key(job), &t.preempt, &others, ctx).await?;
     }
@@ -202,7 +214,7 @@ pub fn plan(
     job: &TrainingJob,
     others: &[&TrainingJob],
     waiting_replicas: &[flotilla_scheduler::JobRequest],
-    nodes: &[GpuNode],
+    nodes: &[&GpuNode],
     booked: &BTreeMap<String, Placement>,
     report: AttemptReport,
     now: Timestamp,
@@ -366,7 +378,8 @@ mod tests {
 
     #[test]
     fn queued_job_is_placed_on_free_gpus_and_launched() {
-        let nodes = [node("n1", 4)];
+        let n1 = node("n1", 4);
+        let nodes = [&n1];
         let t = plan(
             &job("a", 2, JobPhase::Queued),
             &[],
@@ -383,7 +396,8 @@ mod tests {
 
     #[test]
     fn gpus_held_by_a_running_job_or_a_booking_are_not_reused() {
-        let nodes = [node("n1", 4)];
+        let n1 = node("n1", 4);
+        let nodes = [&n1];
         let first = plan(
             &job("a", 2, JobPhase::Queued),
             &[],
@@ -408,7 +422,8 @@ mod tests {
 
     #[test]
     fn a_waiting_replica_of_higher_priority_goes_first_and_the_job_waits() {
-        let nodes = [node("n1", 4)];
+        let n1 = node("n1", 4);
+        let nodes = [&n1];
         let replica =
             flotilla_scheduler::JobRequest::new("svc-uid#0".to_string(), 1, 1).priority(10);
         let t = plan(

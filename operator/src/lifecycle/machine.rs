@@ -101,7 +101,10 @@ impl<'f, 'a> Step<'f, 'a> {
                     "Queued",
                     format!("waiting for a placement of {w} workers × {g} GPUs"),
                 );
-                self.t.requeue_after = Some(SignedDuration::ZERO);
+                // Placed in the same step when it fits now: one status write, Pending to
+                // Scheduled, instead of one per phase (the API server is the bottleneck when
+                // thousands of jobs arrive at once).
+                self.schedule();
             }
             JobPhase::Suspended => {
                 self.goto(

@@ -117,6 +117,23 @@ fn pending_valid_job_is_queued_with_an_event() {
 }
 
 #[test]
+fn a_pending_job_that_fits_now_is_scheduled_in_the_same_step() {
+    let mut c = Case::new(JobPhase::Pending, None);
+    c.candidate = Some(Ok(placement(2)));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Scheduled, "one write: Pending to Scheduled");
+    assert_eq!(t.effects, vec![Effect::Launch { attempt: 1 }]);
+    assert_eq!(t.event.as_ref().map(|e| e.reason), Some("Scheduled"));
+    // One that does not fit is queued with the reason it waits.
+    c.candidate = Some(Err(Unschedulable { message: "needs 64 GPUs in one zone".into() }));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Queued);
+    assert_eq!(reason(&t, "Scheduled"), Some("Unschedulable"));
+    assert!(t.status.message.as_deref().unwrap().contains("needs 64 GPUs"));
+    assert!(t.effects.is_empty());
+}
+
+#[test]
 fn invalid_job_stays_pending_with_valid_false_naming_the_field() {
     let mut c = Case::new(JobPhase::Pending, None);
     c.validity =
