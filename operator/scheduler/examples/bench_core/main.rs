@@ -5,7 +5,9 @@
 //! A discrete-event simulation: jobs arrive, run for their true duration and end; after every
 //! event each engine makes one pass over its queue, and that pass is timed (the decision
 //! latency an operator sees after an event). Preempted jobs go back to the queue. Figures over
-//! "saturation" are time-weighted over the spans when jobs were waiting.
+//! "saturation" are time-weighted over the spans when jobs were waiting in that engine's own
+//! queue; the "same window" rows weigh both engines over the same spans (both queues waiting),
+//! whole and split at the last arrival, so neither is measured over a window the other lacks.
 //!
 //! Each pass is also replayed twice on copies of the engine and the fastest of the three
 //! timings is kept: on a shared machine a pass that loses the CPU for a time slice would
@@ -78,6 +80,9 @@ struct Report {
     fragmentation_s: f64,
     waits: Vec<(u64, u64)>,
     makespan: u64,
+    /// After each event: (time, allocated share, jobs waiting), for windows shared by engines.
+    timeline: Vec<(u64, f64, bool)>,
+    last_arrival: u64,
 }
 
 /// One pass, timed as the fastest of itself and two replays on copies.
@@ -152,8 +157,10 @@ fn simulate<E: Engine + Clone>(engine: &mut E, arrivals: &[Arrival]) -> Report {
         }
         queue.retain(|job| !started.contains(&job.id));
         fill = engine.fill();
+        report.timeline.push((now, fill.0, !queue.is_empty()));
     }
     report.makespan = now;
+    report.last_arrival = arrivals.last().map_or(0, |a| a.request.arrival);
     report.waits = arrivals
         .iter()
         .zip(&first_start)
@@ -192,6 +199,36 @@ fn mean_wait(report: &Report, sizes: std::ops::RangeInclusive<u64>) -> (f64, u64
     (mean / 60.0, waits.iter().max().copied().unwrap_or(0) / 60)
 }
 
+/// Time-weighted allocation of both engines over the spans where `keep(time, a_waits, b_waits)`
+/// holds: the same window for both, unlike "at saturation", where each engine's own queue
+/// decides. Returns the two shares and the window's length.
+fn shared_window(
+    a: &Report,
+    b: &Report,
+    keep: impl Fn(u64, bool, bool) -> bool,
+) -> (f64, f64, u64) {
+    let mut times: Vec<u64> = a.timeline.iter().chain(&b.timeline).map(|e| e.0).collect();
+    times.sort_unstable();
+    times.dedup();
+    // The state of a timeline during [t, next): its last entry at or before t.
+    let at = |r: &Report, t: u64| {
+        let i = r.timeline.partition_point(|e| e.0 <= t);
+        if i == 0 { (0.0, false) } else { (r.timeline[i - 1].1, r.timeline[i - 1].2) }
+    };
+    let (mut sum_a, mut sum_b, mut window) = (0.0, 0.0, 0u64);
+    for pair in times.windows(2) {
+        let (t, span) = (pair[0], pair[1] - pair[0]);
+        let ((fill_a, waits_a), (fill_b, waits_b)) = (at(a, t), at(b, t));
+        if keep(t, waits_a, waits_b) {
+            sum_a += fill_a * span as f64;
+            sum_b += fill_b * span as f64;
+            window += span;
+        }
+    }
+    let share = |sum: f64| sum / window.max(1) as f64;
+    (share(sum_a), share(sum_b), window)
+}
+
 fn print(flotilla: &mut Report, baseline: &mut Report) {
     let row = |name: &str, a: String, b: String| println!("{name:<36} {a:>14} {b:>14}");
     row("", "flotilla".into(), "first-fit".into());
@@ -204,8 +241,8 @@ fn print(flotilla: &mut Report, baseline: &mut Report) {
             format!("{:.0}", r.placements as f64 / r.busy.as_secs_f64())
         }),
         ("queued jobs examined/s", |r| format!("{:.0}", r.examined as f64 / r.busy.as_secs_f64())),
-        ("allocation at saturation", |r| {
-            format!("{:.1}%", 100.0 * r.allocation_s / r.saturated_s.max(1) as f64)
+        ("allocation at saturation (own window)", |r| {
+            format!("{:.2}%", 100.0 * r.allocation_s / r.saturated_s.max(1) as f64)
         }),
         ("fragmentation at saturation", |r| {
             format!("{:.1}%", 100.0 * r.fragmentation_s / r.saturated_s.max(1) as f64)
@@ -213,6 +250,28 @@ fn print(flotilla: &mut Report, baseline: &mut Report) {
         ("makespan (h)", |r| format!("{:.1}", r.makespan as f64 / 3600.0)),
     ] {
         row(name, pick(flotilla), pick(baseline));
+    }
+    let last_arrival = flotilla.last_arrival;
+    for (name, keep) in [
+        (
+            "allocation, same window: both queues wait",
+            Box::new(|_, a, b| a && b) as Box<dyn Fn(u64, bool, bool) -> bool>,
+        ),
+        (
+            "allocation, same window: while jobs arrive",
+            Box::new(move |t, a, b| a && b && t < last_arrival),
+        ),
+        (
+            "allocation, same window: after the last arrival",
+            Box::new(move |t, a, b| a && b && t >= last_arrival),
+        ),
+    ] {
+        let (a, b, window) = shared_window(flotilla, baseline, keep);
+        row(
+            &format!("{name} ({:.1} h)", window as f64 / 3600.0),
+            format!("{:.2}%", 100.0 * a),
+            format!("{:.2}%", 100.0 * b),
+        );
     }
     for report in [&mut *flotilla, &mut *baseline] {
         report.latencies.sort_unstable();
