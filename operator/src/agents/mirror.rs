@@ -8,10 +8,14 @@
 
 use super::state::{FleetState, GpuHealth, NodeRecord};
 use crate::crd::gpu_node::{self as crd, GpuNode, GpuNodeSpec, GpuNodeStatus};
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,24 +84,51 @@ fn fingerprint(record: &NodeRecord) -> Fingerprint {
 
 type Fingerprint = (bool, Vec<(GpuHealth, String)>, Option<(u32, i64)>);
 
+/// The `GpuNode`s as last seen by this process's watch.
+type Cache = Store<DeserializeGuard<GpuNode>>;
+
+/// The object to build on: the watch's copy, else read from (or created in) the API server. A
+/// fleet of a thousand nodes written every few seconds would otherwise cost a read per write.
+async fn current(api: &Api<GpuNode>, cache: &Cache, node: &str) -> Result<GpuNode, kube::Error> {
+    if let Some(guard) = cache.get(&ObjectRef::new(node))
+        && let Ok(object) = &guard.0
+    {
+        return Ok(object.clone());
+    }
+    match api.get_opt(node).await? {
+        Some(o) => Ok(o),
+        None => {
+            let fresh = GpuNode::new(node, GpuNodeSpec::default());
+            match api.create(&PostParams::default(), &fresh).await {
+                Ok(o) => Ok(o),
+                // Created meanwhile by someone else: fine, read it.
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get(node).await,
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// The merge patch for one node's status: every field the agent link owns, without the
+/// conditions and observed generation the `GpuNode` controller writes (a copy from the watch
+/// may be a moment older than that controller's last write).
+fn status_patch(status: &GpuNodeStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("conditions");
+        fields.remove("observedGeneration");
+    }
+    serde_json::json!({ "status": value })
+}
+
 /// Writes one node's status, creating the `GpuNode` if it does not exist.
 async fn write(
     api: &Api<GpuNode>,
+    cache: &Cache,
     record: &NodeRecord,
     admin_url: Option<String>,
 ) -> Result<(), kube::Error> {
-    let object = match api.get_opt(&record.node).await? {
-        Some(o) => o,
-        None => {
-            let fresh = GpuNode::new(&record.node, GpuNodeSpec::default());
-            match api.create(&PostParams::default(), &fresh).await {
-                Ok(o) => o,
-                // Created meanwhile by someone else: fine, read it.
-                Err(kube::Error::Api(e)) if e.code == 409 => api.get(&record.node).await?,
-                Err(e) => return Err(e),
-            }
-        }
-    };
+    let object = current(api, cache, &record.node).await?;
     let status = desired_status(
         record,
         &object.spec,
@@ -107,14 +138,22 @@ async fn write(
     let mut status = status;
     status.admin_url = admin_url;
     status.address = record.address.clone();
-    let patch = serde_json::json!({ "status": status });
+    let patch = status_patch(&status);
     api.patch_status(&record.node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
 /// Mirrors `fleet` into `GpuNode` status until the task is dropped. Run it only on the leader.
 pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Duration) {
-    let api: Api<GpuNode> = Api::all(client);
+    let api: Api<GpuNode> = Api::all(client.clone());
+    let (cache, writer) = reflector::store();
+    let watch = reflector(
+        writer,
+        watcher(Api::<DeserializeGuard<GpuNode>>::all(client), watcher::Config::default())
+            .default_backoff(),
+    );
+    // Ends with this task.
+    let _watch = AbortOnDrop(tokio::spawn(watch.for_each(|_| std::future::ready(()))));
     let mut changed = fleet.changed();
     let mut written: HashMap<String, ((Fingerprint, Option<String>), Instant)> = HashMap::new();
     loop {
@@ -127,7 +166,7 @@ pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Durati
             if !due {
                 continue;
             }
-            match write(&api, &record, print.1.clone()).await {
+            match write(&api, &cache, &record, print.1.clone()).await {
                 Ok(()) => {
                     written.insert(record.node.clone(), (print, Instant::now()));
                 }
@@ -140,6 +179,15 @@ pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Durati
             _ = changed.changed() => {}
             _ = tokio::time::sleep(telemetry_every) => {}
         }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -223,6 +271,30 @@ mod tests {
         let s = desired_status(&r, &GpuNodeSpec::default(), None, 1_700_000_001_000_000_000);
         assert!(s.gpus.iter().all(|g| g.health == crd::GpuHealth::Unknown));
         assert_eq!(s.healthy_gpus, 0);
+    }
+
+    #[test]
+    fn the_patch_leaves_the_gpunode_controllers_fields_alone() {
+        let current = GpuNodeStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "AgentReporting".into(),
+                message: String::new(),
+                observed_generation: Some(3),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            }],
+            observed_generation: Some(3),
+            ..Default::default()
+        };
+        let s = desired_status(&record(), &GpuNodeSpec::default(), Some(&current), 1);
+        let patch = status_patch(&s);
+        let status = patch["status"].as_object().expect("status");
+        assert!(!status.contains_key("conditions"));
+        assert!(!status.contains_key("observedGeneration"));
+        assert_eq!(status["gpus"].as_array().map(Vec::len), Some(3));
+        assert_eq!(status["healthyGpus"], 2);
+        assert!(status.contains_key("lastHeartbeatTime"));
     }
 
     #[test]
