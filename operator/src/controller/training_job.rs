@@ -122,8 +122,10 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     if !t.preempt.is_empty() {
         request_preemption(job, &object_key(job), &t.preempt, &others, ctx).await?;
     }
+    for phase in &t.entered {
+        ctx.metrics.phase_transitions.with_label_values(&[KIND, phase.as_str()]).inc();
+    }
     if old.phase != t.status.phase {
-        ctx.metrics.phase_transitions.with_label_values(&[KIND, t.status.phase.as_str()]).inc();
         tracing::info!(job = %key.name, from = %old.phase, to = %t.status.phase, "phase change");
     }
     if let Some(ev) = &t.event {

@@ -40,6 +40,7 @@ impl<'f, 'a> Step<'f, 'a> {
             event: None,
             requeue_after: None,
             preempt: Vec::new(),
+            entered: Vec::new(),
         };
         Step { f, t }
     }
@@ -171,6 +172,7 @@ impl<'f, 'a> Step<'f, 'a> {
         if changed {
             s.phase = phase;
             s.phase_transition_time = Some(Time(self.f.now));
+            self.t.entered.push(phase);
         }
         if changed || s.message.as_deref() != Some(note.as_str()) {
             self.t.event = Some(PhaseEvent { warning, reason, note: note.clone() });

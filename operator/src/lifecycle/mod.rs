@@ -124,6 +124,9 @@ pub struct Transition {
     /// UIDs of lower-priority running jobs to preempt so this one can be placed (the
     /// controller annotates them; each stops itself, and this job is placed once they have).
     pub preempt: Vec<String>,
+    /// Every phase entered in this step, in order: a job placed as soon as it is queued enters
+    /// `Queued` and `Scheduled` (counted in the phase-transition metric) in one status write.
+    pub entered: Vec<JobPhase>,
 }
 
 /// An effect the controller executes after writing the status.

@@ -124,6 +124,7 @@ fn a_pending_job_that_fits_now_is_scheduled_in_the_same_step() {
     assert_eq!(t.status.phase, JobPhase::Scheduled, "one write: Pending to Scheduled");
     assert_eq!(t.effects, vec![Effect::Launch { attempt: 1 }]);
     assert_eq!(t.event.as_ref().map(|e| e.reason), Some("Scheduled"));
+    assert_eq!(t.entered, vec![JobPhase::Queued, JobPhase::Scheduled], "both counted");
     // One that does not fit is queued with the reason it waits.
     c.candidate = Some(Err(Unschedulable { message: "needs 64 GPUs in one zone".into() }));
     let t = c.decide();
