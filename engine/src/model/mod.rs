@@ -6,6 +6,8 @@ mod gemm_f32;
 pub mod layers;
 pub mod moe;
 pub mod routing;
+#[cfg(target_arch = "x86_64")]
+mod sgemm_avx512;
 
 use std::collections::HashMap;
 
