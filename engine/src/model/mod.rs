@@ -6,6 +6,7 @@ mod gemm_f32;
 pub mod layers;
 pub mod moe;
 pub mod routing;
+mod scratch;
 #[cfg(target_arch = "x86_64")]
 mod sgemm_avx512;
 

@@ -22,7 +22,7 @@ use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_loadu_ps,
     _mm512_mask_storeu_ps, _mm512_set1_ps, _mm512_setzero_ps,
 };
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 /// Rows of `C` per micro-tile (A values broadcast per step).
 const MR: usize = 12;
@@ -41,10 +41,9 @@ const NC: usize = 32 * NR;
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
-thread_local! {
-    /// Packing buffers, kept per thread between calls: `(A block, B block)`.
-    static BUFFERS: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
+/// Packing buffers `(A block, B block)` between calls, one pair per concurrent caller: the expert
+/// passes run on threads spawned per pass, so thread-locals would be allocated anew each time.
+static BUFFERS: Mutex<Vec<(Vec<Line>, Vec<Line>)>> = Mutex::new(Vec::new());
 
 /// Whether this CPU can run [`matmul`].
 pub(super) fn available() -> bool {
@@ -67,7 +66,9 @@ pub(super) fn matmul(c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: 
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(available(), "sgemm_avx512 on a CPU without AVX-512F");
     assert!(m > 0 && n > 0 && k > 0 && b.rows == k && c.len() == m * n);
-    BUFFERS.with_borrow_mut(|(a_buf, b_buf)| {
+    let pop = || BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let (mut a_buf, mut b_buf) = pop().unwrap_or_default();
+    {
         let b_lines = KC * NC.min(n.next_multiple_of(NR)) / 16;
         let a_lines = KC * MC.min(m.next_multiple_of(MR)) / 16;
         if b_buf.len() < b_lines {
@@ -106,7 +107,8 @@ pub(super) fn matmul(c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: 
                 }
             }
         }
-    });
+    }
+    BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).push((a_buf, b_buf));
 }
 
 /// Views aligned lines as floats.
