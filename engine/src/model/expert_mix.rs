@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+use super::fused;
 use super::gemm_f32::{MatRef, matmul};
 use super::scratch::Scratch;
 
@@ -217,9 +218,7 @@ impl ExpertMix {
         matmul(g, xs, MatRef::row_major(wg, inner, d).t(), false);
         matmul(u, xs, MatRef::row_major(wu, inner, d).t(), false);
         let mut h = Scratch::reuse(n * inner);
-        for ((h, &g), &u) in h.iter_mut().zip(g.iter()).zip(u.iter()) {
-            *h = g * sigmoid(g) * u;
-        }
+        fused::silu_mul(&mut h, g, u);
         matmul(y, MatRef::row_major(&h, n, inner), MatRef::row_major(wd, d, inner).t(), false);
     }
 
@@ -291,7 +290,7 @@ impl ExpertMix {
                 for (j, (&row, &slot)) in rows.iter().zip(slots).enumerate() {
                     let dout = &grad[row as usize * d..(row as usize + 1) * d];
                     let yj = &y[j * d..(j + 1) * d];
-                    dw[j] = dout.iter().zip(yj).map(|(a, b)| a * b).sum();
+                    dw[j] = fused::dot(dout, yj);
                     let weight = w[slot as usize];
                     for (o, &g) in dy[j * d..(j + 1) * d].iter_mut().zip(dout) {
                         *o = weight * g;
@@ -307,20 +306,12 @@ impl ExpertMix {
         let xs = MatRef::row_major(xs, n, d);
         let dy = MatRef::row_major(dy, n, d);
         let (mut sig, mut h) = (Scratch::reuse(n * inner), Scratch::reuse(n * inner));
-        for (((s, h), &g), &u) in sig.iter_mut().zip(h.iter_mut()).zip(g).zip(u) {
-            *s = sigmoid(g);
-            *h = g * *s * u;
-        }
+        fused::silu_mul_keep(&mut sig, &mut h, g, u);
         matmul(dwd, dy.t(), MatRef::row_major(&h, n, inner), false);
         let mut dh = Scratch::reuse(n * inner);
         matmul(&mut dh, dy, MatRef::row_major(wd, d, inner), false);
         // Fused SiLU·up derivative: dh becomes d(gate), h becomes d(up).
-        for ((((dh, h), &g), &u), &s) in
-            dh.iter_mut().zip(h.iter_mut()).zip(g).zip(u).zip(sig.iter())
-        {
-            *h = *dh * g * s;
-            *dh *= u * s * (1.0 + g * (1.0 - s));
-        }
+        fused::silu_mul_grad(&mut dh, &mut h, g, u, &sig);
         let (dg, du) = (MatRef::row_major(&dh, n, inner), MatRef::row_major(&h, n, inner));
         matmul(dwg, dg.t(), xs, false);
         matmul(dwu, du.t(), xs, false);
@@ -517,10 +508,6 @@ fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> 
         Storage::Cpu(s) => cpu_f32(s, l, what),
         _ => candle_core::bail!("moe-expert-mix: {what} must be on the CPU"),
     }
-}
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
 }
 
 fn gather(x: &[f32], rows: &[u32], width: usize) -> Scratch {

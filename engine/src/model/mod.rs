@@ -2,6 +2,7 @@
 //! final RMSNorm and the LM head. Parameter names follow the Hugging Face DeepSeek-V3 checkpoints.
 
 mod expert_mix;
+mod fused;
 mod gemm_f32;
 pub mod layers;
 pub mod moe;
