@@ -73,6 +73,8 @@ pub(crate) struct ExpertMix {
     /// Slot ids grouped by expert (stable); expert e owns `slots[starts[e]..starts[e + 1]]`.
     slots: Vec<u32>,
     rows: Vec<u32>,
+    /// Inverse of `slots`: where each slot sits in the sorted order.
+    positions: Vec<u32>,
     starts: Vec<usize>,
     threads: usize,
     saved: Mutex<Option<Saved>>,
@@ -122,6 +124,10 @@ impl ExpertMix {
             next[e as usize] += 1;
         }
         let rows = slots.iter().map(|&s| s / top_k as u32).collect();
+        let mut positions = vec![0u32; slots.len()];
+        for (j, &slot) in slots.iter().enumerate() {
+            positions[slot as usize] = j as u32;
+        }
         let mix = Self {
             width,
             tokens: chosen.len() / top_k,
@@ -132,6 +138,7 @@ impl ExpertMix {
             grads,
             slots,
             rows,
+            positions,
             starts,
             threads: candle_core::utils::get_num_threads().max(1),
             saved: Mutex::new(None),
@@ -182,13 +189,7 @@ impl ExpertMix {
             self.forward_run(x, params, run, g, u, y)
         });
         // Scatter with the routing weights in one pass.
-        for (j, (&row, &slot)) in self.rows.iter().zip(&self.slots).enumerate() {
-            let weight = w[slot as usize];
-            let dst = &mut out[row as usize * d..(row as usize + 1) * d];
-            for (o, &y) in dst.iter_mut().zip(&routed_out[j * d..(j + 1) * d]) {
-                *o += weight * y;
-            }
-        }
+        self.add_slots(&mut out, &routed_out, Some(w));
         (out, Saved { gate, up, routed_out })
     }
 
@@ -262,17 +263,33 @@ impl ExpertMix {
             })
             .collect();
         in_parallel(tasks, self.threads, |task| self.backward_run(x, w, params, grad, task));
-        for (j, &row) in self.rows.iter().enumerate() {
-            let dst = &mut dx[row as usize * d..(row as usize + 1) * d];
-            for (o, &v) in dst.iter_mut().zip(&dx_sorted[j * d..(j + 1) * d]) {
-                *o += v;
-            }
-        }
+        self.add_slots(&mut dx, &dx_sorted, None);
         let mut dw = vec![0f32; self.tokens * self.top_k];
         for (&slot, &v) in self.slots.iter().zip(dw_sorted.iter()) {
             dw[slot as usize] = v;
         }
         (dx, dw, dparams)
+    }
+
+    /// Adds to each token's row of `dst` its slots' rows of `sorted` (`[slots, width]` in sorted
+    /// order), scaled by the routing weights `w` if given. Token rows are split over the threads,
+    /// each gathering from its tokens' slots, so no two threads write the same row.
+    fn add_slots(&self, dst: &mut [f32], sorted: &[f32], w: Option<&[f32]>) {
+        const ROWS: usize = 64;
+        let (d, top_k) = (self.width, self.top_k);
+        let tasks = dst.chunks_mut(ROWS * d).enumerate().map(|(c, rows)| (rows.len(), (c, rows)));
+        in_parallel(tasks.collect(), self.threads, |(c, rows)| {
+            for (i, row) in rows.chunks_exact_mut(d).enumerate() {
+                let token = c * ROWS + i;
+                for slot in token * top_k..(token + 1) * top_k {
+                    let j = self.positions[slot] as usize;
+                    let weight = w.map_or(1.0, |w| w[slot]);
+                    for (o, &v) in row.iter_mut().zip(&sorted[j * d..(j + 1) * d]) {
+                        *o += weight * v;
+                    }
+                }
+            }
+        });
     }
 
     fn backward_run(&self, x: &[f32], w: &[f32], params: &[&[f32]], grad: &[f32], t: BackwardRun) {
