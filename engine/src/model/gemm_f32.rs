@@ -254,6 +254,9 @@ mod tests {
         let mut c = vec![0f32; 2048 * 256];
         // (label, m, k, n, lhs transposed, rhs transposed) as expert_mix calls them.
         let cases = [
+            ("x·Wᵀ 128", 128, 256, 256, false, true),
+            ("dy·W 128", 128, 256, 256, false, false),
+            ("dyᵀ·h 128", 256, 128, 256, true, false),
             ("x·Wᵀ 512", 512, 256, 256, false, true),
             ("x·Wᵀ 2048", 2048, 256, 256, false, true),
             ("dy·W 512", 512, 256, 256, false, false),

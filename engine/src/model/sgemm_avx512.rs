@@ -19,8 +19,10 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_load_ps, _mm512_mask_loadu_ps,
-    _mm512_mask_storeu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    __m512, __mmask16, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd, _mm512_fmadd_ps,
+    _mm512_load_ps, _mm512_loadu_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_set1_ps,
+    _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_unpackhi_pd, _mm512_unpackhi_ps,
+    _mm512_unpacklo_pd, _mm512_unpacklo_ps,
 };
 use std::sync::Mutex;
 
@@ -146,7 +148,7 @@ struct Lanes {
 /// Writes `out[p · width + i] = src[start + p · step + i · lane]` for `p < out.len() / width`,
 /// `i < count`, and zeros in lanes `count..width`.
 fn pack_panel(out: &mut [f32], width: usize, src: &[f32], lanes: Lanes, step: usize, lane: usize) {
-    let (Lanes { start, count }, depth) = (lanes, out.len() / width);
+    let Lanes { start, count } = lanes;
     if count < width {
         out.fill(0.0);
     }
@@ -155,32 +157,10 @@ fn pack_panel(out: &mut [f32], width: usize, src: &[f32], lanes: Lanes, step: us
         for (p, dst) in out.chunks_exact_mut(width).enumerate() {
             dst[..count].copy_from_slice(&src[start + p * step..][..count]);
         }
-    } else if step == 1 {
-        // Each lane contiguous along the depth (A as stored, B transposed): a transpose, 4 lanes
-        // × 4 steps at a time (LLVM turns the array shuffle into vector shuffles), then the
-        // leftover steps and lanes one by one.
-        let line = |i: usize| &src[start + i * lane..][..depth];
-        let full = count / 4 * 4;
-        for g in (0..full).step_by(4) {
-            let [l0, l1, l2, l3] = [line(g), line(g + 1), line(g + 2), line(g + 3)];
-            let quads = l0.chunks_exact(4).zip(l1.chunks_exact(4));
-            let quads = quads.zip(l2.chunks_exact(4).zip(l3.chunks_exact(4)));
-            for (dst, ((r0, r1), (r2, r3))) in out.chunks_exact_mut(4 * width).zip(quads) {
-                for q in 0..4 {
-                    let at = q * width + g;
-                    dst[at..at + 4].copy_from_slice(&[r0[q], r1[q], r2[q], r3[q]]);
-                }
-            }
-            for p in depth / 4 * 4..depth {
-                let at = p * width + g;
-                out[at..at + 4].copy_from_slice(&[l0[p], l1[p], l2[p], l3[p]]);
-            }
-        }
-        for i in full..count {
-            for (p, &v) in line(i).iter().enumerate() {
-                out[p * width + i] = v;
-            }
-        }
+    } else if step == 1 && available() {
+        // Each lane contiguous along the depth (A as stored, B transposed): a transpose.
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { pack_transposed(out, width, src, lanes, lane) };
     } else {
         for (p, dst) in out.chunks_exact_mut(width).enumerate() {
             for (i, d) in dst[..count].iter_mut().enumerate() {
@@ -188,6 +168,77 @@ fn pack_panel(out: &mut [f32], width: usize, src: &[f32], lanes: Lanes, step: us
             }
         }
     }
+}
+
+/// [`pack_panel`] for lanes contiguous along the depth: `out[p · width + i] = src[start + i · lane
+/// + p]`. Blocks of 16 lanes × 16 steps are loaded as 16 vectors (one per lane), transposed in
+/// registers and stored as 16 vectors (one per step), masked to the lanes that exist; the steps
+/// past the last multiple of 16 are copied one by one.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_transposed(out: &mut [f32], width: usize, src: &[f32], lanes: Lanes, lane: usize) {
+    let (Lanes { start, count }, depth) = (lanes, out.len() / width);
+    // These make every access below stay in bounds.
+    assert!(count >= 1 && count <= width && out.len() == depth * width);
+    assert!(start + (count - 1) * lane + depth <= src.len());
+    let blocked = depth / 16 * 16;
+    for g in (0..count).step_by(16) {
+        let here = 16.min(count - g);
+        let mask: __mmask16 = ((1u32 << here) - 1) as __mmask16;
+        for p in (0..blocked).step_by(16) {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (i, row) in rows.iter_mut().enumerate().take(here) {
+                // SAFETY: lane g + i < count, and p + 16 ≤ depth: inside `src` (asserted).
+                *row = unsafe { _mm512_loadu_ps(src.as_ptr().add(start + (g + i) * lane + p)) };
+            }
+            let cols = transpose16(rows);
+            for (q, col) in cols.iter().enumerate() {
+                // SAFETY: writes lanes g .. g + here ≤ width of step p + q < depth, inside `out`.
+                unsafe {
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((p + q) * width + g), mask, *col)
+                };
+            }
+        }
+        for i in 0..here {
+            let line = &src[start + (g + i) * lane..][..depth];
+            for p in blocked..depth {
+                out[p * width + g + i] = line[p];
+            }
+        }
+    }
+}
+
+/// Transposes a 16×16 block: `rows[i]` lane `j` becomes lane `i` of the result's vector `j`.
+#[target_feature(enable = "avx512f")]
+fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
+    // Within each 128-bit lane L (columns 4L..4L+4): interleave row pairs, then row quads, so
+    // `quad[G][c]` holds, in its lane L, column 4L + c of rows 4G..4G+4.
+    let mut quad = [[_mm512_setzero_ps(); 4]; 4];
+    for (g, quad) in quad.iter_mut().enumerate() {
+        let r = &rows[4 * g..4 * g + 4];
+        let (lo01, hi01) = (_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+        let (lo23, hi23) = (_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+        let pairs = |a: __m512, b: __m512| {
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            (_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
+        };
+        (quad[0], quad[1]) = pairs(lo01, lo23);
+        (quad[2], quad[3]) = pairs(hi01, hi23);
+    }
+    // Then a 4×4 transpose of 128-bit lanes across the four row quads, for each c.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let [q0, q1, q2, q3] = [quad[0][c], quad[1][c], quad[2][c], quad[3][c]];
+        let (v0, v1) = (_mm512_shuffle_f32x4::<0x44>(q0, q1), _mm512_shuffle_f32x4::<0xEE>(q0, q1));
+        let (v2, v3) = (_mm512_shuffle_f32x4::<0x44>(q2, q3), _mm512_shuffle_f32x4::<0xEE>(q2, q3));
+        out[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+        out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
+        out[8 + c] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
+    }
+    out
 }
 
 /// Where a micro-tile lands in `C` (row-major, leading dimension `ld`), and how much of it is
