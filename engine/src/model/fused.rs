@@ -149,4 +149,23 @@ mod tests {
         assert!((dot(&g, &u) - want).abs() < 1e-4);
         assert_eq!(dot(&[], &[]), 0.0);
     }
+
+    /// The baseline copies (what CPUs without AVX-512F run) give the same values.
+    #[test]
+    fn baseline_copies_agree() {
+        let g: Vec<f32> = (0..53).map(|i| (i as f32 - 26.0) * 0.9).collect();
+        let u: Vec<f32> = (0..53).map(|i| (i as f32 * 0.29).cos()).collect();
+        let (mut s1, mut h1, mut s2, mut h2) =
+            (vec![0.0; 53], vec![0.0; 53], vec![0.0; 53], vec![0.0; 53]);
+        silu_mul_keep(&mut s1, &mut h1, &g, &u);
+        silu_mul_keep_body(&mut s2, &mut h2, &g, &u);
+        assert_eq!((&s1, &h1), (&s2, &h2));
+        silu_mul_body(&mut h2, &g, &u);
+        assert_eq!(h1, h2);
+        let (mut d1, mut d2) = (u.clone(), u.clone());
+        silu_mul_grad(&mut d1, &mut h1, &g, &u, &s1);
+        silu_mul_grad_body(&mut d2, &mut h2, &g, &u, &s2);
+        assert_eq!((&d1, &h1), (&d2, &h2));
+        assert!((dot(&g, &u) - dot_body(&g, &u)).abs() < 1e-5);
+    }
 }

@@ -12,10 +12,17 @@
 //!
 //! With `KC = 256`, an `NR` panel of `B` (32 KiB) stays in L1 while the kernel walks down the
 //! `MC` block of `A` (`MC · KC` floats, L2-resident); the expert products here are 256 wide, so
-//! `B` is usually packed once per call.
+//! `B` is usually packed once per call. Operands whose lanes (rows of `A`, columns of `B`) are
+//! contiguous along `k` — `x · Wᵀ`, `dy · W` — are packed by 16×16 register transposes: at 128
+//! tokens per expert, scalar packing of `Wᵀ` cost a third of the product.
+//!
+//! On a Sapphire Rapids core this runs the expert products at 145–165 GFLOP/s, about MKL's rate
+//! (`torch.mm`, one thread) and 1.8× the `gemm` crate's AVX2 kernel (see the `gemm_throughput`
+//! test in `gemm_f32`).
 //!
 //! `unsafe` is confined to this module: the intrinsics that touch memory take raw pointers, and
-//! calling `#[target_feature]` functions needs the feature checked first. Packing is safe Rust.
+//! calling `#[target_feature]` functions needs the feature checked first; each block says why
+//! its accesses stay in bounds.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
@@ -70,41 +77,39 @@ pub(super) fn matmul(c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: 
     assert!(m > 0 && n > 0 && k > 0 && b.rows == k && c.len() == m * n);
     let pop = || BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop();
     let (mut a_buf, mut b_buf) = pop().unwrap_or_default();
-    {
-        let b_lines = KC * NC.min(n.next_multiple_of(NR)) / 16;
-        let a_lines = KC * MC.min(m.next_multiple_of(MR)) / 16;
-        if b_buf.len() < b_lines {
-            b_buf.resize(b_lines, Line([0.0; 16]));
-        }
-        if a_buf.len() < a_lines {
-            a_buf.resize(a_lines, Line([0.0; 16]));
-        }
-        let a_pack = flatten_mut(&mut a_buf[..a_lines]);
-        let b_pack = flatten_mut(&mut b_buf[..b_lines]);
-        for j0 in (0..n).step_by(NC) {
-            let nc = NC.min(n - j0);
-            for p0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - p0);
-                pack_b(b_pack, b, p0, kc, j0, nc);
-                // The first depth block overwrites C unless asked to accumulate.
-                let add = accumulate || p0 > 0;
-                for i0 in (0..m).step_by(MC) {
-                    let mc = MC.min(m - i0);
-                    pack_a(a_pack, a, i0, mc, p0, kc);
-                    for jr in (0..nc).step_by(NR) {
-                        let b_panel = &b_pack[jr * kc..(jr + NR) * kc];
-                        for ir in (0..mc).step_by(MR) {
-                            let a_panel = &a_pack[ir * kc..(ir + MR) * kc];
-                            let tile = Tile {
-                                row: i0 + ir,
-                                col: j0 + jr,
-                                rows: MR.min(mc - ir),
-                                cols: NR.min(nc - jr),
-                                ld: n,
-                            };
-                            // SAFETY: `available()` was asserted above.
-                            unsafe { kernel(kc, a_panel, b_panel, c, tile, add) };
-                        }
+    let b_lines = KC * NC.min(n.next_multiple_of(NR)) / 16;
+    let a_lines = KC * MC.min(m.next_multiple_of(MR)) / 16;
+    if b_buf.len() < b_lines {
+        b_buf.resize(b_lines, Line([0.0; 16]));
+    }
+    if a_buf.len() < a_lines {
+        a_buf.resize(a_lines, Line([0.0; 16]));
+    }
+    let a_pack = flatten_mut(&mut a_buf[..a_lines]);
+    let b_pack = flatten_mut(&mut b_buf[..b_lines]);
+    for j0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - j0);
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_b(b_pack, b, p0, kc, j0, nc);
+            // The first depth block overwrites C unless asked to accumulate.
+            let add = accumulate || p0 > 0;
+            for i0 in (0..m).step_by(MC) {
+                let mc = MC.min(m - i0);
+                pack_a(a_pack, a, i0, mc, p0, kc);
+                for jr in (0..nc).step_by(NR) {
+                    let b_panel = &b_pack[jr * kc..(jr + NR) * kc];
+                    for ir in (0..mc).step_by(MR) {
+                        let a_panel = &a_pack[ir * kc..(ir + MR) * kc];
+                        let tile = Tile {
+                            row: i0 + ir,
+                            col: j0 + jr,
+                            rows: MR.min(mc - ir),
+                            cols: NR.min(nc - jr),
+                            ld: n,
+                        };
+                        // SAFETY: `available()` was asserted above.
+                        unsafe { kernel(kc, a_panel, b_panel, c, tile, add) };
                     }
                 }
             }
@@ -170,10 +175,10 @@ fn pack_panel(out: &mut [f32], width: usize, src: &[f32], lanes: Lanes, step: us
     }
 }
 
-/// [`pack_panel`] for lanes contiguous along the depth: `out[p · width + i] = src[start + i · lane
-/// + p]`. Blocks of 16 lanes × 16 steps are loaded as 16 vectors (one per lane), transposed in
-/// registers and stored as 16 vectors (one per step), masked to the lanes that exist; the steps
-/// past the last multiple of 16 are copied one by one.
+/// [`pack_panel`] for lanes contiguous along the depth: `out[p · width + i] =
+/// src[start + i · lane + p]`. Blocks of 16 lanes × 16 steps are loaded as 16 vectors (one per
+/// lane), transposed in registers and stored as 16 vectors (one per step), masked to the lanes
+/// that exist; the steps past the last multiple of 16 are copied one by one.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
