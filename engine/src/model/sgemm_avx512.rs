@@ -130,7 +130,7 @@ fn pack_a(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize, kc: 
     for (panel, ir) in (0..mc).step_by(MR).enumerate() {
         let out = &mut dst[panel * MR * kc..(panel + 1) * MR * kc];
         let lanes = Lanes { start: (i0 + ir) * a.rs + p0 * a.cs, count: MR.min(mc - ir) };
-        pack_panel(out, MR, a.data, lanes, a.cs, a.rs);
+        pack_panel::<MR>(out, a.data, lanes, a.cs, a.rs);
     }
 }
 
@@ -139,7 +139,7 @@ fn pack_b(dst: &mut [f32], b: Operand<'_>, p0: usize, kc: usize, j0: usize, nc: 
     for (panel, jr) in (0..nc).step_by(NR).enumerate() {
         let out = &mut dst[panel * NR * kc..(panel + 1) * NR * kc];
         let lanes = Lanes { start: p0 * b.rs + (j0 + jr) * b.cs, count: NR.min(nc - jr) };
-        pack_panel(out, NR, b.data, lanes, b.rs, b.cs);
+        pack_panel::<NR>(out, b.data, lanes, b.rs, b.cs);
     }
 }
 
@@ -152,13 +152,25 @@ struct Lanes {
 
 /// Writes `out[p · width + i] = src[start + p · step + i · lane]` for `p < out.len() / width`,
 /// `i < count`, and zeros in lanes `count..width`.
-fn pack_panel(out: &mut [f32], width: usize, src: &[f32], lanes: Lanes, step: usize, lane: usize) {
-    let Lanes { start, count } = lanes;
+/// (`WIDTH` is `MR` or `NR`: a constant, so full-width copies compile to a few vector moves.)
+fn pack_panel<const WIDTH: usize>(
+    out: &mut [f32],
+    src: &[f32],
+    lanes: Lanes,
+    step: usize,
+    lane: usize,
+) {
+    let (Lanes { start, count }, width) = (lanes, WIDTH);
     if count < width {
         out.fill(0.0);
     }
-    if lane == 1 {
-        // Lanes contiguous (A transposed, B as stored): one slice copy per depth step.
+    if lane == 1 && count == WIDTH {
+        // Lanes contiguous (A transposed, B as stored): one copy per depth step.
+        for (p, dst) in out.chunks_exact_mut(WIDTH).enumerate() {
+            let row: &[f32; WIDTH] = src[start + p * step..][..WIDTH].try_into().expect("WIDTH");
+            dst.copy_from_slice(row);
+        }
+    } else if lane == 1 {
         for (p, dst) in out.chunks_exact_mut(width).enumerate() {
             dst[..count].copy_from_slice(&src[start + p * step..][..count]);
         }
