@@ -8,8 +8,9 @@
 //! `candle_core::utils::get_num_threads()` threads. The routing weights are an input of the op, so
 //! the router keeps receiving gradients through them.
 //!
-//! The expert weights are read in place, not concatenated into one tensor (13 MB copied per step,
-//! and candle's backward of the copy cost two more allocate-and-add passes per weight). They
+//! The expert weights are read in place, not concatenated into one tensor (13 MB copied per step
+//! at the bench's size, and candle's backward of the copy cost two more allocate-and-add passes
+//! per weight). They
 //! still need to be in the graph to receive gradients: a chain of [`WeightTap`] ops, each taking
 //! one or two weights and passing on a one-value "carrier", feeds the mix's third input. The
 //! mix's backward leaves every weight gradient in shared slots, and each tap's backward (candle
@@ -95,9 +96,9 @@ impl ExpertMix {
             .enumerate()
             .map(|(index, w)| Ok(ExpertWeights { index, inner: w[0].dim(0)? }))
             .collect::<Result<Vec<_>>>()?;
-        let (routed, shared) = match shared {
-            true => (experts[..experts.len() - 1].to_vec(), experts.last().copied()),
-            false => (experts, None),
+        let (routed, shared) = match (shared, experts.split_last()) {
+            (true, Some((&last, routed))) => (routed.to_vec(), Some(last)),
+            _ => (experts, None),
         };
         let grads: GradSlots = Arc::new(Mutex::new(vec![None; weights.len()]));
         let device =
