@@ -7,7 +7,8 @@
 //! (`MoeBlock::experts_autograd`). Besides wall time it prints the process CPU time per step,
 //! which a shared machine disturbs less.
 //!
-//! `cargo run --release -p flotilla-engine --example moe_layer_bench [-- TOKENS...]`
+//! `cargo run --release -p flotilla-engine --example moe_layer_bench [-- [--hand-written] TOKENS...]`
+//! (`--hand-written`: skip the reference, e.g. to profile the hand-written step alone).
 
 use std::time::Instant;
 
@@ -53,7 +54,9 @@ fn main() -> candle_core::Result<()> {
     let device = Device::Cpu;
     let (mut block, _params) = standalone_moe_block(&config, 0, &device)?;
     block.bias = normal_init(1, "bias", 16, 0.01);
-    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let variants = if args.iter().any(|a| a == "--hand-written") { 1 } else { 2 };
+    let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![512, 2048] } else { sizes };
     println!("threads: {}", candle_core::utils::get_num_threads());
     for tokens in sizes {
@@ -62,7 +65,7 @@ fn main() -> candle_core::Result<()> {
         let mut times = [Vec::new(), Vec::new()];
         let mut cpu = [0.0f64; 2];
         for i in 0..23 {
-            for (v, hand_written) in [true, false].into_iter().enumerate() {
+            for (v, hand_written) in [true, false].into_iter().enumerate().take(variants) {
                 let cpu_before = cpu_seconds();
                 let wall = step(&block, x.as_tensor(), hand_written)?;
                 if i >= 3 {
@@ -71,7 +74,7 @@ fn main() -> candle_core::Result<()> {
                 }
             }
         }
-        for (v, name) in VARIANTS.iter().enumerate() {
+        for (v, name) in VARIANTS.iter().enumerate().take(variants) {
             let t = &mut times[v];
             t.sort_by(f64::total_cmp);
             let median = t[t.len() / 2];

@@ -7,33 +7,40 @@
 //! are fused loops, weight gradients are written once per expert, and experts run in parallel on
 //! `candle_core::utils::get_num_threads()` threads. The routing weights are an input of the op, so
 //! the router keeps receiving gradients through them.
+//!
+//! The expert weights are read in place, not concatenated into one tensor (13 MB copied per step
+//! at the bench's size, and candle's backward of the copy cost two more allocate-and-add passes
+//! per weight). They
+//! still need to be in the graph to receive gradients: a chain of [`WeightTap`] ops, each taking
+//! one or two weights and passing on a one-value "carrier", feeds the mix's third input. The
+//! mix's backward leaves every weight gradient in shared slots, and each tap's backward (candle
+//! runs it after the mix's, as the tap is upstream) hands them to its weights.
 
 use std::cmp::Reverse;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+use super::fused;
 use super::gemm_f32::{MatRef, matmul};
+use super::scratch::Scratch;
 
-/// Where one expert's weights sit in the flat parameter tensor: gate `[inner, width]`, up
-/// `[inner, width]`, down `[width, inner]`, back to back from `offset`.
+/// One expert: its weights are entries `3·index .. 3·index + 3` of the mix's weight list (gate
+/// `[inner, width]`, up `[inner, width]`, down `[width, inner]`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ExpertWeights {
-    pub offset: usize,
+    pub index: usize,
     pub inner: usize,
 }
 
 impl ExpertWeights {
-    fn len(&self, width: usize) -> usize {
-        3 * self.inner * width
-    }
-
-    fn split<'a>(&self, params: &'a [f32], width: usize) -> [&'a [f32]; 3] {
-        let size = self.inner * width;
-        let own = &params[self.offset..self.offset + 3 * size];
-        [&own[..size], &own[size..2 * size], &own[2 * size..]]
+    fn split<'a>(&self, weights: &[&'a [f32]]) -> [&'a [f32]; 3] {
+        [weights[3 * self.index], weights[3 * self.index + 1], weights[3 * self.index + 2]]
     }
 }
+
+/// Weight gradients left by the mix's backward for the taps, one slot per weight.
+type GradSlots = Arc<Mutex<Vec<Option<Tensor>>>>;
 
 /// One expert's share of the work: the tokens it sees (`None`: all of them, the shared expert).
 #[derive(Clone, Copy)]
@@ -47,37 +54,63 @@ struct Run<'a> {
 /// Intermediates kept from the forward for the backward.
 struct Saved {
     /// Gate and up pre-activations, run after run (`len × inner` each).
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    gate: Scratch,
+    up: Scratch,
     /// Routed experts' outputs before weighting, `[slots, width]` in sorted order.
-    routed_out: Vec<f32>,
+    routed_out: Scratch,
 }
 
 /// `Σ_k w[t,k] · expert_{e(t,k)}(x_t) + shared(x_t)` over inputs `(x [tokens, width],
-/// weights [tokens, top_k], flat expert parameters)`.
+/// weights [tokens, top_k], carrier)`, the carrier being the end of the [`WeightTap`] chain.
 pub(crate) struct ExpertMix {
     width: usize,
     tokens: usize,
     top_k: usize,
     routed: Vec<ExpertWeights>,
     shared: Option<ExpertWeights>,
+    /// The experts' weights (routed in order, then the shared one; gate, up, down each).
+    weights: Vec<Tensor>,
+    grads: GradSlots,
     /// Slot ids grouped by expert (stable); expert e owns `slots[starts[e]..starts[e + 1]]`.
     slots: Vec<u32>,
     rows: Vec<u32>,
+    /// Inverse of `slots`: where each slot sits in the sorted order.
+    positions: Vec<u32>,
     starts: Vec<usize>,
     threads: usize,
     saved: Mutex<Option<Saved>>,
 }
 
 impl ExpertMix {
-    /// A mix for `chosen` (`[tokens, top_k]` expert ids) over `width`-wide tokens.
+    /// A mix for `chosen` (`[tokens, top_k]` expert ids) over `width`-wide tokens, and the
+    /// carrier to pass as its third input: the weights tapped into the graph.
     pub(crate) fn new(
         chosen: &[u32],
         top_k: usize,
         width: usize,
-        routed: Vec<ExpertWeights>,
-        shared: Option<ExpertWeights>,
-    ) -> Self {
+        weights: Vec<Tensor>,
+        shared: bool,
+    ) -> Result<(Self, Tensor)> {
+        let experts = weights
+            .chunks(3)
+            .enumerate()
+            .map(|(index, w)| Ok(ExpertWeights { index, inner: w[0].dim(0)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let (routed, shared) = match (shared, experts.split_last()) {
+            (true, Some((&last, routed))) => (routed.to_vec(), Some(last)),
+            _ => (experts, None),
+        };
+        let grads: GradSlots = Arc::new(Mutex::new(vec![None; weights.len()]));
+        let device =
+            weights.first().map(|w| w.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let mut carrier = Tensor::zeros(1, candle_core::DType::F32, &device)?;
+        for (pair, first) in weights.chunks(2).zip((0..).step_by(2)) {
+            let tap = WeightTap { grads: grads.clone(), first };
+            carrier = match pair {
+                [a, b] => carrier.apply_op3(a, b, tap)?,
+                _ => carrier.apply_op2(&pair[0], tap)?,
+            };
+        }
         let mut starts = vec![0usize; routed.len() + 1];
         for &e in chosen {
             starts[e as usize + 1] += 1;
@@ -92,18 +125,26 @@ impl ExpertMix {
             next[e as usize] += 1;
         }
         let rows = slots.iter().map(|&s| s / top_k as u32).collect();
-        Self {
+        let mut positions = vec![0u32; slots.len()];
+        for (j, &slot) in slots.iter().enumerate() {
+            positions[slot as usize] = j as u32;
+        }
+        let mix = Self {
             width,
             tokens: chosen.len() / top_k,
             top_k,
             routed,
             shared,
+            weights,
+            grads,
             slots,
             rows,
+            positions,
             starts,
             threads: candle_core::utils::get_num_threads().max(1),
             saved: Mutex::new(None),
-        }
+        };
+        Ok((mix, carrier))
     }
 
     /// Routed runs in expert order, then the shared expert.
@@ -124,13 +165,14 @@ impl ExpertMix {
         runs
     }
 
-    fn forward(&self, x: &[f32], w: &[f32], params: &[f32]) -> (Vec<f32>, Saved) {
+    fn forward(&self, x: &[f32], w: &[f32], params: &[&[f32]]) -> (Vec<f32>, Saved) {
         let d = self.width;
         let runs = self.runs();
         let act: Vec<usize> = runs.iter().map(|r| r.len * r.weights.inner).collect();
         let total: usize = act.iter().sum();
-        let (mut gate, mut up) = (vec![0f32; total], vec![0f32; total]);
-        let mut routed_out = vec![0f32; self.slots.len() * d];
+        // Every value of these is written by a product below (runs cover them back to back).
+        let (mut gate, mut up) = (Scratch::reuse(total), Scratch::reuse(total));
+        let mut routed_out = Scratch::reuse(self.slots.len() * d);
         let mut out = vec![0f32; self.tokens * d];
         let routed = &runs[..self.routed.len()];
         let mut outs = split_mut(&mut routed_out, routed.iter().map(|r| r.len * d));
@@ -148,20 +190,14 @@ impl ExpertMix {
             self.forward_run(x, params, run, g, u, y)
         });
         // Scatter with the routing weights in one pass.
-        for (j, (&row, &slot)) in self.rows.iter().zip(&self.slots).enumerate() {
-            let weight = w[slot as usize];
-            let dst = &mut out[row as usize * d..(row as usize + 1) * d];
-            for (o, &y) in dst.iter_mut().zip(&routed_out[j * d..(j + 1) * d]) {
-                *o += weight * y;
-            }
-        }
+        self.add_slots(&mut out, &routed_out, Some(w));
         (out, Saved { gate, up, routed_out })
     }
 
     fn forward_run(
         &self,
         x: &[f32],
-        params: &[f32],
+        params: &[&[f32]],
         run: &Run<'_>,
         g: &mut [f32],
         u: &mut [f32],
@@ -179,29 +215,33 @@ impl ExpertMix {
             }
             None => x,
         };
-        let [wg, wu, wd] = run.weights.split(params, d);
+        let [wg, wu, wd] = run.weights.split(params);
         let xs = MatRef::row_major(xs, n, d);
         matmul(g, xs, MatRef::row_major(wg, inner, d).t(), false);
         matmul(u, xs, MatRef::row_major(wu, inner, d).t(), false);
-        let h: Vec<f32> = g.iter().zip(u.iter()).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        let mut h = Scratch::reuse(n * inner);
+        fused::silu_mul(&mut h, g, u);
         matmul(y, MatRef::row_major(&h, n, inner), MatRef::row_major(wd, d, inner).t(), false);
     }
 
+    /// Gradients of x, of the routing weights, and of each expert weight (in `weights` order).
     fn backward(
         &self,
         x: &[f32],
         w: &[f32],
-        params: &[f32],
+        params: &[&[f32]],
         grad: &[f32],
         saved: &Saved,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
         let d = self.width;
         let runs = self.runs();
         let act: Vec<usize> = runs.iter().map(|r| r.len * r.weights.inner).collect();
-        let mut dparams = vec![0f32; params.len()];
+        // Zeros stay for experts no token chose.
+        let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.len()]).collect();
         let mut dx = vec![0f32; self.tokens * d];
-        let mut dx_sorted = vec![0f32; self.slots.len() * d];
-        let mut dw_sorted = vec![0f32; self.slots.len()];
+        // Written in full by the runs (products and the dw loop), so no zeroing needed.
+        let mut dx_sorted = Scratch::reuse(self.slots.len() * d);
+        let mut dw_sorted = Scratch::reuse(self.slots.len());
         let routed = &runs[..self.routed.len()];
         let mut dxs = split_mut(&mut dx_sorted, routed.iter().map(|r| r.len * d));
         let mut dws = split_mut(&mut dw_sorted, routed.iter().map(|r| r.len));
@@ -210,7 +250,7 @@ impl ExpertMix {
             dws.push(&mut []);
         }
         let outs = split_ref(&saved.routed_out, routed.iter().map(|r| r.len * d));
-        let dps = split_by_offset(&mut dparams, runs.iter().map(|r| r.weights), d);
+        let dps = dparams.chunks_mut(3); // runs are in weight order
         let tasks = runs
             .iter()
             .zip(split_ref(&saved.gate, act.iter().copied()))
@@ -224,20 +264,36 @@ impl ExpertMix {
             })
             .collect();
         in_parallel(tasks, self.threads, |task| self.backward_run(x, w, params, grad, task));
-        for (j, &row) in self.rows.iter().enumerate() {
-            let dst = &mut dx[row as usize * d..(row as usize + 1) * d];
-            for (o, &v) in dst.iter_mut().zip(&dx_sorted[j * d..(j + 1) * d]) {
-                *o += v;
-            }
-        }
+        self.add_slots(&mut dx, &dx_sorted, None);
         let mut dw = vec![0f32; self.tokens * self.top_k];
-        for (&slot, &v) in self.slots.iter().zip(&dw_sorted) {
+        for (&slot, &v) in self.slots.iter().zip(dw_sorted.iter()) {
             dw[slot as usize] = v;
         }
         (dx, dw, dparams)
     }
 
-    fn backward_run(&self, x: &[f32], w: &[f32], params: &[f32], grad: &[f32], t: BackwardRun) {
+    /// Adds to each token's row of `dst` its slots' rows of `sorted` (`[slots, width]` in sorted
+    /// order), scaled by the routing weights `w` if given. Token rows are split over the threads,
+    /// each gathering from its tokens' slots, so no two threads write the same row.
+    fn add_slots(&self, dst: &mut [f32], sorted: &[f32], w: Option<&[f32]>) {
+        const ROWS: usize = 64;
+        let (d, top_k) = (self.width, self.top_k);
+        let tasks = dst.chunks_mut(ROWS * d).enumerate().map(|(c, rows)| (rows.len(), (c, rows)));
+        in_parallel(tasks.collect(), self.threads, |(c, rows)| {
+            for (i, row) in rows.chunks_exact_mut(d).enumerate() {
+                let token = c * ROWS + i;
+                for slot in token * top_k..(token + 1) * top_k {
+                    let j = self.positions[slot] as usize;
+                    let weight = w.map_or(1.0, |w| w[slot]);
+                    for (o, &v) in row.iter_mut().zip(&sorted[j * d..(j + 1) * d]) {
+                        *o += weight * v;
+                    }
+                }
+            }
+        });
+    }
+
+    fn backward_run(&self, x: &[f32], w: &[f32], params: &[&[f32]], grad: &[f32], t: BackwardRun) {
         let BackwardRun { run, g, u, y, dp, dx, dw } = t;
         let (n, d, inner) = (run.len, self.width, run.weights.inner);
         if n == 0 {
@@ -248,11 +304,11 @@ impl ExpertMix {
             Some((rows, slots)) => {
                 gathered = gather(x, rows, d);
                 // dL/dw of a slot is ⟨dout_t, y_slot⟩; the expert sees dout_t scaled by w.
-                let mut dy = vec![0f32; n * d];
+                let mut dy = Scratch::reuse(n * d);
                 for (j, (&row, &slot)) in rows.iter().zip(slots).enumerate() {
                     let dout = &grad[row as usize * d..(row as usize + 1) * d];
                     let yj = &y[j * d..(j + 1) * d];
-                    dw[j] = dout.iter().zip(yj).map(|(a, b)| a * b).sum();
+                    dw[j] = fused::dot(dout, yj);
                     let weight = w[slot as usize];
                     for (o, &g) in dy[j * d..(j + 1) * d].iter_mut().zip(dout) {
                         *o = weight * g;
@@ -263,21 +319,17 @@ impl ExpertMix {
             }
             None => (x, grad),
         };
-        let [wg, wu, wd] = run.weights.split(params, d);
-        let (dwg, rest) = dp.split_at_mut(inner * d);
-        let (dwu, dwd) = rest.split_at_mut(inner * d);
+        let [wg, wu, wd] = run.weights.split(params);
+        let [dwg, dwu, dwd] = dp else { unreachable!("three weights per expert") };
         let xs = MatRef::row_major(xs, n, d);
         let dy = MatRef::row_major(dy, n, d);
-        let sig: Vec<f32> = g.iter().map(|&g| sigmoid(g)).collect();
-        let mut h: Vec<f32> = g.iter().zip(u).zip(&sig).map(|((&g, &u), &s)| g * s * u).collect();
+        let (mut sig, mut h) = (Scratch::reuse(n * inner), Scratch::reuse(n * inner));
+        fused::silu_mul_keep(&mut sig, &mut h, g, u);
         matmul(dwd, dy.t(), MatRef::row_major(&h, n, inner), false);
-        let mut dh = vec![0f32; n * inner];
+        let mut dh = Scratch::reuse(n * inner);
         matmul(&mut dh, dy, MatRef::row_major(wd, d, inner), false);
         // Fused SiLU·up derivative: dh becomes d(gate), h becomes d(up).
-        for ((((dh, h), &g), &u), &s) in dh.iter_mut().zip(h.iter_mut()).zip(g).zip(u).zip(&sig) {
-            *h = *dh * g * s;
-            *dh *= u * s * (1.0 + g * (1.0 - s));
-        }
+        fused::silu_mul_grad(&mut dh, &mut h, g, u, &sig);
         let (dg, du) = (MatRef::row_major(&dh, n, inner), MatRef::row_major(&h, n, inner));
         matmul(dwg, dg.t(), xs, false);
         matmul(dwu, du.t(), xs, false);
@@ -291,7 +343,7 @@ struct BackwardRun<'a, 'b> {
     g: &'b [f32],
     u: &'b [f32],
     y: &'b [f32],
-    dp: &'b mut [f32],
+    dp: &'b mut [Vec<f32>],
     dx: &'b mut [f32],
     dw: &'b mut [f32],
 }
@@ -307,14 +359,18 @@ impl CustomOp3 for ExpertMix {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        _carrier: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s1, l1, "x")?;
         let w = cpu_f32(s2, l2, "routing weights")?;
-        let params = cpu_f32(s3, l3, "expert parameters")?;
-        self.check(x, w, params)?;
-        let (out, saved) = self.forward(x, w, params);
+        let storages: Vec<_> = self.weights.iter().map(Tensor::storage_and_layout).collect();
+        let params = storages
+            .iter()
+            .map(|(s, l)| storage_f32(s, l, "expert weight"))
+            .collect::<Result<Vec<_>>>()?;
+        self.check(x, w, &params)?;
+        let (out, saved) = self.forward(x, w, &params);
         *self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(saved);
         Ok((CpuStorage::F32(out), Shape::from((self.tokens, self.width))))
     }
@@ -323,55 +379,135 @@ impl CustomOp3 for ExpertMix {
         &self,
         x: &Tensor,
         w: &Tensor,
-        params: &Tensor,
+        carrier: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w, params, grad) =
-            (x.contiguous()?, w.contiguous()?, params.contiguous()?, grad.contiguous()?);
+        let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
         let (sx, lx) = x.storage_and_layout();
         let (sw, lw) = w.storage_and_layout();
-        let (sp, lp) = params.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
-        let (xs, ws, ps) =
-            (storage_f32(&sx, lx, "x")?, storage_f32(&sw, lw, "w")?, storage_f32(&sp, lp, "p")?);
+        let (xs, ws) = (storage_f32(&sx, lx, "x")?, storage_f32(&sw, lw, "w")?);
         let gs = storage_f32(&sg, lg, "output gradient")?;
+        let storages: Vec<_> = self.weights.iter().map(Tensor::storage_and_layout).collect();
+        let params = storages
+            .iter()
+            .map(|(s, l)| storage_f32(s, l, "expert weight"))
+            .collect::<Result<Vec<_>>>()?;
         let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let saved = saved.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("moe-expert-mix: backward before forward".into())
         })?;
-        let (dx, dw, dp) = self.backward(xs, ws, ps, gs, saved);
+        let (dx, dw, dparams) = self.backward(xs, ws, &params, gs, saved);
         let device = x.device();
+        let mut slots =
+            self.grads.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        for ((slot, dp), weight) in slots.iter_mut().zip(dparams).zip(&self.weights) {
+            *slot = Some(Tensor::from_vec(dp, weight.shape(), device)?);
+        }
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), device)?),
             Some(Tensor::from_vec(dw, w.shape(), device)?),
-            Some(Tensor::from_vec(dp, params.shape(), device)?),
+            Some(carrier.zeros_like()?),
         ))
     }
 }
 
+/// Puts one or two expert weights into the graph upstream of the mix (see the module docs):
+/// forward passes a one-value carrier on, backward hands the weights their gradients from the
+/// mix's slots `first` and `first + 1`.
+struct WeightTap {
+    grads: GradSlots,
+    first: usize,
+}
+
+impl WeightTap {
+    fn carrier() -> (CpuStorage, Shape) {
+        (CpuStorage::F32(vec![0.0]), Shape::from(1))
+    }
+
+    fn take(&self, offset: usize) -> Result<Option<Tensor>> {
+        let mut slots =
+            self.grads.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        match slots.get_mut(self.first + offset).and_then(Option::take) {
+            Some(grad) => Ok(Some(grad)),
+            None => candle_core::bail!("moe-weight-tap: no gradient left by the expert mix"),
+        }
+    }
+}
+
+impl CustomOp2 for WeightTap {
+    fn name(&self) -> &'static str {
+        "moe-weight-tap"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok(Self::carrier())
+    }
+
+    fn bwd(
+        &self,
+        carrier: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(carrier.zeros_like()?), self.take(0)?))
+    }
+}
+
+impl CustomOp3 for WeightTap {
+    fn name(&self) -> &'static str {
+        "moe-weight-tap"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok(Self::carrier())
+    }
+
+    fn bwd(
+        &self,
+        carrier: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(carrier.zeros_like()?), self.take(0)?, self.take(1)?))
+    }
+}
+
 impl ExpertMix {
-    fn check(&self, x: &[f32], w: &[f32], params: &[f32]) -> Result<()> {
-        let needed = self
+    fn check(&self, x: &[f32], w: &[f32], params: &[&[f32]]) -> Result<()> {
+        let d = self.width;
+        let weights_fit = self
             .routed
             .iter()
             .chain(&self.shared)
-            .map(|e| e.offset + e.len(self.width))
-            .max()
-            .unwrap_or(0);
-        if x.len() != self.tokens * self.width
-            || w.len() != self.tokens * self.top_k
-            || params.len() < needed
-        {
+            .all(|e| e.split(params).iter().all(|p| p.len() == e.inner * d));
+        if x.len() != self.tokens * d || w.len() != self.tokens * self.top_k || !weights_fit {
             candle_core::bail!(
-                "moe-expert-mix: expected x {}×{}, weights {}×{}, ≥{needed} parameters; got {}, {}, {}",
+                "moe-expert-mix: expected x {}×{d}, weights {}×{}, experts' weights \
+                 inner×{d}; got {}, {} values",
                 self.tokens,
-                self.width,
                 self.tokens,
                 self.top_k,
                 x.len(),
                 w.len(),
-                params.len()
             );
         }
         Ok(())
@@ -392,14 +528,10 @@ fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> 
     }
 }
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
-fn gather(x: &[f32], rows: &[u32], width: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows.len() * width);
-    for &r in rows {
-        out.extend_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
+fn gather(x: &[f32], rows: &[u32], width: usize) -> Scratch {
+    let mut out = Scratch::reuse(rows.len() * width);
+    for (dst, &r) in out.chunks_exact_mut(width).zip(rows) {
+        dst.copy_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
     }
     out
 }
@@ -422,25 +554,6 @@ fn split_ref(buf: &[f32], lens: impl Iterator<Item = usize>) -> Vec<&[f32]> {
         let (head, tail) = rest.split_at(len);
         parts.push(head);
         rest = tail;
-    }
-    parts
-}
-
-/// Each expert's slice of the flat parameter gradient, in the order of `experts` (which must be
-/// laid out back to back in increasing offset order).
-fn split_by_offset(
-    buf: &mut [f32],
-    experts: impl Iterator<Item = ExpertWeights>,
-    width: usize,
-) -> Vec<&mut [f32]> {
-    let mut parts = Vec::new();
-    let (mut rest, mut at) = (buf, 0);
-    for e in experts {
-        let skip = std::mem::take(&mut rest).split_at_mut(e.offset - at).1;
-        let (head, tail) = skip.split_at_mut(e.len(width));
-        parts.push(head);
-        rest = tail;
-        at = e.offset + e.len(width);
     }
     parts
 }

@@ -4,7 +4,7 @@
 use candle_core::{D, Result, Tensor, Var};
 
 use super::ParamBuilder;
-use super::expert_mix::{ExpertMix, ExpertWeights};
+use super::expert_mix::ExpertMix;
 use super::layers::{SwiGlu, linear, sigmoid, zeros};
 use super::routing::{RoutingShape, expert_load, select_experts};
 use crate::config::ModelConfig;
@@ -89,8 +89,8 @@ impl MoeBlock {
         let scores = self.scores(x)?;
         let (chosen, weights) = self.route(&scores)?;
 
-        let (mix, params) = self.expert_mix(&chosen, width)?;
-        let out = x.contiguous()?.apply_op3(&weights.contiguous()?, &params, mix)?;
+        let (mix, carrier) = self.expert_mix(&chosen, width)?;
+        let out = x.contiguous()?.apply_op3(&weights.contiguous()?, &carrier, mix)?;
         let aux_loss = if train && self.aux_alpha > 0.0 {
             Some(self.sequence_balance_loss(&scores, &chosen, seq)?)
         } else {
@@ -133,24 +133,17 @@ impl MoeBlock {
         Ok(out)
     }
 
-    /// The experts' hand-written forward/backward and their weights flattened into one tensor
-    /// (routed experts in order, then the shared one; gate, up, down each).
+    /// The experts' hand-written forward/backward over their weights (routed experts in order,
+    /// then the shared one; gate, up, down each), and the carrier tensor to pass it.
     fn expert_mix(&self, chosen: &[u32], width: usize) -> Result<(ExpertMix, Tensor)> {
-        let mut parts = Vec::new();
-        let mut offset = 0;
-        let mut place = |mlp: &SwiGlu| -> Result<ExpertWeights> {
-            let inner = mlp.gate.dim(0)?;
-            for w in [&mlp.gate, &mlp.up, &mlp.down] {
-                parts.push(w.as_tensor().flatten_all()?);
-            }
-            let placed = ExpertWeights { offset, inner };
-            offset += 3 * inner * width;
-            Ok(placed)
-        };
-        let routed = self.experts.iter().map(&mut place).collect::<Result<Vec<_>>>()?;
-        let shared = self.shared.as_ref().map(&mut place).transpose()?;
-        let params = Tensor::cat(&parts, 0)?;
-        Ok((ExpertMix::new(chosen, self.shape.top_k, width, routed, shared), params))
+        let weights = self
+            .experts
+            .iter()
+            .chain(&self.shared)
+            .flat_map(|mlp| [&mlp.gate, &mlp.up, &mlp.down])
+            .map(|w| w.as_tensor().clone())
+            .collect();
+        ExpertMix::new(chosen, self.shape.top_k, width, weights, self.shared.is_some())
     }
 
     /// `α · mean over sequences of Σ_i f_i · P_i`, where `f_i = E/(K·T) · count_i` (no gradient)
