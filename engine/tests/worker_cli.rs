@@ -189,3 +189,28 @@ fn serve_on_a_taken_port_exits_with_the_port_unavailable_code() {
     );
     assert!(stderr.contains(&format!("cannot bind 127.0.0.1:{port}")), "{stderr}");
 }
+
+#[test]
+fn the_portable_kernels_train_to_the_same_loss_as_the_default_ones() {
+    let steps = 30;
+    let run = |env: &[(&str, &Path)]| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let a = Worker::start_with(0, port, dir.path(), steps, env);
+        let b = Worker::start_with(1, port, dir.path(), steps, env);
+        let (code, out, stderr) = a.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(b.finish(Duration::from_secs(10)).0, Some(0));
+        let loss: f64 = final_loss(&out).parse().expect("a number");
+        (loss, stderr)
+    };
+    let portable_env = [(flotilla_engine::model::PORTABLE_KERNELS_ENV, Path::new("1"))];
+    let (portable, stderr) = run(&portable_env);
+    assert!(stderr.contains(r#"kernels="portable""#), "it says which kernels ran: {stderr}");
+    let (default, stderr) = run(&[]);
+    let expected = if flotilla_engine::model::avx512_kernels() { "avx512" } else { "portable" };
+    assert!(stderr.contains(&format!(r#"kernels="{expected}""#)), "{stderr}");
+    // Different kernels sum in a different order, so the losses agree closely, not bitwise.
+    let gap = (portable - default).abs() / default;
+    assert!(portable.is_finite() && gap < 0.01, "portable {portable} vs default {default}");
+}

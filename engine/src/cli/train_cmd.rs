@@ -108,6 +108,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         rank = args.rank,
         world = args.world_size,
         params = trainer.model().num_params(),
+        kernels = if flotilla_engine::model::avx512_kernels() { "avx512" } else { "portable" },
         "training"
     );
     let socket = if args.rank == 0 { args.progress_socket.clone() } else { None };

@@ -17,8 +17,9 @@ macro_rules! dispatch {
                 fn wide($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: `wide` only needs AVX-512F, which the CPU was just checked to have.
+                if super::avx512_kernels() {
+                    // SAFETY: `wide` only needs AVX-512F, which `avx512_kernels` checked the CPU
+                    // has.
                     return unsafe { wide($($arg),*) };
                 }
             }

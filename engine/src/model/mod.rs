@@ -13,6 +13,25 @@ mod sgemm_avx512;
 
 use std::collections::HashMap;
 
+/// Set to `1` to run the experts on the portable kernels (the `gemm` crate and the baseline
+/// element-wise passes) even on a CPU with AVX-512: an escape hatch, and how tests exercise the
+/// fallback on machines that have AVX-512.
+pub const PORTABLE_KERNELS_ENV: &str = "FLOTILLA_ENGINE_PORTABLE";
+
+/// Whether the AVX-512 kernels run: the CPU has AVX-512F and [`PORTABLE_KERNELS_ENV`] is not
+/// `1`. Decided once per process.
+pub fn avx512_kernels() -> bool {
+    static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        let portable = std::env::var(PORTABLE_KERNELS_ENV).is_ok_and(|v| v == "1");
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        cpu && !portable
+    });
+    *ON
+}
+
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 
 use crate::config::ModelConfig;

@@ -56,7 +56,7 @@ static BUFFERS: Mutex<Vec<(Vec<Line>, Vec<Line>)>> = Mutex::new(Vec::new());
 
 /// Whether this CPU can run [`matmul`].
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    super::avx512_kernels()
 }
 
 /// A strided `rows × cols` operand: element `(r, c)` is `data[r · rs + c · cs]`.
