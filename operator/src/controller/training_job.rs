@@ -79,13 +79,20 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
         guards.iter().filter_map(|g| g.0.as_ref().ok()).filter(|o| o.uid() != job.uid()).collect();
     let node_guards = ctx.nodes.state();
     let nodes: Vec<&GpuNode> = node_guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
-    ctx.prune_bookings(&mut booked);
-    let held = ctx.held_by_services(&booked);
+    // What only a scheduling pass reads, gathered only for a job that may get one: every
+    // reconciliation of a running job would otherwise copy the whole fleet's bookings.
+    let phase = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    let placing = !job.spec.suspend && matches!(phase, JobPhase::Pending | JobPhase::Queued);
+    let (held, replicas) = if placing {
+        ctx.prune_bookings(&mut booked);
+        (ctx.held_by_services(&booked), ctx.waiting_replicas())
+    } else {
+        (BTreeMap::new(), Vec::new())
+    };
     let report = match job.status.as_ref().and_then(|s| s.attempt.as_ref()) {
         Some(a) => ctx.fleet.report(&key, a.number),
         None => AttemptReport { all_stopped: true, ..Default::default() },
     };
-    let replicas = ctx.waiting_replicas();
     let t = plan(job, &others, &replicas, &nodes, &held, report, Timestamp::now());
 
     let old = job.status.clone().unwrap_or_default();
