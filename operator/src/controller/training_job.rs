@@ -75,8 +75,11 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     // One placement at a time, so two jobs never take the same GPUs from a stale cache.
     let mut booked = ctx.booked.lock().await;
     let guards = ctx.jobs.state();
-    let others: Vec<&TrainingJob> =
-        guards.iter().filter_map(|g| g.0.as_ref().ok()).filter(|o| o.uid() != job.uid()).collect();
+    let others: Vec<&TrainingJob> = guards
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|o| o.metadata.uid != job.metadata.uid)
+        .collect();
     let node_guards = ctx.nodes.state();
     let nodes: Vec<&GpuNode> = node_guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
     // What only a scheduling pass reads, gathered only for a job that may get one: every
