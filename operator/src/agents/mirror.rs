@@ -19,6 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::task::AbortOnDropHandle;
 
 fn timestamp(unix_nanos: i64) -> Option<Time> {
     Timestamp::from_nanosecond(i128::from(unix_nanos)).ok().map(Time)
@@ -112,13 +113,13 @@ async fn current(api: &Api<GpuNode>, cache: &Cache, node: &str) -> Result<GpuNod
 /// The merge patch for one node's status: every field the agent link owns, without the
 /// conditions and observed generation the `GpuNode` controller writes (a copy from the watch
 /// may be a moment older than that controller's last write).
-fn status_patch(status: &GpuNodeStatus) -> serde_json::Value {
-    let mut value = serde_json::to_value(status).unwrap_or_default();
+fn status_patch(status: &GpuNodeStatus) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value = serde_json::to_value(status)?;
     if let Some(fields) = value.as_object_mut() {
         fields.remove("conditions");
         fields.remove("observedGeneration");
     }
-    serde_json::json!({ "status": value })
+    Ok(serde_json::json!({ "status": value }))
 }
 
 /// Writes one node's status, creating the `GpuNode` if it does not exist.
@@ -138,7 +139,7 @@ async fn write(
     let mut status = status;
     status.admin_url = admin_url;
     status.address = record.address.clone();
-    let patch = status_patch(&status);
+    let patch = status_patch(&status).map_err(kube::Error::SerdeError)?;
     api.patch_status(&record.node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
@@ -153,7 +154,7 @@ pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Durati
             .default_backoff(),
     );
     // Ends with this task.
-    let _watch = AbortOnDrop(tokio::spawn(watch.for_each(|_| std::future::ready(()))));
+    let _watch = AbortOnDropHandle::new(tokio::spawn(watch.for_each(|_| std::future::ready(()))));
     let mut changed = fleet.changed();
     let mut written: HashMap<String, ((Fingerprint, Option<String>), Instant)> = HashMap::new();
     loop {
@@ -179,15 +180,6 @@ pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Durati
             _ = changed.changed() => {}
             _ = tokio::time::sleep(telemetry_every) => {}
         }
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -288,7 +280,7 @@ mod tests {
             ..Default::default()
         };
         let s = desired_status(&record(), &GpuNodeSpec::default(), Some(&current), 1);
-        let patch = status_patch(&s);
+        let patch = status_patch(&s).expect("serialises");
         let status = patch["status"].as_object().expect("status");
         assert!(!status.contains_key("conditions"));
         assert!(!status.contains_key("observedGeneration"));

@@ -280,11 +280,7 @@ impl FleetState {
 
     /// Copies of every node's record, sorted by name.
     pub fn nodes(&self) -> Vec<NodeRecord> {
-        let cells: Vec<NodeCell> =
-            self.nodes.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        let mut out: Vec<NodeRecord> = cells.iter().map(|c| lock(c).clone()).collect();
-        out.sort_by(|a, b| a.node.cmp(&b.node));
-        out
+        self.nodes_where(|_| true)
     }
 
     /// Copies of the records `keep` accepts, sorted by name; cheaper than [`Self::nodes`] when

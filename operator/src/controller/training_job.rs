@@ -84,9 +84,7 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
     let nodes: Vec<&GpuNode> = node_guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
     // What only a scheduling pass reads, gathered only for a job that may get one: every
     // reconciliation of a running job would otherwise copy the whole fleet's bookings.
-    let phase = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
-    let placing = !job.spec.suspend && matches!(phase, JobPhase::Pending | JobPhase::Queued);
-    let (held, replicas) = if placing {
+    let (held, replicas) = if may_be_placed(job) {
         ctx.prune_bookings(&mut booked);
         (ctx.held_by_services(&booked), ctx.waiting_replicas())
     } else {
@@ -221,6 +219,13 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// Whether this look at `job` may place it (a valid spec is also needed): only then does the
+/// controller gather what a scheduling pass reads.
+fn may_be_placed(job: &TrainingJob) -> bool {
+    let phase = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    !job.spec.suspend && matches!(phase, JobPhase::Pending | JobPhase::Queued)
+}
+
 /// The pure middle of the pipeline: validate, place, decide.
 pub fn plan(
     job: &TrainingJob,
@@ -233,9 +238,7 @@ pub fn plan(
 ) -> Transition {
     let status = job.status.clone().unwrap_or_default();
     let validity = validate::training_job(job, others);
-    let wants_placement = validity.is_ok()
-        && !job.spec.suspend
-        && matches!(status.phase, JobPhase::Pending | JobPhase::Queued);
+    let wants_placement = validity.is_ok() && may_be_placed(job);
     let me_key = object_key(job);
     // Victims already asked to stop for this job: wait for them rather than pick more.
     let stopping: Vec<String> = others
