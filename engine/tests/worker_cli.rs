@@ -31,17 +31,33 @@ impl Worker {
     }
 
     fn start_with(rank: usize, port: u16, dir: &Path, steps: u64, env: &[(&str, &Path)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"));
+        command
             .args(["train", "--preset", "tiny", "--no-progress-bar", "--checkpoint-interval", "0"])
             .args(["--steps", &steps.to_string()])
             .arg("--checkpoint-dir")
             .arg(dir)
+            .envs(env.iter().copied());
+        Self::spawn(command, rank, 2, port)
+    }
+
+    /// Rank `rank` of an expert-parallel `serve` group of `world` (rank 0 on `http_port`).
+    fn serve(rank: usize, world: usize, port: u16, http_port: u16) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"));
+        command
+            .args(["serve", "--preset", "tiny", "--host", "127.0.0.1"])
+            .args(["--port", &http_port.to_string()])
+            .env_remove("FLOTILLA_CHECKPOINT_DIR");
+        Self::spawn(command, rank, world, port)
+    }
+
+    fn spawn(mut command: Command, rank: usize, world: usize, port: u16) -> Self {
+        let mut child = command
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", "2")
+            .env("WORLD_SIZE", world.to_string())
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -188,6 +204,80 @@ fn serve_on_a_taken_port_exits_with_the_port_unavailable_code() {
         "{stderr}"
     );
     assert!(stderr.contains(&format!("cannot bind 127.0.0.1:{port}")), "{stderr}");
+}
+
+/// `POST /v1/completions` on loopback; returns (status, body).
+fn complete(http_port: u16, prompt: &str, max_tokens: u32) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", http_port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = format!(r#"{{"prompt":"{prompt}","max_tokens":{max_tokens},"temperature":0}}"#);
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+}
+
+#[test]
+fn an_expert_parallel_group_serves_and_ends_together() {
+    // Three ranks of the tiny model (8 routed experts: 2, 3 and 3 each); rank 0 serves.
+    let (port, http_port) = (free_port(), free_port());
+    let mut ranks: Vec<Worker> = (0..3).map(|r| Worker::serve(r, 3, port, http_port)).collect();
+    for (rank, w) in ranks.iter_mut().enumerate() {
+        w.wait_for("expert-parallel", Duration::from_secs(60));
+        assert!(w.seen.last().is_some_and(|l| l.contains(&format!("rank={rank}"))));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        match complete(http_port, "hello", 6) {
+            Ok(answer) => break answer,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not serving yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("rank 0 never served: {e}"),
+        }
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""completion_tokens":6"#), "{body}");
+
+    // A clean stop of rank 0 stops the followers with it, successfully.
+    let leader = ranks.remove(0);
+    leader.signal("-TERM");
+    assert_eq!(leader.finish(Duration::from_secs(20)).0, Some(0));
+    for w in ranks {
+        let (code, _, stderr) = w.finish(Duration::from_secs(20));
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stderr.contains("the group's leader stopped serving"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_killed_follower_ends_the_leader_with_an_error() {
+    let (port, http_port) = (free_port(), free_port());
+    let mut leader = Worker::serve(0, 2, port, http_port);
+    let mut follower = Worker::serve(1, 2, port, http_port);
+    follower.wait_for("expert-parallel", Duration::from_secs(60));
+    leader.wait_for("expert-parallel", Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while complete(http_port, "hi", 1).map(|a| a.0).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "rank 0 never served");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    follower.child.kill().expect("kill rank 1");
+    let _ = follower.finish(Duration::from_secs(5));
+    // The next request (or the idle heartbeat) finds the group broken.
+    let answer = complete(http_port, "hi", 4);
+    assert!(!matches!(answer, Ok((200, _))), "{answer:?}");
+    let (code, _, stderr) = leader.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("lost rank 1"), "{stderr}");
 }
 
 #[test]

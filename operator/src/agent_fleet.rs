@@ -291,12 +291,7 @@ impl AgentFleet {
             .filter(|a| a.number == attempt)
             .map(|a| a.placement.clone())
             .ok_or_else(|| format!("{what}: status holds no attempt {attempt}; not launching"))?;
-        let rank0 = placement.workers.first().map(|w| w.node.clone()).unwrap_or_default();
-        let nodes: Api<GpuNode> = Api::all(inner.client.clone());
-        let reported = nodes.get_opt(&rank0).await.ok().flatten().and_then(|n| n.status?.address);
-        let master_addr = reported
-            .or_else(|| inner.args.worker_master_addr.clone())
-            .unwrap_or_else(|| rank0.clone());
+        let master_addr = self.master_addr(&placement).await;
         let uuid_of = |node: &str, index: i32| inner.gpu_uuid(node, index);
         let specs = launch_specs(&job, attempt, &uuid_of, &master_addr, &inner.args)?;
         let id: AttemptId = (key.uid.clone(), attempt as u64);
@@ -748,6 +743,21 @@ fn port_offset(uid: &str, attempt: i32) -> u32 {
 // === service replicas ===
 
 impl AgentFleet {
+    /// The address the other ranks reach rank 0 of `placement` at: the address its node's
+    /// agent reported, else `--worker-master-addr`, else the node's name.
+    async fn master_addr(&self, placement: &crate::crd::Placement) -> String {
+        let inner = &self.0;
+        let rank0 = placement
+            .workers
+            .iter()
+            .min_by_key(|w| w.rank)
+            .map(|w| w.node.clone())
+            .unwrap_or_default();
+        let nodes: Api<GpuNode> = Api::all(inner.client.clone());
+        let reported = nodes.get_opt(&rank0).await.ok().flatten().and_then(|n| n.status?.address);
+        reported.or_else(|| inner.args.worker_master_addr.clone()).unwrap_or(rank0)
+    }
+
     /// Launch one service replica's workers (`key.uid` names the replica's launch, so each
     /// launch is its own workload on the agents and an old one can be stopped after a new one
     /// of the same slot started).
@@ -760,7 +770,12 @@ impl AgentFleet {
         let inner = &self.0;
         let what = format!("InferenceService {}/{} {}", key.namespace, key.name, key.uid);
         let uuid_of = |node: &str, index: i32| inner.gpu_uuid(node, index);
-        let specs = replica_specs(&key.uid, attempt, replica, &uuid_of, &inner.args)?;
+        let master_addr = if replica.placement.workers.len() > 1 {
+            self.master_addr(&replica.placement).await
+        } else {
+            "127.0.0.1".into()
+        };
+        let specs = replica_specs(&key.uid, attempt, replica, &uuid_of, &master_addr, &inner.args)?;
         let id: AttemptId = (key.uid.clone(), attempt as u64);
         inner.record_launch(&id, &specs);
         let mut failures = Vec::new();
@@ -785,31 +800,25 @@ impl AgentFleet {
     }
 }
 
-/// The workers of one launch of a service replica: `flotilla-worker serve` on the replica's
-/// GPUs, listening on every address of its node at `replica.port`.
+/// The workers of one launch of a service replica, in rank order: `flotilla-worker serve` on
+/// the replica's GPUs. Rank 0 listens on every address of its node at `replica.port`; with more
+/// than one worker the others join it at `master_addr` as an expert-parallel group (each holds
+/// a share of every MoE layer's experts) on a rendezvous port chosen like a training attempt's.
 pub fn replica_specs(
     uid: &str,
     attempt: i32,
     replica: &ReplicaLaunch,
     uuid_of: &dyn Fn(&str, i32) -> Option<String>,
+    master_addr: &str,
     args: &WorkerLaunchArgs,
 ) -> Result<Vec<(String, WorkerLaunchSpec)>, String> {
     let mut workers = replica.placement.workers.clone();
     workers.sort_by_key(|w| w.rank);
-    if workers.len() != 1 {
-        return Err(format!(
-            "placement: expected one worker per replica (the engine serves from one process), got {}",
-            workers.len()
-        ));
+    if workers.is_empty() {
+        return Err("placement: expected at least one worker, got none".into());
     }
-    let w = &workers[0];
-    let gpu_uuids = w
-        .gpus
-        .iter()
-        .map(|&g| {
-            uuid_of(&w.node, g).ok_or_else(|| format!("node {} has no registered GPU {g}", w.node))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let world_size = workers.len() as u32;
+    let master_port = args.master_port_base + port_offset(uid, attempt);
     let program_args = [
         "serve",
         "--checkpoint",
@@ -827,23 +836,39 @@ pub fn replica_specs(
     ]
     .map(String::from)
     .to_vec();
-    Ok(vec![(
-        w.node.clone(),
-        WorkerLaunchSpec {
-            job_uid: uid.to_string(),
-            attempt: attempt as u64,
-            rank: 0,
-            local_rank: 0,
-            world_size: 1,
-            gpu_uuids,
-            command: args.worker_binary.clone(),
-            args: program_args,
-            env: BTreeMap::new(),
-            checkpoint_dir: replica.checkpoint.clone(),
-            master_addr: "127.0.0.1".into(),
-            master_port: u32::from(replica.port),
-        },
-    )])
+    let mut on_node: HashMap<&str, u32> = HashMap::new();
+    let mut out = Vec::with_capacity(workers.len());
+    for w in &workers {
+        let local = on_node.entry(w.node.as_str()).or_default();
+        let gpu_uuids = w
+            .gpus
+            .iter()
+            .map(|&g| {
+                uuid_of(&w.node, g).ok_or_else(|| {
+                    format!("rank {}: node {} has no registered GPU {g}", w.rank, w.node)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push((
+            w.node.clone(),
+            WorkerLaunchSpec {
+                job_uid: uid.to_string(),
+                attempt: attempt as u64,
+                rank: w.rank as u32,
+                local_rank: *local,
+                world_size,
+                gpu_uuids,
+                command: args.worker_binary.clone(),
+                args: program_args.clone(),
+                env: BTreeMap::new(),
+                checkpoint_dir: replica.checkpoint.clone(),
+                master_addr: master_addr.to_string(),
+                master_port,
+            },
+        ));
+        *local += 1;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1204,7 +1229,8 @@ mod tests {
             default_max_tokens: 16,
         };
         let uuid = |node: &str, i: i32| Some(format!("{node}-{i}"));
-        let specs = replica_specs("u/replica-0.3", 3, &replica, &uuid, &args()).unwrap();
+        let specs =
+            replica_specs("u/replica-0.3", 3, &replica, &uuid, "127.0.0.1", &args()).unwrap();
         let (node, s) = &specs[0];
         assert_eq!((node.as_str(), s.job_uid.as_str(), s.attempt), ("b", "u/replica-0.3", 3));
         assert_eq!((s.world_size, s.gpu_uuids.clone()), (1, vec!["b-2".to_string()]));
@@ -1213,10 +1239,45 @@ mod tests {
             s.args.join(" "),
             "serve --checkpoint /ckpt/m/step-00000010 --host 0.0.0.0 --port 8001 --model-name chat --max-batch-size 4 --default-max-tokens 16"
         );
-        let mut two = replica.clone();
-        two.placement.workers.push(WorkerPlacement { rank: 1, node: "a".into(), gpus: vec![0] });
-        let err = replica_specs("u", 1, &two, &uuid, &args()).unwrap_err();
-        assert!(err.contains("expected one worker per replica"), "{err}");
+    }
+
+    #[test]
+    fn a_multi_worker_replica_is_one_expert_parallel_group_led_by_rank_0() {
+        let replica = ReplicaLaunch {
+            placement: Placement {
+                workers: vec![
+                    WorkerPlacement { rank: 1, node: "a".into(), gpus: vec![0, 1] },
+                    WorkerPlacement { rank: 0, node: "b".into(), gpus: vec![2, 3] },
+                    WorkerPlacement { rank: 2, node: "a".into(), gpus: vec![4, 5] },
+                ],
+            },
+            checkpoint: "/ckpt/m".into(),
+            served_name: "chat".into(),
+            port: 8001,
+            max_batch_size: 4,
+            default_max_tokens: 16,
+        };
+        let uuid = |node: &str, i: i32| Some(format!("{node}-{i}"));
+        let specs =
+            replica_specs("u/replica-1.4", 4, &replica, &uuid, "10.0.0.2", &args()).unwrap();
+        let seen: Vec<(&str, u32, u32, u32)> = specs
+            .iter()
+            .map(|(node, s)| (node.as_str(), s.rank, s.local_rank, s.world_size))
+            .collect();
+        assert_eq!(seen, [("b", 0, 0, 3), ("a", 1, 0, 3), ("a", 2, 1, 3)]);
+        assert_eq!(specs[2].1.gpu_uuids, ["a-4", "a-5"]);
+        let port = specs[0].1.master_port;
+        assert!((30000..31000).contains(&port), "{port}");
+        assert_ne!(port, 8001, "the rendezvous port is not the API port");
+        for (_, s) in &specs {
+            assert_eq!((s.master_addr.as_str(), s.master_port), ("10.0.0.2", port));
+            assert!(s.args.join(" ").contains("--port 8001"), "{:?}", s.args);
+        }
+        let mut lost = replica.clone();
+        lost.placement.workers[2].gpus = vec![9];
+        let none = |node: &str, i: i32| (i < 8).then(|| format!("{node}-{i}"));
+        let err = replica_specs("u", 1, &lost, &none, "10.0.0.2", &args()).unwrap_err();
+        assert!(err.contains("rank 2: node a has no registered GPU 9"), "{err}");
     }
 
     #[test]

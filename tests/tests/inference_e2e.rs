@@ -3,8 +3,9 @@
 //! `flotilla-worker serve` processes launched by three agents; a client streams completion
 //! requests through the endpoints listed in the EndpointSlices while an XID 79 takes one
 //! replica's GPU, and then while a rolling update moves every replica to a second checkpoint.
-//! Prints the client's figures: requests sent, succeeded, failed (and why), time to replace
-//! the replica, rollout duration.
+//! A second service's replicas are two-worker expert-parallel groups, one of which loses a
+//! GPU. Prints the client's figures: requests sent, succeeded, failed (and why), time to
+//! replace the replica, rollout duration.
 
 mod e2e_support;
 mod inference_support;
@@ -49,7 +50,17 @@ async fn settled(
     slices: &Api<EndpointSlice>,
     want: usize,
 ) -> Option<InferenceService> {
-    let svc = services.get(NAME).await.ok()?;
+    settled_named(services, slices, NAME, want).await
+}
+
+/// [`settled`] for the service `name`.
+async fn settled_named(
+    services: &Api<InferenceService>,
+    slices: &Api<EndpointSlice>,
+    name: &str,
+    want: usize,
+) -> Option<InferenceService> {
+    let svc = services.get(name).await.ok()?;
     let status = svc.status.as_ref()?;
     let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING)?;
     let done = status.observed_generation == svc.metadata.generation
@@ -57,23 +68,23 @@ async fn settled(
         && status.ready_replicas as usize == want
         && status.updated_replicas as usize == want
         && status.replicas.len() == want;
-    let listed = ready_endpoints(slices, NAME).await?;
+    let listed = ready_endpoints(slices, name).await?;
     (done && listed.len() == want).then_some(svc)
 }
 
 #[tokio::test]
-async fn shapes_the_engine_cannot_serve_are_rejected_at_admission_naming_the_field() {
+async fn shapes_out_of_range_are_rejected_at_admission_naming_the_field() {
     let cp = flotilla_tests::control_plane().await;
     install_crds(cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "serve-bad").await.expect("namespace");
     let services: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
-    let mut two_workers = service("/ckpt/a", 8000);
-    two_workers.spec.workers_per_replica = 2;
+    let mut too_wide = service("/ckpt/a", 8000);
+    too_wide.spec.workers_per_replica = 65;
     let mut no_room = service("/ckpt/a", 8000);
     no_room.spec.rollout.max_surge = 0;
     no_room.spec.rollout.max_unavailable = 0;
-    for (svc, field) in [(two_workers, "spec.workersPerReplica"), (no_room, "spec.rollout")] {
+    for (svc, field) in [(too_wide, "spec.workersPerReplica"), (no_room, "spec.rollout")] {
         let err = services.create(&PostParams::default(), &svc).await.expect_err("refused");
         assert!(err.to_string().contains(field), "{field}: {err}");
     }
@@ -280,7 +291,10 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     let counts = stream.finish().await;
     let status = svc.status.unwrap();
 
-    // 8. The figures.
+    // 8. Replicas of two workers each: expert-parallel groups spread over two nodes.
+    let ep = expert_parallel_replicas(&rig, &services, &slices, &checkpoint).await;
+
+    // 9. The figures.
     let total = |f: &dyn Fn(&inference_support::Counts) -> u64| counts.values().map(f).sum::<u64>();
     println!(
         "=== serving through an XID 79 and a rolling update (3 replicas, 3 agents × 4 GPUs) ==="
@@ -310,8 +324,14 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     );
     println!("rolling update to a second checkpoint: {:.1}s", rollout.as_secs_f64());
     println!("missing checkpoint refused: {message}");
+    println!(
+        "expert-parallel service (2 replicas × 2 workers): startup to 2 ready {:.1}s; XID 79 on \
+         rank 1's GPU → whole replica replaced and 2 ready again {:.1}s",
+        ep.startup.as_secs_f64(),
+        ep.replaced.as_secs_f64()
+    );
 
-    // 9. What must hold.
+    // 10. What must hold.
     for w in [Window::Steady, Window::Fault, Window::Rollout, Window::BadModel, Window::Scale] {
         let c = counts.get(&w).cloned().unwrap_or_default();
         assert!(c.sent > 0, "no request was sent in {w:?}");
@@ -331,6 +351,98 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
             && r.placement.workers[0].gpus.contains(&seat.gpus[0])
     });
     assert!(!victim_again, "the failed GPU was used again by the rollout");
+}
+
+/// How the expert-parallel service fared.
+struct ExpertParallelFigures {
+    startup: Duration,
+    replaced: Duration,
+}
+
+/// A second service, `ep`, whose 2 replicas are 2-worker expert-parallel groups (one worker per
+/// node): both serve through their rank 0; an XID 79 on rank 1's GPU of replica 0 replaces that
+/// whole replica (both workers, new launch) and leaves replica 1 alone.
+async fn expert_parallel_replicas(
+    rig: &ServingRig,
+    services: &Api<InferenceService>,
+    slices: &Api<EndpointSlice>,
+    checkpoint: &str,
+) -> ExpertParallelFigures {
+    const EP: &str = "ep";
+    let mut svc = service(checkpoint, e2e_support::serving_port_base() + 100);
+    svc.metadata.name = Some(EP.into());
+    svc.spec.replicas = 2;
+    svc.spec.workers_per_replica = 2;
+    svc.spec.scheduling.strategy = flotilla_operator::crd::training_job::PlacementStrategy::Spread;
+    services.create(&PostParams::default(), &svc).await.expect("create the ep service");
+    let started = Instant::now();
+    let fail_ep = |e: anyhow::Error| async move {
+        let status = services.get(EP).await.ok().and_then(|s| s.status);
+        panic!("{e}\nstatus: {status:#?}\n{}", rig.logs())
+    };
+    let svc = match eventually(WAIT, "2 expert-parallel replicas serve", || {
+        settled_named(services, slices, EP, 2)
+    })
+    .await
+    {
+        Ok(svc) => svc,
+        Err(e) => fail_ep(e).await,
+    };
+    let startup = started.elapsed();
+    let status = svc.status.clone().expect("status");
+    for r in &status.replicas {
+        let nodes: std::collections::BTreeSet<_> =
+            r.placement.workers.iter().map(|w| w.node.as_str()).collect();
+        assert_eq!((r.placement.workers.len(), nodes.len()), (2, 2), "{r:?}");
+        let addr = dial_addr(r.endpoint.as_deref().expect("endpoint")).expect("address");
+        let text =
+            flotilla_operator::endpoints::complete(&addr, "The fleet", 6, Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("replica {} does not answer: {e}\n{}", r.index, rig.logs())
+                });
+        assert!(!text.is_empty(), "replica {} answered nothing", r.index);
+    }
+
+    let victim = status.replicas.iter().find(|r| r.index == 0).expect("replica 0").clone();
+    let other = status.replicas.iter().find(|r| r.index == 1).expect("replica 1").attempt;
+    let seat = victim.placement.workers.iter().find(|w| w.rank == 1).expect("rank 1").clone();
+    let fault_at = Instant::now();
+    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
+        .args(["inject", "--agent", &format!("127.0.0.1:{}", rig.admin_port(&seat.node))])
+        .args(["--gpu", &seat.gpus[0].to_string(), "--xid", "79"])
+        .output()
+        .expect("flotilla-agent inject");
+    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    let again = eventually(WAIT, "replica 0 replaced, 2 serve again", || async {
+        let svc = settled_named(services, slices, EP, 2).await?;
+        let rs = &svc.status.as_ref()?.replicas;
+        rs.iter().all(|r| r.attempt != victim.attempt).then_some(svc)
+    })
+    .await;
+    let svc = match again {
+        Ok(svc) => svc,
+        Err(e) => fail_ep(e).await,
+    };
+    let replaced = fault_at.elapsed();
+    let status = svc.status.expect("status");
+    let attempts: Vec<_> = status.replicas.iter().map(|r| (r.index, r.attempt)).collect();
+    assert!(attempts.contains(&(1, other)), "replica 1 was left alone: {attempts:?}");
+    let fresh = status.replicas.iter().find(|r| r.index == 0).expect("replica 0");
+    assert!(
+        fresh
+            .placement
+            .workers
+            .iter()
+            .all(|w| !(w.node == seat.node && w.gpus.contains(&seat.gpus[0]))),
+        "the new replica 0 uses the failed GPU: {:?}",
+        fresh.placement
+    );
+    let addr = dial_addr(fresh.endpoint.as_deref().expect("endpoint")).expect("address");
+    flotilla_operator::endpoints::complete(&addr, "The fleet", 6, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("the new replica 0 does not answer: {e}\n{}", rig.logs()));
+    ExpertParallelFigures { startup, replaced }
 }
 
 /// Fail with the service's status and every log.

@@ -156,6 +156,42 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("tokio runtime")
 }
 
+/// A worker's place in its group (the variables PyTorch's launchers set).
+#[derive(clap::Args)]
+pub struct GroupArgs {
+    /// Address rank 0 listens on for rendezvous.
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port rank 0 listens on for rendezvous.
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// This worker's rank.
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    pub rank: usize,
+    /// Number of workers.
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    pub world_size: usize,
+}
+
+impl GroupArgs {
+    /// Forms the ring (at once for a group of one), declaring a peer lost after `timeout`.
+    pub fn connect(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<flotilla_engine::collective::Ring, flotilla_engine::collective::CollectiveError>
+    {
+        let spec = flotilla_engine::collective::GroupSpec {
+            rank: self.rank,
+            world: self.world_size,
+            timeout,
+        };
+        flotilla_engine::collective::Ring::connect(
+            spec,
+            &format!("{}:{}", self.master_addr, self.master_port),
+        )
+    }
+}
+
 /// Refuses a rank and world size that cannot form a ring (exit code 2).
 pub fn check_group(rank: usize, world: usize) -> anyhow::Result<()> {
     if world == 0 || rank >= world {

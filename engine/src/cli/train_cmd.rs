@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use flotilla_engine::collective::{GroupSpec, Ring};
 use flotilla_engine::metrics::{Metrics, TrainMetrics};
 use flotilla_engine::progress::{ProgressLine, ProgressReporter};
 use flotilla_engine::train::{LedgerEntry, Trainer};
@@ -31,18 +30,8 @@ pub struct TrainArgs {
     /// Serve Prometheus metrics on this port (0 picks a free one); off when absent.
     #[arg(long, env = "FLOTILLA_METRICS_PORT")]
     metrics_port: Option<u16>,
-    /// Address rank 0 listens on for rendezvous.
-    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
-    master_addr: String,
-    /// Port rank 0 listens on for rendezvous.
-    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
-    master_port: u16,
-    /// This worker's rank.
-    #[arg(long, env = "RANK", default_value_t = 0)]
-    rank: usize,
-    /// Number of workers.
-    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
-    world_size: usize,
+    #[command(flatten)]
+    group: super::GroupArgs,
     /// Restart attempt number, recorded in checkpoints.
     #[arg(long, env = "FLOTILLA_ATTEMPT", default_value_t = 0)]
     attempt: u64,
@@ -66,11 +55,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config.training.checkpoint_interval = interval;
     }
     config.validate().map_err(|e| super::InvalidConfig(e.to_string()))?;
-    check_group(args.rank, args.world_size)?;
+    check_group(args.group.rank, args.group.world_size)?;
     // Ended (an `end` line) when `run` returns, whichever way.
     let _ledger = match &args.checkpoint_dir {
         Some(dir) => Some(
-            LedgerEntry::start(dir, &args.job_uid, args.attempt, args.rank)
+            LedgerEntry::start(dir, &args.job_uid, args.attempt, args.group.rank)
                 .with_context(|| format!("attempt ledger in {}", dir.display()))?,
         ),
         None => None,
@@ -94,9 +83,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
 
     let timeout = Duration::from_secs(config.training.collective_timeout_seconds);
-    let spec = GroupSpec { rank: args.rank, world: args.world_size, timeout };
-    let master = format!("{}:{}", args.master_addr, args.master_port);
-    let ring = Ring::connect(spec, &master)?;
+    let ring = args.group.connect(timeout)?;
     let total = config.training.steps;
     let interval = config.training.checkpoint_interval;
     let target = config.training.target_loss;
@@ -105,18 +92,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(step = trainer.step(), "resumed from checkpoint");
     }
     tracing::info!(
-        rank = args.rank,
-        world = args.world_size,
+        rank = args.group.rank,
+        world = args.group.world_size,
         params = trainer.model().num_params(),
         kernels = if flotilla_engine::model::avx512_kernels() { "avx512" } else { "portable" },
         "training"
     );
-    let socket = if args.rank == 0 { args.progress_socket.clone() } else { None };
+    let socket = if args.group.rank == 0 { args.progress_socket.clone() } else { None };
     let mut progress = ProgressReporter::new(
         total,
         trainer.step(),
         socket,
-        !args.no_progress_bar && args.rank == 0,
+        !args.no_progress_bar && args.group.rank == 0,
     );
     let layers: Vec<usize> = trainer.model().moe_blocks().map(|(i, _)| i).collect();
     let mut first_step = true;

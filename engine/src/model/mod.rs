@@ -37,7 +37,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use crate::config::ModelConfig;
 use crate::rng::normal_init;
 use layers::{Attention, RmsNorm, Rope, SwiGlu, cross_entropy, linear};
-use moe::MoeBlock;
+use moe::{ExpertShard, MoeBlock};
 
 /// Creates parameters with seeded, name-keyed values and records them in creation order.
 pub struct ParamBuilder {
@@ -188,8 +188,50 @@ impl Model {
         })
     }
 
+    /// Keeps only the routed experts `shard` holds, in every MoE layer, and frees the others'
+    /// weights: this model becomes one rank of an expert-parallel group, which serves (see
+    /// [`Model::next_token_logits_with`]) and does not train or checkpoint.
+    pub fn shard_experts(&mut self, shard: ExpertShard) -> std::result::Result<(), String> {
+        let experts = self.config.num_routed_experts as usize;
+        if shard.world == 0 || shard.world > experts || shard.rank >= shard.world {
+            return Err(format!(
+                "expert parallelism: rank {} of {} ranks cannot hold a share of {experts} routed \
+                 experts (expected 1 ≤ ranks ≤ {experts} and rank < ranks)",
+                shard.rank, shard.world
+            ));
+        }
+        let keep = shard.experts(experts);
+        let width = self.config.hidden_size as usize;
+        let device = self.embed.device().clone();
+        let empty = |rows, cols| {
+            Tensor::zeros((rows, cols), DType::F32, &device)
+                .and_then(|t| Var::from_tensor(&t))
+                .map_err(|e| e.to_string())
+        };
+        let mut dropped = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let FeedForward::Moe(block) = &mut layer.ffn else { continue };
+            block.shard = Some(shard);
+            for (e, mlp) in block.experts.iter_mut().enumerate() {
+                if !keep.contains(&e) {
+                    let (gate, up, down) = (empty(0, width)?, empty(0, width)?, empty(width, 0)?);
+                    *mlp = SwiGlu { gate, up, down };
+                    dropped.push(format!("model.layers.{i}.mlp.experts.{e}."));
+                }
+            }
+        }
+        self.params.retain(|(name, _)| !dropped.iter().any(|prefix| name.starts_with(prefix)));
+        Ok(())
+    }
+
     /// Hidden states after the final norm, `[batch·seq, width]`, plus per-MoE-layer stats.
-    fn hidden(&self, ids: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>, Vec<Vec<f32>>)> {
+    /// `reduce` sums a sharded MoE block's output across its expert-parallel group.
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        train: bool,
+        reduce: &mut dyn FnMut(Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>, Vec<Vec<f32>>)> {
         let (batch, seq) = ids.dims2()?;
         let mut x = self.embed.as_tensor().index_select(&ids.flatten_all()?, 0)?;
         let mut aux: Option<Tensor> = None;
@@ -202,7 +244,10 @@ impl Model {
             let h = match &layer.ffn {
                 FeedForward::Dense(mlp) => mlp.forward(&normed)?,
                 FeedForward::Moe(block) => {
-                    let (h, stats) = block.forward(&normed, seq, train)?;
+                    let (mut h, stats) = block.forward(&normed, seq, train)?;
+                    if block.shard().is_some() {
+                        h = reduce(h)?;
+                    }
                     loads.push(stats.load);
                     if let Some(a) = stats.aux_loss {
                         aux = Some(match aux {
@@ -223,7 +268,7 @@ impl Model {
         let seq = tokens.dim(1)?;
         let inputs = tokens.narrow(1, 0, seq - 1)?.contiguous()?;
         let targets = tokens.narrow(1, 1, seq - 1)?.flatten_all()?;
-        let (hidden, aux, expert_load) = self.hidden(&inputs, true)?;
+        let (hidden, aux, expert_load) = self.hidden(&inputs, true, &mut Ok)?;
         let logits = linear(&hidden, &self.lm_head)?;
         let loss = cross_entropy(&logits, &targets)?;
         let aux_loss = match aux {
@@ -235,8 +280,19 @@ impl Model {
 
     /// Logits `[batch, vocab]` at position `last[b]` of each (right-padded) row of `ids`.
     pub fn next_token_logits(&self, ids: &Tensor, last: &[u32]) -> Result<Tensor> {
+        self.next_token_logits_with(ids, last, &mut Ok)
+    }
+
+    /// [`Model::next_token_logits`] on one rank of an expert-parallel group: `reduce` sums each
+    /// MoE block's output across the group (every rank must call it with the same `ids`).
+    pub fn next_token_logits_with(
+        &self,
+        ids: &Tensor,
+        last: &[u32],
+        reduce: &mut dyn FnMut(Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let seq = ids.dim(1)?;
-        let (hidden, _, _) = self.hidden(ids, false)?;
+        let (hidden, _, _) = self.hidden(ids, false, reduce)?;
         let rows: Vec<u32> =
             last.iter().enumerate().map(|(b, &l)| b as u32 * seq as u32 + l).collect();
         let rows = Tensor::from_slice(&rows, rows.len(), ids.device())?;

@@ -1,6 +1,8 @@
 //! The DeepSeek-V3 MoE block: a shared expert plus fine-grained routed SwiGLU experts behind a
 //! sigmoid gate with group-limited routing and a selection bias.
 
+use std::ops::Range;
+
 use candle_core::{D, Result, Tensor, Var};
 
 use super::ParamBuilder;
@@ -20,6 +22,26 @@ pub struct MoeBlock {
     shape: RoutingShape,
     route_scale: f64,
     aux_alpha: f64,
+    /// Set on one rank of an expert-parallel group: only these experts are held and computed.
+    pub(crate) shard: Option<ExpertShard>,
+}
+
+/// The routed experts one rank of an expert-parallel group holds: a contiguous block
+/// `experts·rank/world .. experts·(rank+1)/world` (contiguous, so a routing group stays on few
+/// ranks). Rank 0 also runs the shared expert; summing every rank's output gives the block's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertShard {
+    /// This rank, `0..world`.
+    pub rank: usize,
+    /// Ranks in the group.
+    pub world: usize,
+}
+
+impl ExpertShard {
+    /// The routed experts this rank holds, out of `experts`.
+    pub fn experts(&self, experts: usize) -> Range<usize> {
+        experts * self.rank / self.world..experts * (self.rank + 1) / self.world
+    }
 }
 
 /// What one forward pass of a MoE block produced besides its output.
@@ -58,6 +80,7 @@ impl MoeBlock {
             },
             route_scale: cfg.route_scale,
             aux_alpha: cfg.aux_loss_alpha,
+            shard: None,
         })
     }
 
@@ -84,7 +107,18 @@ impl MoeBlock {
     }
 
     /// Applies the block to `x` (`[batch·seq, width]`); `seq` is used by the sequence-wise loss.
+    ///
+    /// On a rank of an expert-parallel group ([`MoeBlock::shard`]) the output is this rank's
+    /// share, to be summed across the group; such a block does not train.
     pub fn forward(&self, x: &Tensor, seq: usize, train: bool) -> Result<(Tensor, MoeStats)> {
+        if let Some(shard) = self.shard {
+            if train {
+                candle_core::bail!("an expert-parallel shard of a MoE block serves only");
+            }
+            let (chosen, out) = self.forward_shard(x, shard)?;
+            let stats = MoeStats { aux_loss: None, load: expert_load(&chosen, self.shape.experts) };
+            return Ok((out, stats));
+        }
         let width = x.dim(1)?;
         let scores = self.scores(x)?;
         let (chosen, weights) = self.route(&scores)?;
@@ -97,6 +131,42 @@ impl MoeBlock {
             None
         };
         Ok((out, MoeStats { aux_loss, load: expert_load(&chosen, self.shape.experts) }))
+    }
+
+    /// The expert-parallel group this block is a shard of, if any.
+    pub fn shard(&self) -> Option<ExpertShard> {
+        self.shard
+    }
+
+    /// This rank's share of the experts' output: its routed experts' weighted outputs (and the
+    /// shared expert's on rank 0), with the routing and its expert choices. Every rank routes
+    /// every token the same way, so the shares sum to the whole block's output.
+    fn forward_shard(&self, x: &Tensor, shard: ExpertShard) -> Result<(Vec<u32>, Tensor)> {
+        let (tokens, width) = x.dims2()?;
+        let top_k = self.shape.top_k;
+        let (chosen, weights) = self.route(&self.scores(x)?)?;
+        let weights: Vec<f32> = weights.flatten_all()?.to_vec1()?;
+        let device = x.device();
+        let mut out = zeros(tokens, width, device)?;
+        for e in shard.experts(self.shape.experts) {
+            let slots: Vec<usize> =
+                (0..chosen.len()).filter(|&s| chosen[s] as usize == e).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let rows: Vec<u32> = slots.iter().map(|&s| (s / top_k) as u32).collect();
+            let w: Vec<f32> = slots.iter().map(|&s| weights[s]).collect();
+            let rows = Tensor::from_vec(rows, slots.len(), device)?;
+            let w = Tensor::from_vec(w, (slots.len(), 1), device)?;
+            let y = self.experts[e].forward(&x.index_select(&rows, 0)?)?.broadcast_mul(&w)?;
+            out = out.index_add(&rows, &y, 0)?;
+        }
+        if shard.rank == 0
+            && let Some(shared) = &self.shared
+        {
+            out = (out + shared.forward(x)?)?;
+        }
+        Ok((chosen, out))
     }
 
     /// The experts' output through candle autograd, one `index_select`/`index_add` per expert:

@@ -3,16 +3,65 @@
 //!
 //! There is no KV cache yet: each step runs the whole (right-padded) batch; the causal mask keeps
 //! padding invisible to real tokens and logits are read at each row's last real position.
+//!
+//! The thread drives a [`Decoder`]: a whole [`Model`], or rank 0 of an expert-parallel group
+//! ([`super::expert_parallel::GroupLeader`]). A decoder whose group broke reports a fatal error:
+//! the thread fails every request it holds, publishes the reason ([`Batcher::failure`]) and ends,
+//! so the server can exit and the replica be replaced.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use crate::metrics::ServeMetrics;
 use crate::model::Model;
 use crate::rng::CounterRng;
+
+/// Why a decode step failed.
+#[derive(Debug)]
+pub struct DecodeError {
+    /// The decoder cannot go on (an expert-parallel peer is lost): the thread ends.
+    pub fatal: bool,
+    /// What happened.
+    pub message: String,
+}
+
+impl From<candle_core::Error> for DecodeError {
+    fn from(e: candle_core::Error) -> Self {
+        Self { fatal: false, message: e.to_string() }
+    }
+}
+
+/// What the decode thread runs.
+pub trait Decoder: Send + 'static {
+    /// Longest prompt plus generation.
+    fn max_seq_len(&self) -> usize;
+    /// Logits `[batch, vocab]` at position `last[b]` of each right-padded row of `ids`.
+    fn logits(&mut self, ids: &Tensor, last: &[u32]) -> Result<Tensor, DecodeError>;
+    /// How long the thread may wait for requests before calling [`Decoder::idle`].
+    fn idle_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Called after [`Decoder::idle_interval`] without work (keeps a group's peers waiting).
+    fn idle(&mut self) -> Result<(), DecodeError> {
+        Ok(())
+    }
+    /// Called once when the server shuts down cleanly.
+    fn finish(&mut self) {}
+}
+
+impl Decoder for Model {
+    fn max_seq_len(&self) -> usize {
+        self.config().max_seq_len as usize
+    }
+
+    fn logits(&mut self, ids: &Tensor, last: &[u32]) -> Result<Tensor, DecodeError> {
+        Ok(self.next_token_logits(ids, last)?)
+    }
+}
 
 /// Why generation stopped (OpenAI's `finish_reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,50 +113,111 @@ struct Active {
     last_token: Instant,
 }
 
+enum Msg {
+    Request(GenRequest),
+    /// Finish the decoder and acknowledge.
+    Shutdown(Sender<()>),
+}
+
 /// Handle to the batching thread.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: Sender<GenRequest>,
+    tx: Sender<Msg>,
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl Batcher {
-    /// Starts the decode thread for `model`.
-    pub fn spawn(model: Model, max_batch: usize, metrics: ServeMetrics) -> Self {
+    /// Starts the decode thread for `decoder`.
+    pub fn spawn(decoder: impl Decoder, max_batch: usize, metrics: ServeMetrics) -> Self {
         let (tx, rx) = mpsc::channel();
+        let (failed, failure) = watch::channel(None);
         std::thread::Builder::new()
             .name("flotilla-decode".into())
-            .spawn(move || decode_loop(&model, &rx, max_batch.max(1), &metrics))
+            .spawn(move || {
+                let mut decoder = decoder;
+                if let Err(message) = decode_loop(&mut decoder, &rx, max_batch.max(1), &metrics) {
+                    tracing::error!(error = %message, "the decode thread stopped");
+                    let _ = failed.send(Some(message));
+                }
+            })
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot start the decode thread: {e}"));
-        Self { tx }
+        Self { tx, failure }
     }
 
     /// Queues a request; false when the decode thread is gone.
     pub fn submit(&self, request: GenRequest) -> bool {
-        self.tx.send(request).is_ok()
+        self.tx.send(Msg::Request(request)).is_ok()
+    }
+
+    /// Holds `Some(reason)` once the decode thread stopped for good on a fatal error.
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.failure.clone()
+    }
+
+    /// Asks the decode thread to finish its decoder (an expert-parallel leader tells its peers
+    /// to exit) and waits up to `timeout` for it; false if it did not answer.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        let (ack, done) = mpsc::channel();
+        self.tx.send(Msg::Shutdown(ack)).is_ok() && done.recv_timeout(timeout).is_ok()
     }
 }
 
-fn decode_loop(model: &Model, rx: &Receiver<GenRequest>, max_batch: usize, metrics: &ServeMetrics) {
-    let max_len = model.config().max_seq_len as usize;
+/// Runs until every handle is dropped or a shutdown is asked (`Ok`), or the decoder fails
+/// fatally (`Err` with the reason, after failing every request held).
+fn decode_loop(
+    decoder: &mut dyn Decoder,
+    rx: &Receiver<Msg>,
+    max_batch: usize,
+    metrics: &ServeMetrics,
+) -> Result<(), String> {
+    let max_len = decoder.max_seq_len();
     let mut queue: Vec<GenRequest> = Vec::new();
     let mut active: Vec<Active> = Vec::new();
+    let mut shutdown = None;
     loop {
         if active.is_empty() && queue.is_empty() {
-            match rx.recv() {
-                Ok(r) => queue.push(r),
-                Err(_) => return,
+            let next = match decoder.idle_interval() {
+                Some(wait) => match rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = decoder.idle() {
+                            return Err(e.message);
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => None,
+                },
+                None => rx.recv().ok(),
+            };
+            match next {
+                Some(Msg::Request(r)) => queue.push(r),
+                Some(Msg::Shutdown(ack)) => shutdown = Some(ack),
+                None => {
+                    decoder.finish();
+                    return Ok(());
+                }
             }
         }
         loop {
             match rx.recv_timeout(Duration::ZERO) {
-                Ok(r) => queue.push(r),
+                Ok(Msg::Request(r)) => queue.push(r),
+                Ok(Msg::Shutdown(ack)) => shutdown = Some(ack),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) if active.is_empty() && queue.is_empty() => {
-                    return;
+                    decoder.finish();
+                    return Ok(());
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+        }
+        if let Some(ack) = shutdown.take() {
+            for r in queue.drain(..).chain(active.drain(..).map(|a| a.request)) {
+                let _ = r.events.send(GenEvent::Failed("the server is shutting down".into()));
+            }
+            decoder.finish();
+            let _ = ack.send(());
+            return Ok(());
         }
         while active.len() < max_batch && !queue.is_empty() {
             let request = queue.remove(0);
@@ -123,9 +233,16 @@ fn decode_loop(model: &Model, rx: &Receiver<GenRequest>, max_batch: usize, metri
             });
         }
         metrics.set_queue(active.len(), queue.len());
-        if let Err(e) = decode_step(model, &mut active, metrics) {
+        if let Err(e) = decode_step(decoder, &mut active, metrics) {
+            let failed = format!("decoding failed: {}", e.message);
             for a in active.drain(..) {
-                let _ = a.request.events.send(GenEvent::Failed(format!("decoding failed: {e}")));
+                let _ = a.request.events.send(GenEvent::Failed(failed.clone()));
+            }
+            if e.fatal {
+                for r in queue.drain(..) {
+                    let _ = r.events.send(GenEvent::Failed(failed.clone()));
+                }
+                return Err(e.message);
             }
             continue;
         }
@@ -143,10 +260,10 @@ fn decode_loop(model: &Model, rx: &Receiver<GenRequest>, max_batch: usize, metri
 
 /// Generates one token for every active request.
 fn decode_step(
-    model: &Model,
+    decoder: &mut dyn Decoder,
     active: &mut [Active],
     metrics: &ServeMetrics,
-) -> candle_core::Result<()> {
+) -> Result<(), DecodeError> {
     if active.is_empty() {
         return Ok(());
     }
@@ -159,7 +276,7 @@ fn decode_step(
         last.push(a.tokens.len() as u32 - 1);
     }
     let ids = Tensor::from_vec(ids, (active.len(), width), &Device::Cpu)?;
-    let logits: Vec<Vec<f32>> = model.next_token_logits(&ids, &last)?.to_vec2()?;
+    let logits: Vec<Vec<f32>> = decoder.logits(&ids, &last)?.to_vec2()?;
     for (a, row) in active.iter_mut().zip(logits) {
         let token = sample(&row, a.request.temperature, &mut a.rng);
         a.tokens.push(token);

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod expert_parallel;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -34,9 +34,6 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("!self.scheduling.workerOnOneNode || self.gpusPerWorker <= 16")
         .message("must be at most 16 (the largest node) when spec.scheduling.workerOnOneNode is true")
         .field_path(".gpusPerWorker"),
-    validation = Rule::new("self.workersPerReplica == 1")
-        .message("must be 1: `flotilla-worker serve` runs a replica in one process; replicas spanning several workers are not supported yet")
-        .field_path(".workersPerReplica"),
     validation = Rule::new("self.workersPerReplica == oldSelf.workersPerReplica")
         .message("immutable; create a new service to change the replica shape")
         .field_path(".workersPerReplica"),
@@ -51,8 +48,11 @@ pub struct InferenceServiceSpec {
     #[schemars(range(min = 0, max = 256))]
     pub replicas: i32,
 
-    /// Workers in each replica. Must be 1 today: the engine serves a replica from one process
-    /// (its GPUs are `gpusPerWorker`). Immutable.
+    /// Workers (`flotilla-worker serve` processes) in each replica, placed as one gang. With more
+    /// than one, a replica is an expert-parallel group: each worker holds an equal share of every
+    /// MoE layer's routed experts, rank 0 serves the HTTP API, and the failure of any worker
+    /// replaces the whole replica. At most the model's number of routed experts (a replica with
+    /// more workers fails to load). Immutable.
     #[serde(default = "default_one")]
     #[schemars(range(min = 1, max = 64))]
     pub workers_per_replica: i32,
