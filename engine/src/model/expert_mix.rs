@@ -184,7 +184,9 @@ impl ExpertMix {
             .zip(split_mut(&mut gate, act.iter().copied()))
             .zip(split_mut(&mut up, act.iter().copied()))
             .zip(outs)
-            .map(|(((run, g), u), y)| (run.len * run.weights.inner, (run, g, u, y)))
+            // An expert without weights (another rank's, under expert parallelism) still has
+            // to write its zeros: it costs 1 per token, not 0.
+            .map(|(((run, g), u), y)| (run.len * run.weights.inner.max(1), (run, g, u, y)))
             .collect();
         in_parallel(tasks, self.threads, |(run, g, u, y)| {
             self.forward_run(x, params, run, g, u, y)
@@ -205,6 +207,10 @@ impl ExpertMix {
     ) {
         let (n, d, inner) = (run.len, self.width, run.weights.inner);
         if n == 0 {
+            return;
+        }
+        if inner == 0 {
+            y.fill(0.0);
             return;
         }
         let gathered;

@@ -109,15 +109,11 @@ impl MoeBlock {
     /// Applies the block to `x` (`[batch·seq, width]`); `seq` is used by the sequence-wise loss.
     ///
     /// On a rank of an expert-parallel group ([`MoeBlock::shard`]) the output is this rank's
-    /// share, to be summed across the group; such a block does not train.
+    /// share, to be summed across the group (see [`MoeBlock::expert_mix`]); such a block does
+    /// not train.
     pub fn forward(&self, x: &Tensor, seq: usize, train: bool) -> Result<(Tensor, MoeStats)> {
-        if let Some(shard) = self.shard {
-            if train {
-                candle_core::bail!("an expert-parallel shard of a MoE block serves only");
-            }
-            let (chosen, out) = self.forward_shard(x, shard)?;
-            let stats = MoeStats { aux_loss: None, load: expert_load(&chosen, self.shape.experts) };
-            return Ok((out, stats));
+        if self.shard.is_some() && train {
+            candle_core::bail!("an expert-parallel shard of a MoE block serves only");
         }
         let width = x.dim(1)?;
         let scores = self.scores(x)?;
@@ -136,37 +132,6 @@ impl MoeBlock {
     /// The expert-parallel group this block is a shard of, if any.
     pub fn shard(&self) -> Option<ExpertShard> {
         self.shard
-    }
-
-    /// This rank's share of the experts' output: its routed experts' weighted outputs (and the
-    /// shared expert's on rank 0), with the routing and its expert choices. Every rank routes
-    /// every token the same way, so the shares sum to the whole block's output.
-    fn forward_shard(&self, x: &Tensor, shard: ExpertShard) -> Result<(Vec<u32>, Tensor)> {
-        let (tokens, width) = x.dims2()?;
-        let top_k = self.shape.top_k;
-        let (chosen, weights) = self.route(&self.scores(x)?)?;
-        let weights: Vec<f32> = weights.flatten_all()?.to_vec1()?;
-        let device = x.device();
-        let mut out = zeros(tokens, width, device)?;
-        for e in shard.experts(self.shape.experts) {
-            let slots: Vec<usize> =
-                (0..chosen.len()).filter(|&s| chosen[s] as usize == e).collect();
-            if slots.is_empty() {
-                continue;
-            }
-            let rows: Vec<u32> = slots.iter().map(|&s| (s / top_k) as u32).collect();
-            let w: Vec<f32> = slots.iter().map(|&s| weights[s]).collect();
-            let rows = Tensor::from_vec(rows, slots.len(), device)?;
-            let w = Tensor::from_vec(w, (slots.len(), 1), device)?;
-            let y = self.experts[e].forward(&x.index_select(&rows, 0)?)?.broadcast_mul(&w)?;
-            out = out.index_add(&rows, &y, 0)?;
-        }
-        if shard.rank == 0
-            && let Some(shared) = &self.shared
-        {
-            out = (out + shared.forward(x)?)?;
-        }
-        Ok((chosen, out))
     }
 
     /// The experts' output through candle autograd, one `index_select`/`index_add` per expert:
@@ -205,15 +170,20 @@ impl MoeBlock {
 
     /// The experts' hand-written forward/backward over their weights (routed experts in order,
     /// then the shared one; gate, up, down each), and the carrier tensor to pass it.
+    ///
+    /// On a shard, the experts of other ranks have empty weights (inner width 0), so their
+    /// slots add nothing, and only rank 0 runs the shared expert: the output is this rank's
+    /// share, and the shares sum to the block's output.
     fn expert_mix(&self, chosen: &[u32], width: usize) -> Result<(ExpertMix, Tensor)> {
+        let shared = self.shared.as_ref().filter(|_| self.shard.is_none_or(|s| s.rank == 0));
         let weights = self
             .experts
             .iter()
-            .chain(&self.shared)
+            .chain(shared)
             .flat_map(|mlp| [&mlp.gate, &mlp.up, &mlp.down])
             .map(|w| w.as_tensor().clone())
             .collect();
-        ExpertMix::new(chosen, self.shape.top_k, width, weights, self.shared.is_some())
+        ExpertMix::new(chosen, self.shape.top_k, width, weights, shared.is_some())
     }
 
     /// `α · mean over sequences of Σ_i f_i · P_i`, where `f_i = E/(K·T) · count_i` (no gradient)
