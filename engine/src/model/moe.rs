@@ -109,7 +109,7 @@ impl MoeBlock {
     /// Applies the block to `x` (`[batch·seq, width]`); `seq` is used by the sequence-wise loss.
     ///
     /// On a rank of an expert-parallel group ([`MoeBlock::shard`]) the output is this rank's
-    /// share, to be summed across the group (see [`MoeBlock::expert_mix`]); such a block does
+    /// share, to be summed across the group (see `MoeBlock::expert_mix`); such a block does
     /// not train.
     pub fn forward(&self, x: &Tensor, seq: usize, train: bool) -> Result<(Tensor, MoeStats)> {
         if self.shard.is_some() && train {

@@ -364,7 +364,9 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
         }
         match place(svc, &uid, slot, &replicas, obs.nodes, &holdings, now) {
             Ok(placement) => {
-                let node = placement.workers.first().map(|w| w.node.clone()).unwrap_or_default();
+                // Rank 0 serves the API (the only worker, or an expert-parallel group's leader).
+                let rank0 = placement.workers.iter().min_by_key(|w| w.rank);
+                let node = rank0.map(|w| w.node.clone()).unwrap_or_default();
                 let host = obs.hosts.get(&node).cloned().unwrap_or_else(|| node.clone());
                 let used = ports_in_use.entry(host.clone()).or_default();
                 let Some(port) = (spec.serving.port..=65535)
