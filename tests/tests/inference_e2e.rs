@@ -27,6 +27,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "chat";
+/// Concurrent request loops of the test client.
+const STREAMS: usize = 2;
 
 fn service(checkpoint: &str, port: u16) -> InferenceService {
     InferenceService::new(
@@ -149,7 +151,7 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     assert!(!labelled.items.is_empty());
 
     // 3. A steady stream of requests through the EndpointSlices.
-    let stream = Client::start(slices.clone(), NAME, 2).await;
+    let stream = Client::start(slices.clone(), NAME, STREAMS).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // 4. XID 79 on replica 0's GPU.
@@ -333,8 +335,16 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
 
     // 10. What must hold.
     for w in [Window::Steady, Window::Fault, Window::Rollout, Window::BadModel, Window::Scale] {
-        let c = counts.get(&w).cloned().unwrap_or_default();
+        let mut c = counts.get(&w).cloned().unwrap_or_default();
         assert!(c.sent > 0, "no request was sent in {w:?}");
+        if w == Window::Fault {
+            // The aim: during the GPU failure only requests in flight on the failed
+            // replica may fail — at most one per client stream, all to the victim's address.
+            let (lost, others): (Vec<String>, Vec<String>) =
+                c.failures.iter().cloned().partition(|f| f.contains(&victim_addr));
+            assert!(lost.len() <= STREAMS, "more than one per stream failed: {lost:?}");
+            c.failures = others;
+        }
         assert!(
             c.failures.is_empty(),
             "{} of {} requests failed in {w:?}: {:?}\n{}",
