@@ -66,6 +66,14 @@ pub struct RunArgs {
     /// Seconds an agent may be silent before its node counts as lost.
     #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_SECONDS", default_value_t = 30)]
     pub fence_timeout_seconds: u64,
+    /// Lend GPUs held for the job first in line to queued jobs behind it that checkpoint, until
+    /// it can start; the loans are then taken back (the borrowers checkpoint and requeue).
+    #[arg(long, env = "FLOTILLA_LEND_RESERVED_GPUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lend_reserved_gpus: bool,
+    /// Lend only while the first job's expected start is unknown or at least this many seconds
+    /// away (a shorter loan buys less than the restart costs).
+    #[arg(long, env = "FLOTILLA_MIN_LOAN_SECONDS", default_value_t = flotilla_scheduler::DEFAULT_MIN_LOAN)]
+    pub min_loan_seconds: u64,
     /// Leader election.
     #[command(flatten)]
     pub lease: LeaseArgs,
@@ -223,6 +231,7 @@ async fn run_until(
     leading: Option<Leading>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::scheduling::set_lending(args.lend_reserved_gpus, args.min_loan_seconds);
     let (duration_s, renew_s) = (args.lease.lease_duration_seconds, args.lease.lease_renew_seconds);
     anyhow::ensure!(
         renew_s >= 1 && renew_s * 3 <= duration_s * 2,

@@ -12,6 +12,13 @@
 //! controller asks each victim to stop (annotation [`crate::lifecycle::PREEMPTED_BY`]) and the
 //! waiting job is placed in a later pass, once the victims' workers have stopped and their
 //! GPUs are free — never onto GPUs whose workers may still run.
+//!
+//! Loans: GPUs held for the job first in line would idle until it can start; a job behind it
+//! that checkpoints (the engine, or `spec.checkpoint` set) may start on them *on loan*
+//! ([`crate::crd::Attempt::on_loan`]). When the first job can start with them, the loans are
+//! taken back through the same stop-and-requeue path as preemption, whatever the priorities, so
+//! a loan never delays the job it was lent from. [`set_lending`] configures it at start-up.
+use std::sync::OnceLock;
 
 use crate::crd::gpu_node::{GpuHealth, GpuNode};
 use crate::crd::training_job::PlacementStrategy;
@@ -27,6 +34,23 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const RACK_LABEL: &str = "flotilla.dev/rack";
 /// How many NVLink domains of equal size a node's GPUs form, in index order (default 1).
 pub const NVLINK_DOMAINS_LABEL: &str = "flotilla.dev/nvlink-domains";
+
+/// How reserved GPUs are lent, for the whole process (set once at start-up; default on, 15
+/// minutes minimum).
+static LENDING: OnceLock<(bool, sched::Seconds)> = OnceLock::new();
+
+/// Sets whether GPUs held for the job first in line are lent to jobs behind it, and the least
+/// time until its expected start for a loan to be made. Later calls are ignored.
+pub fn set_lending(enabled: bool, min_loan: sched::Seconds) {
+    let _ = LENDING.set((enabled, min_loan));
+}
+
+/// The scheduler policy of this process.
+fn policy(preemption: bool) -> sched::Policy {
+    let (lending, min_loan) =
+        LENDING.get().copied().unwrap_or((true, flotilla_scheduler::DEFAULT_MIN_LOAN));
+    sched::Policy { preemption, lending, min_loan, ..sched::Policy::default() }
+}
 
 /// Priority given to GPUs held by workloads that are not `TrainingJob`s (service replicas), so
 /// no job is ever told that preempting them would help.
@@ -49,6 +73,10 @@ pub struct Holding {
     pub started_at: Option<sched::Seconds>,
     /// When it must end at the latest (`spec.activeDeadlineSeconds` after its start).
     pub expected_end: Option<sched::Seconds>,
+    /// Running on loan (see [`crate::crd::Attempt::on_loan`]).
+    pub on_loan: bool,
+    /// When it entered the queue (its place in line, for loans).
+    pub arrival: sched::Seconds,
 }
 
 /// The GPUs held by everyone but `me` (a UID; its `uid#replica` keys are also skipped): live
@@ -71,7 +99,9 @@ pub fn holdings(
             lifecycle::has_live_attempt(status.phase) || status.phase == JobPhase::Restarting;
         if live && !mine(uid) {
             let started = attempt.scheduled_time.as_ref().map(|t| unix(t.0));
-            out.insert(uid.clone(), job_holding(uid, job, attempt.placement.clone(), started));
+            let mut holding = job_holding(uid, job, attempt.placement.clone(), started);
+            holding.on_loan = attempt.on_loan;
+            out.insert(uid.clone(), holding);
         }
     }
     for (key, placement) in held {
@@ -89,6 +119,8 @@ pub fn holdings(
                 placement: placement.clone(),
                 started_at: None,
                 expected_end: None,
+                on_loan: false,
+                arrival: 0,
             },
         };
         out.insert(key.clone(), holding);
@@ -111,7 +143,14 @@ fn job_holding(
         placement,
         started_at,
         expected_end: started_at.zip(deadline).map(|(s, d)| s.saturating_add(d)),
+        on_loan: false,
+        arrival: arrival(job),
     }
+}
+
+/// A job's place in line: its creation time.
+fn arrival(job: &TrainingJob) -> sched::Seconds {
+    job.metadata.creation_timestamp.as_ref().map_or(0, |t| unix(t.0))
 }
 
 /// What `job` asks of the scheduler. Its id is the UID.
@@ -124,8 +163,11 @@ pub fn job_request(job: &TrainingJob) -> sched::JobRequest {
     )
     .namespace(job.namespace().unwrap_or_default())
     .priority(spec.priority)
-    .arrival(job.metadata.creation_timestamp.as_ref().map_or(0, |t| unix(t.0)))
-    .spread(spread(spec.scheduling.strategy));
+    .arrival(arrival(job))
+    .spread(spread(spec.scheduling.strategy))
+    // Only work that resumes from checkpoints is started on loan, as a loan is taken back: the
+    // engine checkpoints (and does on SIGTERM); a custom command says so with spec.checkpoint.
+    .may_borrow(spec.engine.is_some() || spec.checkpoint.is_some());
     req.node_selector = spec.scheduling.node_selector.clone();
     req.expected_duration = spec.active_deadline_seconds.and_then(|s| u64::try_from(s).ok());
     req
@@ -171,10 +213,14 @@ pub struct Scheduling {
     /// Holding ids (job UIDs) to preempt so it fits; empty unless it waits and preemption
     /// would make it fit.
     pub preempt: Vec<String>,
+    /// The placement is on loan.
+    pub on_loan: bool,
 }
 
 /// Like [`place`]; when `preemption` is allowed and stopping lower-priority running jobs would
 /// let `me` start, it still waits (their workers must stop first) and `preempt` names them.
+/// Loans behind `me` that it can start with are taken back the same way, preemption allowed
+/// or not (while it is not, `me` only waits: victims already asked are still stopping).
 pub fn schedule(
     me: &sched::JobRequest,
     waiting: &[sched::JobRequest],
@@ -189,57 +235,79 @@ pub fn schedule(
     let mut queue = waiting.to_vec();
     queue.push(me.clone());
     let pass = |preemption: bool| {
-        let policy = sched::Policy { preemption, ..sched::Policy::default() };
-        sched::schedule(&fleet, &running, &queue, &policy, now).map_err(|e| Unschedulable {
-            message: format!("the scheduler refused the fleet's state: {e}"),
+        sched::schedule(&fleet, &running, &queue, &policy(preemption), now).map_err(|e| {
+            Unschedulable { message: format!("the scheduler refused the fleet's state: {e}") }
         })
     };
-    let decision = match pass(false) {
-        Ok(d) => d,
-        Err(e) => return Scheduling { placement: Err(e), preempt: Vec::new() },
-    };
-    if let Some(p) = decision.placements.iter().find(|p| p.job == me.id) {
-        return Scheduling { placement: Ok(placement(p)), preempt: Vec::new() };
-    }
-    let mut message = decision
-        .waiting
-        .iter()
-        .find(|w| w.job == me.id)
-        .map_or_else(|| "not placed in this scheduling pass".to_string(), |w| w.reason.to_string());
-    let mut preempt = Vec::new();
-    if running.iter().any(|r| r.priority < me.priority)
-        && let Ok(with_preemption) = pass(true)
-        && with_preemption.placements.iter().any(|p| p.job == me.id)
-    {
-        let names: BTreeMap<&str, &str> =
-            holdings.iter().map(|h| (h.id.as_str(), h.name.as_str())).collect();
-        let victims: Vec<(String, &str)> = with_preemption
-            .preemptions
+    let names: BTreeMap<&str, &str> =
+        holdings.iter().map(|h| (h.id.as_str(), h.name.as_str())).collect();
+    let victims_of = |d: &sched::Decision| -> Vec<(String, String, bool)> {
+        d.preemptions
             .iter()
             .filter(|p| p.for_job == me.id)
             .map(|p| {
                 let id = p.victim.to_string();
-                let name = names.get(id.as_str()).copied().unwrap_or("a running job");
-                (id, name)
+                let name = names.get(id.as_str()).copied().unwrap_or("a running job").to_string();
+                (id, name, p.reclaim)
             })
-            .collect();
-        if !victims.is_empty() {
-            let list: Vec<&str> = victims.iter().map(|(_, n)| *n).collect();
-            if preemption {
-                message.push_str(&format!(
-                    "; preempting {} (lower priority) to make room",
-                    list.join(", ")
-                ));
-                preempt = victims.into_iter().map(|(id, _)| id).collect();
-            } else {
-                message.push_str(&format!(
-                    "; preempting {} would make room, but preemption is not allowed here",
-                    list.join(", ")
-                ));
-            }
+            .collect()
+    };
+    let waits = |message: String, preempt: Vec<String>| Scheduling {
+        placement: Err(Unschedulable { message }),
+        preempt,
+        on_loan: false,
+    };
+    let decision = match pass(false) {
+        Ok(d) => d,
+        Err(e) => return Scheduling { placement: Err(e), preempt: Vec::new(), on_loan: false },
+    };
+    if let Some(p) = decision.placements.iter().find(|p| p.job == me.id) {
+        let victims = victims_of(&decision);
+        if victims.is_empty() {
+            return Scheduling {
+                placement: Ok(placement(p)),
+                preempt: Vec::new(),
+                on_loan: p.on_loan,
+            };
         }
+        // It starts only once the loans it takes back have stopped.
+        let list: Vec<&str> = victims.iter().map(|v| v.1.as_str()).collect();
+        let message = format!(
+            "first in line; taking back the GPUs lent to {} (they checkpoint and requeue)",
+            list.join(", ")
+        );
+        let preempt =
+            if preemption { victims.into_iter().map(|v| v.0).collect() } else { Vec::new() };
+        return waits(message, preempt);
     }
-    Scheduling { placement: Err(Unschedulable { message }), preempt }
+    let message = decision
+        .waiting
+        .iter()
+        .find(|w| w.job == me.id)
+        .map_or_else(|| "not placed in this scheduling pass".to_string(), |w| w.reason.to_string());
+    if !running.iter().any(|r| r.priority < me.priority) {
+        return waits(message, Vec::new());
+    }
+    let Ok(with_preemption) = pass(true) else { return waits(message, Vec::new()) };
+    if !with_preemption.placements.iter().any(|p| p.job == me.id) {
+        return waits(message, Vec::new());
+    }
+    let victims = victims_of(&with_preemption);
+    if victims.is_empty() {
+        return waits(message, Vec::new());
+    }
+    let list: Vec<&str> = victims.iter().map(|v| v.1.as_str()).collect();
+    if preemption {
+        let message =
+            format!("{message}; preempting {} (lower priority) to make room", list.join(", "));
+        waits(message, victims.into_iter().map(|v| v.0).collect())
+    } else {
+        let message = format!(
+            "{message}; preempting {} would make room, but preemption is not allowed here",
+            list.join(", ")
+        );
+        waits(message, Vec::new())
+    }
 }
 
 /// The scheduler's fleet: every named `GpuNode` once, its GPUs from status with health and
@@ -329,6 +397,9 @@ fn running(fleet: &sched::Fleet, holdings: &[Holding]) -> Vec<sched::RunningJob>
             .priority(h.priority)
             .started_at(h.started_at.unwrap_or(0));
         job.expected_end = h.expected_end;
+        if h.on_loan {
+            job = job.on_loan(h.arrival);
+        }
         out.push(job);
     }
     out
@@ -360,6 +431,8 @@ mod tests {
     use crate::crd::Attempt;
     use crate::crd::gpu_node::{GpuNodeSpec, GpuNodeStatus, GpuState};
     use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
 
     fn node(name: &str, gpus: i32, labels: &[(&str, &str)]) -> GpuNode {
         let mut n = GpuNode::new(name, GpuNodeSpec::default());
@@ -530,6 +603,45 @@ mod tests {
         );
         let err = place_alone(&job("same", 1, 4, 0), &[&low], &nodes).unwrap_err();
         assert!(!err.message.contains("preempting"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_job_that_checkpoints_borrows_reserved_gpus_and_gives_them_back() {
+        use crate::crd::training_job::CheckpointSpec;
+        let nodes = [node("a", 4, &[]), node("b", 4, &[])];
+        let busy = running(job("busy", 1, 4, 0), &[("a", &[0, 1, 2, 3])]);
+        // `big` needs both nodes and was first; b's GPUs are held for it.
+        let mut big = job("big", 2, 4, 0);
+        big.metadata.creation_timestamp = Some(Time(Timestamp::from_second(10).unwrap()));
+        let mut small = job("small", 1, 4, 0);
+        small.metadata.creation_timestamp = Some(Time(Timestamp::from_second(20).unwrap()));
+        // Without checkpoints it may not borrow: taking the loan back would lose its work.
+        let s = schedule_alone(&small, &[&busy, &big], &nodes);
+        assert!(s.placement.is_err() && !s.on_loan, "{s:?}");
+        small.spec.checkpoint = Some(CheckpointSpec {
+            path: "/ckpt/small".into(),
+            interval_seconds: Some(60),
+            keep: 3,
+        });
+        let s = schedule_alone(&small, &[&busy, &big], &nodes);
+        assert!(s.on_loan, "{s:?}");
+        let p = s.placement.expect("placed on loan");
+        assert_eq!(seats(&p), vec![("b", vec![0, 1, 2, 3])]);
+        // While `busy` runs, `big` waits and the loan stands.
+        let mut lent = running(small.clone(), &[("b", &[0, 1, 2, 3])]);
+        lent.status.as_mut().unwrap().attempt.as_mut().unwrap().on_loan = true;
+        let s = schedule_alone(&big, &[&busy, &lent], &nodes);
+        assert!(s.preempt.is_empty(), "{s:?}");
+        let msg = s.placement.unwrap_err().message;
+        assert!(msg.ends_with("4 of them lent to jobs behind it until then"), "{msg}");
+        // Once `busy` is gone, `big` takes the loan back (equal priority) and waits for it.
+        let s = schedule_alone(&big, &[&lent], &nodes);
+        assert_eq!(s.preempt, vec!["uid-small".to_string()]);
+        let msg = s.placement.unwrap_err().message;
+        assert_eq!(
+            msg,
+            "first in line; taking back the GPUs lent to ns/small (they checkpoint and requeue)"
+        );
     }
 
     #[test]

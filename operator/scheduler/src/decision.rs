@@ -13,6 +13,10 @@ pub struct Placement {
     pub workers: Vec<WorkerPlacement>,
     /// Started while GPUs were held for an earlier job: a backfill around its reservation.
     pub backfill: bool,
+    /// Started on loan: it uses GPUs held for that earlier job and is expected to run past its
+    /// start, so the GPUs are taken back (a [`Preemption`] with `reclaim`) when that job can
+    /// start.
+    pub on_loan: bool,
 }
 
 impl Placement {
@@ -34,6 +38,9 @@ pub struct Preemption {
     pub for_job: JobId,
     /// GPU-seconds of work the victim loses (GPUs × time since its last checkpoint).
     pub lost_gpu_seconds: u64,
+    /// The victim ran on loan and its GPUs are taken back by a job ahead of it in line (its
+    /// priority may be equal); otherwise it is outranked.
+    pub reclaim: bool,
 }
 
 /// GPUs held back for the first waiting job that does not fit, so backfill cannot delay it.
@@ -45,6 +52,10 @@ pub struct Reservation {
     pub start: Option<Seconds>,
     /// The GPUs held, as the workers it is expected to get.
     pub workers: Vec<WorkerPlacement>,
+    /// Held GPUs left idle after the pass (free, waiting for the start).
+    pub idle: u64,
+    /// Held GPUs lent to jobs behind it (see [`Placement::on_loan`]).
+    pub lent: u64,
 }
 
 /// The topology scope a shortfall was measured in.
@@ -71,6 +82,8 @@ pub enum WaitReason {
     Reserved {
         /// Expected start, if every job it waits on has a known end.
         start: Option<Seconds>,
+        /// Reserved GPUs lent to jobs behind it until then.
+        lent: u64,
     },
 }
 
@@ -136,11 +149,20 @@ impl fmt::Display for WaitReason {
             }
             WaitReason::NeverFits(short) => write!(f, "can never fit this fleet: {short}"),
             WaitReason::Insufficient(short) => short.fmt(f),
-            WaitReason::Reserved { start: Some(at) } => {
-                write!(f, "first in line; GPUs reserved, expected to start at {at}")
-            }
-            WaitReason::Reserved { start: None } => {
-                write!(f, "first in line; GPUs reserved, starts when jobs of unknown length end")
+            WaitReason::Reserved { start, lent } => {
+                match start {
+                    Some(at) => {
+                        write!(f, "first in line; GPUs reserved, expected to start at {at}")?
+                    }
+                    None => write!(
+                        f,
+                        "first in line; GPUs reserved, starts when jobs of unknown length end"
+                    )?,
+                }
+                if *lent > 0 {
+                    write!(f, "; {lent} of them lent to jobs behind it until then")?;
+                }
+                Ok(())
             }
         }
     }

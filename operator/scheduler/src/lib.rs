@@ -62,7 +62,7 @@ pub use decision::{
     Waiting,
 };
 pub use model::{
-    Fleet, Gpu, GpuState, JobId, JobRequest, Locality, Node, Policy, RunningJob, Seconds, Spread,
-    WorkerPlacement,
+    DEFAULT_MIN_LOAN, Fleet, Gpu, GpuState, JobId, JobRequest, Locality, Node, Policy, RunningJob,
+    Seconds, Spread, WorkerPlacement,
 };
 pub use scheduler::{FleetStats, Scheduler, schedule};

@@ -227,6 +227,10 @@ pub struct JobRequest {
     pub node_selector: BTreeMap<String, String>,
     /// The job's expected run time, if known; lets it backfill ahead of a reservation.
     pub expected_duration: Option<Seconds>,
+    /// Whether it may start on loan: on GPUs held for a job ahead of it, to be stopped when that
+    /// job can start. For work that checkpoints; serving replicas and jobs without checkpoints
+    /// should not.
+    pub may_borrow: bool,
 }
 
 impl JobRequest {
@@ -243,6 +247,7 @@ impl JobRequest {
             locality: Locality::Preferred,
             node_selector: BTreeMap::new(),
             expected_duration: None,
+            may_borrow: true,
         }
     }
 
@@ -288,6 +293,12 @@ impl JobRequest {
         self
     }
 
+    /// Sets whether it may start on loan (see [`JobRequest::may_borrow`]).
+    pub fn may_borrow(mut self, may: bool) -> Self {
+        self.may_borrow = may;
+        self
+    }
+
     /// The total number of GPUs the gang needs.
     pub fn total_gpus(&self) -> u64 {
         u64::from(self.workers) * u64::from(self.gpus_per_worker)
@@ -320,6 +331,12 @@ pub struct RunningJob {
     pub expected_end: Option<Seconds>,
     /// When it last wrote a complete checkpoint, if ever (work since then is lost on preemption).
     pub last_checkpoint: Option<Seconds>,
+    /// Started on loan, ahead of its turn, on GPUs held for another job: any job ahead of it in
+    /// the queue (higher priority, or equal and earlier [`RunningJob::arrival`]) may take them
+    /// back when that lets it start.
+    pub on_loan: bool,
+    /// When it entered the queue (its place in line, for loans).
+    pub arrival: Seconds,
 }
 
 impl RunningJob {
@@ -333,6 +350,8 @@ impl RunningJob {
             started_at: 0,
             expected_end: None,
             last_checkpoint: None,
+            on_loan: false,
+            arrival: 0,
         }
     }
 
@@ -365,6 +384,13 @@ impl RunningJob {
         self.last_checkpoint = Some(at);
         self
     }
+
+    /// Marks it as running on loan, with its place in line (see [`RunningJob::on_loan`]).
+    pub fn on_loan(mut self, arrival: Seconds) -> Self {
+        self.on_loan = true;
+        self.arrival = arrival;
+        self
+    }
 }
 
 /// Knobs that shape decisions.
@@ -374,13 +400,28 @@ pub struct Policy {
     pub namespace_weights: BTreeMap<String, f64>,
     /// Whether higher-priority jobs may preempt lower-priority ones.
     pub preemption: bool,
+    /// Whether GPUs held for the first waiting job are lent to jobs behind it until it can
+    /// start; the loans are taken back then (the borrowers checkpoint and requeue), so the
+    /// reserved start is never delayed.
+    pub lending: bool,
+    /// Lend only when the reserved start is unknown or at least this far away: a loan shorter
+    /// than a checkpoint interval and a restart buys nothing.
+    pub min_loan: Seconds,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { namespace_weights: BTreeMap::new(), preemption: true }
+        Policy {
+            namespace_weights: BTreeMap::new(),
+            preemption: true,
+            lending: true,
+            min_loan: DEFAULT_MIN_LOAN,
+        }
     }
 }
+
+/// The default [`Policy::min_loan`]: 15 minutes.
+pub const DEFAULT_MIN_LOAN: Seconds = 900;
 
 impl Policy {
     /// Sets one namespace's fair-share weight.

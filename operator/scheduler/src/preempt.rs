@@ -1,14 +1,18 @@
 //! Preemption and reservation: the two ways a job that does not fit now is served.
 //!
-//! Preemption tries victims of strictly lower priority, cheapest first (fewest GPU-seconds lost
-//! since their last checkpoint, then lowest priority, then the youngest), until the job fits;
-//! then it puts back every victim the job can do without, most expensive first. Each victim
-//! left is needed: without its GPUs the job does not fit, so the job's placement uses some of
-//! them. If even every candidate together does not make the job fit, nobody is preempted.
+//! Preemption tries victims, cheapest first (fewest GPU-seconds lost since their last
+//! checkpoint, then lowest priority, then the youngest), until the job fits; then it puts back
+//! every victim the job can do without, most expensive first. Each victim left is needed:
+//! without its GPUs the job does not fit, so the job's placement uses some of them. If even
+//! every candidate together does not make the job fit, nobody is preempted. Candidates are jobs
+//! of strictly lower priority (when the policy allows preemption) and jobs on loan that are
+//! behind the job in line: a loan is taken back as soon as someone ahead can start with it.
 //!
-//! A reservation replays the expected ends of running jobs, earliest first (unknown ends last),
-//! on a copy of the occupancy until the job fits; the GPUs it would get then are held back from
-//! backfill for the rest of the pass, except for jobs expected to end before that start.
+//! A reservation counts the GPUs of loans behind the job as free (they are taken back when it
+//! can start), then replays the expected ends of running jobs, earliest first (unknown ends
+//! last), on a copy of the occupancy until the job fits; the GPUs it would get then are held
+//! back from backfill for the rest of the pass, except for jobs expected to end before that
+//! start, and lent to jobs that may borrow when the policy lends.
 
 use std::cmp::Reverse;
 
@@ -28,12 +32,14 @@ impl Scheduler {
         now: Seconds,
     ) -> Option<(Vec<u32>, Gang)> {
         let simple = !need.spread && need.selector.is_empty();
-        let ruled_out = |&(priority, workers, per_worker, locality): &(i32, u32, u32, _)| {
-            job.priority <= priority
-                && need.workers >= workers
-                && need.per_worker >= per_worker
-                && need.locality == locality
-        };
+        // A job no further ahead in line has no more candidates than one that missed.
+        let ruled_out =
+            |&(priority, arrival, workers, per_worker, locality): &(i32, Seconds, u32, u32, _)| {
+                (job.priority < priority || (job.priority == priority && job.arrival >= arrival))
+                    && need.workers >= workers
+                    && need.per_worker >= per_worker
+                    && need.locality == locality
+            };
         if simple && self.preemption_misses.iter().any(ruled_out) {
             return None;
         }
@@ -41,6 +47,7 @@ impl Scheduler {
         if plan.is_none() && simple {
             self.preemption_misses.push((
                 job.priority,
+                job.arrival,
                 need.workers,
                 need.per_worker,
                 need.locality,
@@ -55,8 +62,15 @@ impl Scheduler {
         need: Need<'_>,
         now: Seconds,
     ) -> Option<(Vec<u32>, Gang)> {
-        let lower: u64 = self.held_by_priority.range(..job.priority).map(|(_, held)| held).sum();
-        if lower == 0 || self.occ.fleet_free + lower < need.total() {
+        let outranked = self.policy.preemption;
+        let lower: u64 = if outranked {
+            self.held_by_priority.range(..job.priority).map(|(_, held)| held).sum()
+        } else {
+            0
+        };
+        // An upper bound on what preemption could free: lower priorities and every loan.
+        let freeable = lower + self.lent_gpus;
+        if freeable == 0 || self.occ.fleet_free + freeable < need.total() {
             return None;
         }
         let mut candidates: Vec<(u64, i32, Reverse<Seconds>, u32)> = self
@@ -64,7 +78,10 @@ impl Scheduler {
             .iter()
             .enumerate()
             .filter_map(|(index, slot)| slot.as_ref().map(|slot| (index as u32, slot)))
-            .filter(|(_, slot)| slot.priority < job.priority)
+            .filter(|(index, slot)| {
+                ((outranked && slot.priority < job.priority) || slot.lent_to_one_behind(job))
+                    && !self.started_this_pass.contains(index)
+            })
             .map(|(index, slot)| {
                 (slot.lost_work(now), slot.priority, Reverse(slot.started_at), index)
             })
@@ -121,15 +138,38 @@ impl Scheduler {
                 victim: slot.id.clone(),
                 for_job: job.id.clone(),
                 lost_gpu_seconds: slot.lost_work(now),
+                reclaim: slot.on_loan,
             });
         }
     }
 
-    /// When the job could start and on which GPUs, replaying expected ends; `None` if it
-    /// would not fit even with every running job gone.
-    pub(crate) fn plan_reservation(&self, need: Need<'_>) -> Option<(Option<Seconds>, Gang)> {
+    /// When the job could start and on which GPUs, replaying expected ends after taking back
+    /// the loans behind it; `None` if it would not fit even with every running job gone.
+    pub(crate) fn plan_reservation(
+        &self,
+        job: &JobRequest,
+        need: Need<'_>,
+    ) -> Option<(Option<Seconds>, Gang)> {
         let mut trial = self.occ.clone();
+        let mut taken_back = Vec::new();
+        for &index in &self.loans {
+            if self.jobs[index as usize].as_ref().is_some_and(|slot| slot.lent_to_one_behind(job)) {
+                for &gpu in self.gpus_of(index) {
+                    trial.release(&self.topo, gpu);
+                }
+                taken_back.push(index);
+            }
+        }
+        if !taken_back.is_empty() && trial.fleet_free >= need.total() {
+            let search = Search::new(&self.topo, &trial, need);
+            if search.fits() {
+                return search.find().map(|gang| (Some(0), gang));
+            }
+        }
         for &(end, index) in &self.by_end {
+            if taken_back.contains(&index) {
+                continue;
+            }
             for &gpu in self.gpus_of(index) {
                 trial.release(&self.topo, gpu);
             }

@@ -27,6 +27,8 @@ pub(crate) struct Slot {
     pub started_at: Seconds,
     pub expected_end: Option<Seconds>,
     pub last_checkpoint: Option<Seconds>,
+    pub on_loan: bool,
+    pub arrival: Seconds,
 }
 
 impl Slot {
@@ -35,11 +37,22 @@ impl Slot {
         let since = self.last_checkpoint.unwrap_or(self.started_at);
         self.gpus.len() as u64 * now.saturating_sub(since)
     }
+
+    /// Whether `job` may take this slot's GPUs back: it runs on loan and `job` is ahead of it
+    /// in line (higher priority, or equal priority and earlier arrival).
+    pub fn lent_to_one_behind(&self, job: &JobRequest) -> bool {
+        self.on_loan
+            && (self.priority < job.priority
+                || (self.priority == job.priority && self.arrival > job.arrival))
+    }
 }
 
 /// The reservation in force during one pass.
 pub(crate) struct ActiveReservation {
     pub job: JobId,
+    /// The holder's place in line: only jobs behind it borrow, so it can take every loan back.
+    pub priority: i32,
+    pub arrival: Seconds,
     pub start: Option<Seconds>,
     pub gpus: Vec<u32>,
     /// The same GPUs as the workers the job is expected to get.
@@ -87,10 +100,15 @@ pub struct Scheduler {
     pub(crate) usage: FastMap<String, u64>,
     /// GPUs held by running jobs, per priority level: bounds what preemption could free.
     pub(crate) held_by_priority: BTreeMap<i32, u64>,
+    /// Slots running on loan, and the GPUs they hold.
+    pub(crate) loans: BTreeSet<u32>,
+    pub(crate) lent_gpus: u64,
+    /// Slots started in the current pass: none of them is stopped again in the same pass.
+    pub(crate) started_this_pass: Vec<u32>,
     pub(crate) policy: Policy,
-    /// Shapes (priority, workers, GPUs per worker, locality) that preemption could not serve
-    /// in this pass; a job no easier, at no higher priority, cannot be served either.
-    pub(crate) preemption_misses: Vec<(i32, u32, u32, Locality)>,
+    /// Shapes (priority, arrival, workers, GPUs per worker, locality) that preemption could
+    /// not serve in this pass; a job no easier and no further ahead in line cannot be either.
+    pub(crate) preemption_misses: Vec<(i32, Seconds, u32, u32, Locality)>,
     vacant: Vec<u32>,
 }
 
@@ -113,6 +131,9 @@ impl Scheduler {
             by_end: BTreeSet::new(),
             usage: FastMap::default(),
             held_by_priority: BTreeMap::new(),
+            loans: BTreeSet::new(),
+            lent_gpus: 0,
+            started_this_pass: Vec::new(),
             policy,
             preemption_misses: Vec::new(),
             vacant: Vec::new(),
@@ -160,6 +181,8 @@ impl Scheduler {
             started_at: job.started_at,
             expected_end: job.expected_end,
             last_checkpoint: job.last_checkpoint,
+            on_loan: job.on_loan,
+            arrival: job.arrival,
         });
         Ok(())
     }
@@ -174,6 +197,10 @@ impl Scheduler {
         *self.held_by_priority.entry(slot.priority).or_default() += slot.gpus.len() as u64;
         self.by_id.insert(slot.id.clone(), index);
         self.by_end.insert((slot.expected_end.unwrap_or(UNKNOWN_END), index));
+        if slot.on_loan {
+            self.loans.insert(index);
+            self.lent_gpus += slot.gpus.len() as u64;
+        }
         if index as usize == self.jobs.len() {
             self.jobs.push(Some(slot));
         } else {
@@ -196,6 +223,9 @@ impl Scheduler {
         }
         self.by_id.remove(&slot.id);
         self.by_end.remove(&(slot.expected_end.unwrap_or(UNKNOWN_END), index));
+        if self.loans.remove(&index) {
+            self.lent_gpus -= slot.gpus.len() as u64;
+        }
         self.vacant.push(index);
         slot
     }
@@ -272,6 +302,8 @@ impl Scheduler {
                 started_at: slot.started_at,
                 expected_end: slot.expected_end,
                 last_checkpoint: slot.last_checkpoint,
+                on_loan: slot.on_loan,
+                arrival: slot.arrival,
             })
             .collect()
     }
@@ -303,6 +335,7 @@ impl Scheduler {
         decision.waiting.reserve(queue.len());
         let mut reservation: Option<ActiveReservation> = None;
         self.preemption_misses.clear();
+        self.started_this_pass.clear();
         let mut order = FairOrder::new(queue);
         loop {
             let job = {
@@ -322,10 +355,22 @@ impl Scheduler {
             }
         }
         if let Some(active) = reservation {
+            let owners = active.gpus.iter().map(|&gpu| self.occ.owner[gpu as usize]);
+            let idle = owners.clone().filter(|&owner| owner == RESERVED).count() as u64;
+            let lent = owners
+                .filter(|owner| *owner < RESERVED && self.loans.contains(owner))
+                .count() as u64;
+            if let Some(WaitReason::Reserved { lent: count, .. }) =
+                decision.waiting.iter_mut().find(|w| w.job == active.job).map(|w| &mut w.reason)
+            {
+                *count = lent;
+            }
             decision.reservation = Some(Reservation {
                 job: active.job.clone(),
                 start: active.start,
                 workers: active.workers.clone(),
+                idle,
+                lent,
             });
             self.lift(&active);
         }
@@ -345,7 +390,7 @@ impl Scheduler {
             return Some(WaitReason::EmptyRequest);
         }
         if let Some(gang) = Search::new(&self.topo, &self.occ, need).find() {
-            self.start(job, gang, now, decision, reservation);
+            self.start(job, gang, now, false, decision, reservation);
             return None;
         }
         if let Some(active) = reservation.as_ref() {
@@ -353,17 +398,27 @@ impl Scheduler {
                 (Some(start), Some(duration)) => now.saturating_add(duration) <= start,
                 _ => false,
             };
-            if ends_in_time && let Some(gang) = Search::new(&self.topo, &active.lifted, need).find()
+            // A loan the reserved start would end within a checkpoint interval buys nothing.
+            let behind = job.priority < active.priority
+                || (job.priority == active.priority && job.arrival > active.arrival);
+            let worth_a_loan = self.policy.lending
+                && job.may_borrow
+                && behind
+                && active
+                    .start
+                    .is_none_or(|start| start >= now.saturating_add(self.policy.min_loan));
+            if (ends_in_time || worth_a_loan)
+                && let Some(gang) = Search::new(&self.topo, &active.lifted, need).find()
             {
-                self.start(job, gang, now, decision, reservation);
+                self.start(job, gang, now, !ends_in_time, decision, reservation);
                 return None;
             }
         }
-        if self.policy.preemption
+        if (self.policy.preemption || self.lent_gpus > 0)
             && let Some((victims, gang)) = self.plan_preemption(job, need, now)
         {
             self.evict(&victims, job, now, decision, reservation);
-            self.start(job, gang, now, decision, reservation);
+            self.start(job, gang, now, false, decision, reservation);
             return None;
         }
         if !Search::new(&self.topo, &self.empty, need).fits() {
@@ -372,11 +427,11 @@ impl Scheduler {
             ));
         }
         if reservation.is_none()
-            && let Some((start, gang)) = self.plan_reservation(need)
+            && let Some((start, gang)) = self.plan_reservation(job, need)
         {
             let start = start.map(|at| at.max(now));
             *reservation = Some(self.hold(job, start, gang));
-            return Some(WaitReason::Reserved { start });
+            return Some(WaitReason::Reserved { start, lent: 0 });
         }
         let mut short: Shortfall = Search::new(&self.topo, &self.occ, need).shortfall();
         // Name the reservation only where it is what stands in the way.
@@ -388,12 +443,13 @@ impl Scheduler {
         Some(WaitReason::Insufficient(short))
     }
 
-    /// Gives a job its gang and records the placement.
+    /// Gives a job its gang and records the placement (`on_loan`: on GPUs held for another).
     fn start(
         &mut self,
         job: &JobRequest,
         gang: Gang,
         now: Seconds,
+        on_loan: bool,
         decision: &mut Decision,
         reservation: &mut Option<ActiveReservation>,
     ) {
@@ -408,8 +464,11 @@ impl Scheduler {
             started_at: now,
             expected_end: job.expected_duration.map(|d| now.saturating_add(d)),
             last_checkpoint: None,
+            on_loan,
+            arrival: job.arrival,
         };
         let index = self.insert(slot);
+        self.started_this_pass.push(index);
         if let Some(active) = reservation.as_mut() {
             let slot = self.jobs[index as usize].as_ref().expect("just inserted");
             for &gpu in &slot.gpus {
@@ -417,7 +476,7 @@ impl Scheduler {
             }
         }
         let backfill = reservation.is_some();
-        decision.placements.push(Placement { job: job.id.clone(), workers, backfill });
+        decision.placements.push(Placement { job: job.id.clone(), workers, backfill, on_loan });
     }
 
     /// Marks a reservation's free GPUs as held, keeping an unreserved view beside them.
@@ -431,7 +490,15 @@ impl Scheduler {
                 self.occ.set_owner(&self.topo, gpu, RESERVED);
             }
         }
-        ActiveReservation { job: job.id.clone(), start, gpus, workers, lifted }
+        ActiveReservation {
+            job: job.id.clone(),
+            priority: job.priority,
+            arrival: job.arrival,
+            start,
+            gpus,
+            workers,
+            lifted,
+        }
     }
 
     /// Ends a pass's reservation: held GPUs that are still free become plainly free.

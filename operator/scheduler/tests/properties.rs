@@ -61,7 +61,15 @@ fn running(fleet: &Fleet) -> impl Strategy<Value = Vec<RunningJob>> + use<> {
     let gpu_count: usize = fleet.nodes.iter().map(|n| n.gpus.len()).sum();
     let layout: Vec<(String, u32)> =
         fleet.nodes.iter().flat_map(|n| n.gpus.iter().map(|g| (n.name.clone(), g.index))).collect();
-    let attrs = prop::collection::vec((0i32..4, 0u64..NOW, prop::option::of(0u64..2 * NOW)), 5);
+    let attrs = prop::collection::vec(
+        (
+            0i32..4,
+            0u64..NOW,
+            prop::option::of(0u64..2 * NOW),
+            prop::option::weighted(0.25, 0u64..10),
+        ),
+        5,
+    );
     (prop::collection::vec(prop::option::weighted(0.6, 0usize..5), gpu_count), attrs).prop_map(
         move |(holders, attrs)| {
             let mut by_job: BTreeMap<usize, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
@@ -75,11 +83,14 @@ fn running(fleet: &Fleet) -> impl Strategy<Value = Vec<RunningJob>> + use<> {
                 .map(|(job, nodes)| {
                     let workers =
                         nodes.into_iter().map(|(node, gpus)| WorkerPlacement { node, gpus });
-                    let (priority, checkpoint, end) = attrs[job];
+                    let (priority, checkpoint, end, loan) = attrs[job];
                     let mut running = RunningJob::new(format!("run{job}"), workers.collect())
                         .priority(priority)
                         .last_checkpoint(checkpoint);
                     running.expected_end = end;
+                    if let Some(arrival) = loan {
+                        running = running.on_loan(arrival);
+                    }
                     running
                 })
                 .collect()
@@ -95,9 +106,19 @@ fn request(index: usize) -> impl Strategy<Value = JobRequest> {
         1 => Just(Locality::Zone),
         1 => Just(Locality::Rack)
     ];
-    let extra = (prop::bool::weighted(0.2), prop::bool::weighted(0.2), prop::option::of(1u64..NOW));
+    let extra = (
+        prop::bool::weighted(0.2),
+        prop::bool::weighted(0.2),
+        prop::option::of(1u64..NOW),
+        prop::bool::weighted(0.8),
+    );
     (shape, order, locality, extra).prop_map(
-        move |((workers, per), (priority, arrival, namespace), locality, (spread, select, dur))| {
+        move |(
+            (workers, per),
+            (priority, arrival, namespace),
+            locality,
+            (spread, select, dur, borrow),
+        )| {
             let mut job = JobRequest::new(format!("job{index}"), workers, per)
                 .priority(priority)
                 .arrival(arrival)
@@ -110,7 +131,7 @@ fn request(index: usize) -> impl Strategy<Value = JobRequest> {
                 job = job.select("pool", "a");
             }
             job.expected_duration = dur;
-            job
+            job.may_borrow(borrow)
         },
     )
 }
@@ -119,11 +140,36 @@ fn queue() -> impl Strategy<Value = Vec<JobRequest>> {
     (1usize..8).prop_flat_map(|count| (0..count).map(request).collect::<Vec<_>>())
 }
 
-fn case() -> impl Strategy<Value = (Fleet, Vec<RunningJob>, Vec<JobRequest>, bool)> {
+/// A random policy: preemption and lending each on or off, loans with or without a minimum.
+fn policy() -> impl Strategy<Value = Policy> {
+    (prop::bool::weighted(0.8), prop::bool::weighted(0.7), prop_oneof![Just(0u64), Just(300)])
+        .prop_map(|(preemption, lending, min_loan)| Policy {
+            preemption,
+            lending,
+            min_loan,
+            ..Policy::default()
+        })
+}
+
+fn case() -> impl Strategy<Value = (Fleet, Vec<RunningJob>, Vec<JobRequest>, Policy)> {
     fleet().prop_flat_map(|fleet| {
         let running = running(&fleet);
-        (Just(fleet), running, queue(), prop::bool::weighted(0.8))
+        (Just(fleet), running, queue(), policy())
     })
+}
+
+/// Whether `job` may start on loan on the GPUs reserved for `holder` (which starts at `start`)
+/// under `policy`: only a job behind the holder in line, so that the holder can take it back.
+fn may_borrow(policy: &Policy, job: &JobRequest, holder: &JobRequest, start: Option<u64>) -> bool {
+    let behind = job.priority < holder.priority
+        || (job.priority == holder.priority && job.arrival > holder.arrival);
+    policy.lending && job.may_borrow && behind && start.is_none_or(|s| s >= NOW + policy.min_loan)
+}
+
+/// Whether `ahead` is ahead of a loan `lent` in line (so may take its GPUs back).
+fn ahead_of(ahead: &JobRequest, lent: &RunningJob) -> bool {
+    lent.priority < ahead.priority
+        || (lent.priority == ahead.priority && lent.arrival > ahead.arrival)
 }
 
 /// Schedulable GPUs: healthy, not cordoned, on a node that is not cordoned.
@@ -241,11 +287,23 @@ fn free_after(fleet: &Fleet, running: &[RunningJob], d: &Decision) -> BTreeSet<G
 }
 
 /// No waiting job would fit if a lower-priority job placed in this pass stepped aside.
-fn check_priority(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d: &Decision) {
+fn check_priority(
+    fleet: &Fleet,
+    running: &[RunningJob],
+    queue: &[JobRequest],
+    policy: &Policy,
+    d: &Decision,
+) {
     let free = free_after(fleet, running, d);
     let reserved: BTreeSet<GpuKey> =
         d.reservation.iter().flat_map(|r| keys(&r.workers).collect::<Vec<_>>()).collect();
     let by_id: HashMap<&str, &JobRequest> = queue.iter().map(|j| (j.id.as_str(), j)).collect();
+    let victims_left: BTreeSet<GpuKey> = running
+        .iter()
+        .filter(|r| d.preemptions.iter().any(|p| p.victim == r.id))
+        .flat_map(|r| keys(&r.workers).collect::<Vec<_>>())
+        .filter(|k| free.contains(k))
+        .collect();
     for waiting in &d.waiting {
         let job = by_id[waiting.job.as_str()];
         let holds = d.reservation.as_ref().is_some_and(|r| r.job == waiting.job);
@@ -261,13 +319,20 @@ fn check_priority(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d
             }
             assert!(!fits(fleet, &offered, job), "{} blocked by lower {}", job.id, lower.id);
         }
-        // Work-conserving: what is left free (outside the reservation, unless the job holds it
-        // or ends before it starts) does not fit the job either.
+        // Work-conserving: what is left free (outside the reservation, unless the job holds it,
+        // ends before it starts or may borrow it) does not fit the job either.
         let ends_in_time = d.reservation.as_ref().is_some_and(
             |r| matches!((job.expected_duration, r.start), (Some(dur), Some(s)) if NOW + dur <= s),
         );
-        let mut left = free.clone();
-        if !holds && !ends_in_time {
+        let borrows = d
+            .reservation
+            .as_ref()
+            .is_some_and(|r| may_borrow(policy, job, by_id[r.job.as_str()], r.start));
+        // GPUs a later job's preemption freed but did not use come free after this job was
+        // considered; the next pass offers them.
+        let mut left: BTreeSet<GpuKey> =
+            free.iter().filter(|k| !victims_left.contains(*k)).cloned().collect();
+        if !holds && !ends_in_time && !borrows {
             left.retain(|k| !reserved.contains(k));
         }
         assert!(!fits(fleet, &left, job), "{} waits though free GPUs fit it", job.id);
@@ -276,13 +341,22 @@ fn check_priority(fleet: &Fleet, running: &[RunningJob], queue: &[JobRequest], d
     }
 }
 
-/// Preemptions target lower priorities and each victim's GPUs are used by its preemptor;
-/// backfill onto reserved GPUs only by jobs that end before the reserved start.
-fn check_preemption_and_reservation(running: &[RunningJob], queue: &[JobRequest], d: &Decision) {
+/// Preemptions target lower priorities (or loans behind the preemptor) and each victim's GPUs
+/// are used by its preemptor; backfill onto reserved GPUs only by jobs that end before the
+/// reserved start, or on loan by jobs that may borrow.
+fn check_preemption_and_reservation(
+    running: &[RunningJob],
+    queue: &[JobRequest],
+    policy: &Policy,
+    d: &Decision,
+) {
     for preemption in &d.preemptions {
         let victim = running.iter().find(|r| r.id == preemption.victim).expect("victim runs");
         let job = queue.iter().find(|j| j.id == preemption.for_job).expect("preemptor queued");
-        assert!(victim.priority < job.priority, "preempted an equal or higher priority");
+        assert_eq!(preemption.reclaim, victim.on_loan, "{preemption:?}");
+        let outranked = policy.preemption && victim.priority < job.priority;
+        let taken_back = victim.on_loan && ahead_of(job, victim);
+        assert!(outranked || taken_back, "{} stopped {} unfairly", job.id, victim.id);
         let placement = d.placements.iter().find(|p| p.job == job.id).expect("preemptor placed");
         let used: BTreeSet<GpuKey> = keys(&placement.workers).collect();
         assert!(keys(&victim.workers).any(|k| used.contains(&k)), "preempted for nothing");
@@ -290,30 +364,79 @@ fn check_preemption_and_reservation(running: &[RunningJob], queue: &[JobRequest]
     let Some(reservation) = &d.reservation else { return };
     assert!(d.waiting.iter().any(|w| w.job == reservation.job));
     let reserved: BTreeSet<GpuKey> = keys(&reservation.workers).collect();
-    for placement in d.placements.iter().filter(|p| p.backfill) {
-        if keys(&placement.workers).any(|k| reserved.contains(&k)) {
-            let job = queue.iter().find(|j| j.id == placement.job).unwrap();
+    for placement in &d.placements {
+        let job = queue.iter().find(|j| j.id == placement.job).unwrap();
+        if placement.on_loan {
+            assert!(placement.backfill, "a loan without a reservation: {placement:?}");
+            let holder = queue.iter().find(|j| j.id == reservation.job).expect("holder queued");
+            assert!(
+                may_borrow(policy, job, holder, reservation.start),
+                "{} may not borrow",
+                job.id
+            );
+        }
+        if placement.backfill && keys(&placement.workers).any(|k| reserved.contains(&k)) {
             let ends = job.expected_duration.map(|dur| NOW + dur);
             assert!(
-                matches!((ends, reservation.start), (Some(e), Some(s)) if e <= s),
+                placement.on_loan
+                    || matches!((ends, reservation.start), (Some(e), Some(s)) if e <= s),
                 "{} took reserved GPUs and may delay {}",
                 job.id,
                 reservation.job
             );
         }
     }
+    let lent = d
+        .placements
+        .iter()
+        .filter(|p| p.on_loan)
+        .flat_map(|p| keys(&p.workers).collect::<Vec<_>>())
+        .chain(
+            running.iter().filter(|r| r.on_loan).flat_map(|r| keys(&r.workers).collect::<Vec<_>>()),
+        )
+        .filter(|k| reserved.contains(k))
+        .count() as u64;
+    assert!(reservation.lent <= lent, "{reservation:?}");
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn decisions_hold_every_invariant((fleet, running, queue, preemption) in case()) {
-        let policy = Policy { preemption, ..Policy::default() };
+    fn decisions_hold_every_invariant((fleet, running, queue, policy) in case()) {
         let decision = schedule(&fleet, &running, &queue, &policy, NOW).expect("valid input");
         check_shapes(&fleet, &running, &queue, &decision);
-        check_priority(&fleet, &running, &queue, &decision);
-        check_preemption_and_reservation(&running, &queue, &decision);
+        check_priority(&fleet, &running, &queue, &policy, &decision);
+        check_preemption_and_reservation(&running, &queue, &policy, &decision);
+    }
+
+    #[test]
+    fn loans_never_delay_the_job_they_were_lent_from((fleet, running, queue, _) in case()) {
+        // Pass 1 lends; pass 2 (same queue, later) must treat the loans as if they had never
+        // been made: the holder starts as soon as without them, or is expected no later.
+        let lending = Policy { preemption: false, lending: true, min_loan: 0, ..Policy::default() };
+        let mut with_loans = Scheduler::new(&fleet, &running, lending.clone()).expect("valid");
+        let first = with_loans.schedule(&queue, NOW);
+        let Some(reservation) = first.reservation.clone() else { return Ok(()) };
+        let lent: BTreeSet<&str> =
+            first.placements.iter().filter(|p| p.on_loan).map(|p| p.job.as_str()).collect();
+        if lent.is_empty() {
+            return Ok(());
+        }
+        let kept: Vec<RunningJob> =
+            with_loans.running().into_iter().filter(|r| !lent.contains(r.id.as_str())).collect();
+        let mut without = Scheduler::new(&fleet, &kept, lending).expect("valid");
+        let holder: Vec<JobRequest> =
+            queue.iter().filter(|j| j.id == reservation.job).cloned().collect();
+        let (a, b) = (with_loans.schedule(&holder, NOW + 1), without.schedule(&holder, NOW + 1));
+        let placed = |d: &Decision| d.placements.iter().any(|p| p.job == reservation.job);
+        if placed(&b) {
+            prop_assert!(placed(&a), "the loans kept {} waiting: {a:?}", reservation.job);
+            prop_assert!(a.preemptions.iter().all(|p| p.reclaim && lent.contains(p.victim.as_str())));
+        } else if let (Some(ra), Some(rb)) = (&a.reservation, &b.reservation) {
+            let later = |x: Option<u64>, y: Option<u64>| x.unwrap_or(u64::MAX) > y.unwrap_or(u64::MAX);
+            prop_assert!(!later(ra.start, rb.start), "loans delayed {}: {ra:?} vs {rb:?}", reservation.job);
+        }
     }
 }
 

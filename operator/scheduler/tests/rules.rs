@@ -144,9 +144,94 @@ fn backfill_cannot_delay_the_reserved_start() {
 fn unknown_ends_still_reserve() {
     let fleet = Fleet::new(vec![Node::new("n", 4)]);
     let queue = [JobRequest::new("head", 1, 4), JobRequest::new("small", 1, 1).arrival(1)];
-    let decision = decide(&fleet, &[running("r", &[("n", &[0, 1])])], &queue);
+    let no_loans = Policy { lending: false, ..Policy::default() };
+    let decision = decide_with(&fleet, &[running("r", &[("n", &[0, 1])])], &queue, &no_loans);
     assert!(decision.placements.is_empty(), "small would sit on the head's GPUs");
     assert_eq!(decision.reservation.unwrap().start, None);
+}
+
+#[test]
+fn reserved_gpus_are_lent_and_taken_back_when_the_holder_can_start() {
+    // `big` needs both nodes; n0 is busy for an unknown time, so n1's GPUs are reserved and
+    // would idle. `small`, behind `big`, borrows them.
+    let fleet = Fleet::new(rack("z", "r", "n", 2, 4));
+    let busy = running("busy", &[("n0", &[0, 1, 2, 3])]);
+    let queue = [JobRequest::new("big", 2, 4), JobRequest::new("small", 1, 4).arrival(5)];
+    let lent = decide(&fleet, std::slice::from_ref(&busy), &queue);
+    assert_eq!(placed(&lent), ["small"]);
+    assert!(lent.placements[0].on_loan && lent.placements[0].backfill);
+    assert_eq!(workers_of(&lent, "small")[0].node, "n1");
+    assert_eq!(
+        reason(&lent, "big"),
+        "first in line; GPUs reserved, starts when jobs of unknown length end; \
+         4 of them lent to jobs behind it until then"
+    );
+    // While n0 stays busy the loan stands: taking it back would not let `big` start.
+    let small = running("small", &[("n1", &[0, 1, 2, 3])]).on_loan(5);
+    let waiting = [JobRequest::new("big", 2, 4)];
+    let decision = decide(&fleet, &[busy, small.clone()], &waiting);
+    assert!(decision.preemptions.is_empty());
+    // Once `busy` ends, `big` starts at once and the loan is taken back, though equal priority.
+    let decision = decide(&fleet, &[small], &waiting);
+    assert_eq!(placed(&decision), ["big"]);
+    assert_eq!(preempted(&decision), ["small"]);
+    assert!(decision.preemptions[0].reclaim);
+}
+
+#[test]
+fn a_loan_is_only_taken_back_by_a_job_ahead_of_it() {
+    let fleet = Fleet::new(vec![Node::new("n", 4)]);
+    let lent = running("lent", &[("n", &[0, 1, 2, 3])]).on_loan(5);
+    for (job, stops) in [
+        (JobRequest::new("ahead", 1, 4).arrival(4), true),
+        (JobRequest::new("behind", 1, 4).arrival(6), false),
+        (JobRequest::new("lower", 1, 4).priority(-1), false),
+    ] {
+        let decision = decide(&fleet, std::slice::from_ref(&lent), std::slice::from_ref(&job));
+        assert_eq!(!decision.preemptions.is_empty(), stops, "{}: {decision:?}", job.id);
+    }
+    // A job that was not lent is never stopped for equal priority.
+    let plain = running("plain", &[("n", &[0, 1, 2, 3])]);
+    let decision = decide(&fleet, &[plain], &[JobRequest::new("ahead", 1, 4).arrival(4)]);
+    assert!(decision.preemptions.is_empty());
+}
+
+#[test]
+fn no_loan_when_the_start_is_near_or_the_job_may_not_borrow() {
+    let fleet = Fleet::new(rack("z", "r", "n", 2, 4));
+    let soon = running("soon", &[("n0", &[0, 1, 2, 3])]).expected_end(NOW + 600);
+    let queue = [
+        JobRequest::new("big", 2, 4),
+        JobRequest::new("small", 1, 4).arrival(5),
+        JobRequest::new("replica", 1, 4).arrival(6).may_borrow(false),
+    ];
+    // The reserved start is 10 minutes away, under the 15-minute minimum: nobody borrows.
+    let decision = decide(&fleet, std::slice::from_ref(&soon), &queue);
+    assert!(decision.placements.is_empty(), "{decision:?}");
+    // Without a minimum `small` borrows; `replica` never does.
+    let eager = Policy { min_loan: 0, ..Policy::default() };
+    let decision = decide_with(&fleet, &[soon], &queue[..2], &eager);
+    assert_eq!(placed(&decision), ["small"]);
+    let fleet = Fleet::new(rack("z", "r", "n", 2, 4));
+    let busy = running("busy", &[("n0", &[0, 1, 2, 3])]);
+    let decision = decide(&fleet, &[busy], &[queue[0].clone(), queue[2].clone()]);
+    assert!(decision.placements.is_empty(), "{decision:?}");
+}
+
+#[test]
+fn a_job_ahead_of_the_holder_does_not_borrow_from_it() {
+    // Fair share puts namespace `b` (no usage) before `a`, so `b/late` holds the reservation
+    // though `a/early` arrived first. A loan to `a/early` could not be taken back by `b/late`
+    // (it is not ahead of it in line), so `a/early` does not borrow.
+    let fleet = Fleet::new(rack("z", "r", "n", 2, 4));
+    let busy = running("busy", &[("n0", &[0, 1, 2, 3])]).namespace("a");
+    let queue = [
+        JobRequest::new("late", 2, 4).namespace("b").arrival(9),
+        JobRequest::new("early", 1, 4).namespace("a").arrival(1),
+    ];
+    let decision = decide(&fleet, &[busy], &queue);
+    assert_eq!(decision.reservation.as_ref().map(|r| r.job.as_str()), Some("late"));
+    assert!(decision.placements.is_empty(), "{decision:?}");
 }
 
 #[test]

@@ -569,6 +569,8 @@ fn holding(svc: &InferenceService, uid: &str, r: &ReplicaStatus) -> Holding {
         placement: r.placement.clone(),
         started_at: None,
         expected_end: None,
+        on_loan: false,
+        arrival: 0,
     }
 }
 
@@ -624,7 +626,9 @@ fn replica_request(
     )
     .namespace(svc.namespace().unwrap_or_default())
     .priority(spec.priority)
-    .spread(scheduling::spread(spec.scheduling.strategy));
+    .spread(scheduling::spread(spec.scheduling.strategy))
+    // A replica serves; it is never started on GPUs that may be taken back.
+    .may_borrow(false);
     req.node_selector = spec.scheduling.node_selector.clone();
     req
 }

@@ -468,6 +468,8 @@ fn a_replica_below_the_count_preempts_lower_priority_training_but_not_equal_prio
         },
         started_at: Some(1),
         expected_end: None,
+        on_loan: false,
+        arrival: 0,
     };
     let hosts = BTreeMap::from([("a".to_string(), "10.0.0.1".to_string())]);
     let plan_with = |svc: &InferenceService, held: &[Holding]| {

@@ -252,6 +252,7 @@ pub fn plan(
         .map(|o| object_key(*o))
         .collect();
     let mut preempt = Vec::new();
+    let mut on_loan = false;
     let candidate = wants_placement.then(|| {
         let holdings = scheduling::holdings(others, booked, &job.uid().unwrap_or_default());
         let mut waiting = scheduling::waiting_jobs(others, &holdings);
@@ -260,6 +261,7 @@ pub fn plan(
         let now = scheduling::unix(now);
         let s = scheduling::schedule(&me, &waiting, nodes, &holdings, stopping.is_empty(), now);
         preempt = s.preempt;
+        on_loan = s.on_loan;
         s.placement.map_err(|mut u| {
             if !stopping.is_empty() {
                 u.message = format!(
@@ -279,6 +281,7 @@ pub fn plan(
         candidate,
         report,
         preempted_by: preemption_request(job),
+        on_loan,
     });
     if t.status.phase == JobPhase::Queued {
         t.preempt = preempt;
@@ -328,12 +331,20 @@ pub(crate) async fn request_preemption<K: Resource<DynamicType = ()>>(
             "metadata": {"annotations": {lifecycle::PREEMPTED_BY: value}}
         });
         api.patch(&victim.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        let note = format!(
-            "preempting {} (priority {}, attempt {}) to make room; it checkpoints and requeues",
-            object_key(*victim),
-            victim.spec.priority,
-            attempt.number
-        );
+        let note = if attempt.on_loan {
+            format!(
+                "taking back the GPUs lent to {} (attempt {}); it checkpoints and requeues",
+                object_key(*victim),
+                attempt.number
+            )
+        } else {
+            format!(
+                "preempting {} (priority {}, attempt {}) to make room; it checkpoints and requeues",
+                object_key(*victim),
+                victim.spec.priority,
+                attempt.number
+            )
+        };
         tracing::info!(preemptor = %me, victim = %object_key(*victim), "preemption requested");
         ctx.publish(preemptor, false, "Preempting", note).await;
     }

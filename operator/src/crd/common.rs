@@ -116,6 +116,11 @@ pub struct Attempt {
     /// The checkpoint step the attempt resumed from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<i64>,
+    /// Started on loan: on GPUs held for a job ahead of it in line, which would otherwise idle.
+    /// When that job can start, the loan is taken back: the attempt is stopped (its workers
+    /// checkpoint) and the job requeues without spending its restart budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_loan: bool,
 }
 
 /// Training progress as reported by rank 0.

@@ -247,7 +247,13 @@ impl<'f, 'a> Step<'f, 'a> {
             Some(Ok(placement)) => {
                 let number = next_attempt_number(&self.t.status);
                 let nodes = placement.nodes().join(", ");
-                let note = format!("attempt {number} placed on {nodes}");
+                let mut note = format!("attempt {number} placed on {nodes}");
+                if f.on_loan {
+                    note.push_str(
+                        ", on loan: GPUs held for a job ahead in line, taken back (checkpoint, \
+                         requeue) when it can start",
+                    );
+                }
                 self.t.status.attempt = Some(Attempt {
                     number,
                     placement: placement.clone(),
@@ -259,6 +265,7 @@ impl<'f, 'a> Step<'f, 'a> {
                         .progress
                         .as_ref()
                         .and_then(|p| p.last_checkpoint_step),
+                    on_loan: f.on_loan,
                 });
                 self.t.status.start_time.get_or_insert(Time(f.now));
                 self.condition(ct::SCHEDULED, true, "Placed", &note);
@@ -403,7 +410,12 @@ impl<'f, 'a> Step<'f, 'a> {
     }
 
     fn restart_for_preemption(&mut self, by: &str) {
-        let what = format!("preempted by {by}, which has a higher priority and needs these GPUs");
+        let on_loan = self.t.status.attempt.as_ref().is_some_and(|a| a.on_loan);
+        let what = if on_loan {
+            format!("the GPUs it borrowed were held for {by}, first in line, which can start now")
+        } else {
+            format!("preempted by {by}, which has a higher priority and needs these GPUs")
+        };
         self.stop_live_attempt(&what);
         self.t.status.hardware_restarts += 1;
         self.record(RestartCause::Preempted, what.clone(), None, None);

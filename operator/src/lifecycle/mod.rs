@@ -29,6 +29,8 @@ pub struct JobFacts<'a> {
     pub validity: Result<(), InvalidSpec>,
     /// A placement for the next attempt, computed when the job is waiting for one.
     pub candidate: Option<Result<Placement, Unschedulable>>,
+    /// The candidate placement is on loan (see [`crate::crd::Attempt::on_loan`]).
+    pub on_loan: bool,
     /// What the agents reported about the current attempt's workers.
     pub report: AttemptReport,
     /// The higher-priority job (`namespace/name`) that asked to preempt the current attempt,

@@ -65,6 +65,7 @@ struct Case {
     candidate: Option<Result<Placement, Unschedulable>>,
     report: AttemptReport,
     preempted_by: Option<String>,
+    on_loan: bool,
 }
 
 impl Case {
@@ -77,6 +78,7 @@ impl Case {
             candidate: None,
             report: AttemptReport { all_stopped: attempt.is_none(), ..Default::default() },
             preempted_by: None,
+            on_loan: false,
         }
     }
 
@@ -90,6 +92,7 @@ impl Case {
             candidate: self.candidate.clone(),
             report: self.report.clone(),
             preempted_by: self.preempted_by.clone(),
+            on_loan: self.on_loan,
         })
     }
 }
@@ -288,6 +291,26 @@ fn hardware_faults_restart_without_spending_the_budget() {
         (r.cause, r.xid, r.gpu, r.node.as_deref()),
         (RestartCause::HardwareFault, Some(79), Some(3), Some("node-1"))
     );
+}
+
+#[test]
+fn a_loan_is_recorded_on_the_attempt_and_taking_it_back_says_so() {
+    let mut c = Case::new(JobPhase::Queued, None);
+    c.candidate = Some(Ok(placement(2)));
+    c.on_loan = true;
+    let t = c.decide();
+    let attempt = t.status.attempt.clone().expect("placed");
+    assert!(attempt.on_loan);
+    assert!(t.event.as_ref().is_some_and(|e| e.note.contains("on loan")), "{:?}", t.event);
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.status.attempt.as_mut().unwrap().on_loan = true;
+    c.preempted_by = Some("ns/big".into());
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!((t.status.restarts, t.status.hardware_restarts), (0, 1), "budget unspent");
+    let r = t.status.restart_history.last().unwrap();
+    assert_eq!(r.cause, RestartCause::Preempted);
+    assert!(r.reason.contains("borrowed were held for ns/big"), "{}", r.reason);
 }
 
 #[test]

@@ -4,10 +4,14 @@
 //!
 //! A discrete-event simulation: jobs arrive, run for their true duration and end; after every
 //! event each engine makes one pass over its queue, and that pass is timed (the decision
-//! latency an operator sees after an event). Preempted jobs go back to the queue. Figures over
+//! latency an operator sees after an event). Running jobs checkpoint every [`CHECKPOINT`] of
+//! useful work; a stopped job (preempted, or a loan taken back) loses the work since its last
+//! checkpoint (no checkpoint on SIGTERM is assumed, though Flotilla's engine writes one), goes
+//! back to the queue at its old place, and pays [`RESTART`] when it starts again. Figures over
 //! "saturation" are time-weighted over the spans when jobs were waiting in that engine's own
-//! queue; the "same window" rows weigh both engines over the same spans (both queues waiting),
-//! whole and split at the last arrival, so neither is measured over a window the other lacks.
+//! queue; the "same window" rows weigh every engine over the same spans (all queues waiting),
+//! whole and split at the last arrival, so none is measured over a window another lacks.
+//! "Useful" allocation subtracts the GPU time stops threw away (lost work and restarts).
 //!
 //! Each pass is also replayed twice on copies of the engine and the fastest of the three
 //! timings is kept: on a shared machine a pass that loses the CPU for a time slice would
@@ -24,26 +28,49 @@ use first_fit::FirstFit;
 use flotilla_scheduler::{Fleet, JobId, JobRequest, Policy, Scheduler};
 use workload::{Arrival, NAMESPACES, Rng};
 
+/// Useful work between a running job's checkpoints (seconds).
+const CHECKPOINT: u64 = 900;
+/// What a job pays on each restart before it makes progress again: launch, rendezvous, loading
+/// the checkpoint (seconds).
+const RESTART: u64 = 120;
+
+/// What one pass decided: jobs started (and whether on loan), jobs stopped (and whether a loan
+/// was taken back), reserved GPUs left idle.
+#[derive(Debug, Default)]
+struct Outcome {
+    started: Vec<(JobId, bool)>,
+    stopped: Vec<(JobId, bool)>,
+    reserved_idle: u64,
+}
+
 /// What the simulation needs from a scheduler.
 trait Engine {
-    /// One pass: the jobs started and the jobs preempted, with GPU-seconds the latter lose.
-    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<(JobId, u64)>);
+    /// One pass over the queue.
+    fn pass(&mut self, queue: &[JobRequest], now: u64) -> Outcome;
     /// A job ended.
     fn finish(&mut self, job: &JobId);
+    /// A running job wrote a checkpoint.
+    fn checkpoint(&mut self, _job: &JobId, _at: u64) {}
     /// Allocated share and fragmentation now.
     fn fill(&self) -> (f64, f64);
 }
 
 impl Engine for Scheduler {
-    fn pass(&mut self, queue: &[JobRequest], now: u64) -> (Vec<JobId>, Vec<(JobId, u64)>) {
+    fn pass(&mut self, queue: &[JobRequest], now: u64) -> Outcome {
         let decision = self.schedule(queue, now);
-        let started = decision.placements.into_iter().map(|p| p.job).collect();
-        let preempted = decision.preemptions.into_iter().map(|p| (p.victim, p.lost_gpu_seconds));
-        (started, preempted.collect())
+        Outcome {
+            started: decision.placements.into_iter().map(|p| (p.job, p.on_loan)).collect(),
+            stopped: decision.preemptions.into_iter().map(|p| (p.victim, p.reclaim)).collect(),
+            reserved_idle: decision.reservation.map_or(0, |r| r.idle),
+        }
     }
 
     fn finish(&mut self, job: &JobId) {
         Scheduler::finish(self, job);
+    }
+
+    fn checkpoint(&mut self, job: &JobId, at: u64) {
+        self.record_checkpoint(job, at);
     }
 
     fn fill(&self) -> (f64, f64) {
@@ -53,8 +80,12 @@ impl Engine for Scheduler {
 }
 
 impl Engine for FirstFit {
-    fn pass(&mut self, queue: &[JobRequest], _now: u64) -> (Vec<JobId>, Vec<(JobId, u64)>) {
-        (self.schedule(queue), Vec::new())
+    fn pass(&mut self, queue: &[JobRequest], _now: u64) -> Outcome {
+        Outcome {
+            started: self.schedule(queue).into_iter().map(|job| (job, false)).collect(),
+            stopped: Vec::new(),
+            reserved_idle: 0,
+        }
     }
 
     fn finish(&mut self, job: &JobId) {
@@ -70,18 +101,24 @@ impl Engine for FirstFit {
 #[derive(Debug, Default)]
 struct Report {
     placements: u64,
+    loans: u64,
     preemptions: u64,
+    reclaims: u64,
+    /// Seconds from start to reclaim, summed over the loans taken back.
+    loan_seconds: u64,
     lost_gpu_seconds: u64,
     examined: u64,
     busy: Duration,
     latencies: Vec<Duration>,
     saturated_s: u64,
     allocation_s: f64,
+    reserved_idle_s: f64,
     fragmentation_s: f64,
     waits: Vec<(u64, u64)>,
     makespan: u64,
-    /// After each event: (time, allocated share, jobs waiting), for windows shared by engines.
-    timeline: Vec<(u64, f64, bool)>,
+    /// After each event: (time, allocated share, jobs waiting, GPU-seconds thrown away so far),
+    /// for windows shared by engines.
+    timeline: Vec<(u64, f64, bool, u64)>,
     last_arrival: u64,
 }
 
@@ -90,7 +127,7 @@ fn timed_pass<E: Engine + Clone>(
     engine: &mut E,
     queue: &[JobRequest],
     now: u64,
-) -> (Vec<JobId>, Vec<(JobId, u64)>, Duration) {
+) -> (Outcome, Duration) {
     let mut fastest = Duration::MAX;
     for _ in 0..2 {
         let mut copy = engine.clone();
@@ -100,8 +137,29 @@ fn timed_pass<E: Engine + Clone>(
         drop(outcome);
     }
     let started_at = Instant::now();
-    let (started, preempted) = engine.pass(queue, now);
-    (started, preempted, fastest.min(started_at.elapsed()))
+    let outcome = engine.pass(queue, now);
+    (outcome, fastest.min(started_at.elapsed()))
+}
+
+/// Where one job of the stream stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// Useful seconds saved in checkpoints.
+    saved: u64,
+    /// The current run: when it started and what it pays before useful work begins.
+    run: Option<(u64, u64)>,
+    /// Stops so far (each ends a run; a restart pays [`RESTART`]).
+    stops: u32,
+}
+
+impl Progress {
+    /// Useful seconds the current run has saved in checkpoints by `now`.
+    fn saved_in_run(&self, now: u64) -> u64 {
+        self.run.map_or(0, |(start, overhead)| {
+            let useful = now.saturating_sub(start + overhead);
+            useful / CHECKPOINT * CHECKPOINT
+        })
+    }
 }
 
 /// Runs the job stream through one engine.
@@ -110,9 +168,12 @@ fn simulate<E: Engine + Clone>(engine: &mut E, arrivals: &[Arrival]) -> Report {
         arrivals.iter().enumerate().map(|(i, a)| (&a.request.id, i)).collect();
     let mut generation = vec![0u32; arrivals.len()];
     let mut first_start: Vec<Option<u64>> = vec![None; arrivals.len()];
+    let mut progress = vec![Progress::default(); arrivals.len()];
+    let mut running: HashSet<usize> = HashSet::new();
     let mut ends: BinaryHeap<Reverse<(u64, usize, u32)>> = BinaryHeap::new();
     let mut queue: Vec<JobRequest> = Vec::new();
     let (mut report, mut next, mut now, mut fill) = (Report::default(), 0, 0u64, (0.0, 0.0));
+    let mut reserved_idle = 0u64;
     loop {
         let arrival = arrivals.get(next).map(|a| a.request.arrival);
         let end = ends.peek().map(|Reverse((at, _, _))| *at);
@@ -121,6 +182,7 @@ fn simulate<E: Engine + Clone>(engine: &mut E, arrivals: &[Arrival]) -> Report {
             let span = at - now;
             report.saturated_s += span;
             report.allocation_s += fill.0 * span as f64;
+            report.reserved_idle_s += (reserved_idle * span) as f64;
             report.fragmentation_s += fill.1 * span as f64;
         }
         now = at;
@@ -135,29 +197,63 @@ fn simulate<E: Engine + Clone>(engine: &mut E, arrivals: &[Arrival]) -> Report {
             ends.pop();
             if generation[job] == generation_then {
                 engine.finish(&arrivals[job].request.id);
+                running.remove(&job);
+                progress[job].run = None;
             }
         }
-        let (started, preempted, took) = timed_pass(engine, &queue, now);
+        // Checkpoints written since the last event (what preemption's "least work lost" reads).
+        for &job in &running {
+            let p = progress[job];
+            if let Some((start, overhead)) = p.run {
+                let saved = p.saved_in_run(now);
+                if saved > 0 {
+                    engine.checkpoint(&arrivals[job].request.id, start + overhead + saved);
+                }
+            }
+        }
+        let (outcome, took) = timed_pass(engine, &queue, now);
         report.busy += took;
+        reserved_idle = outcome.reserved_idle;
         report.latencies.push(took);
         report.examined += queue.len() as u64;
-        report.placements += started.len() as u64;
-        report.preemptions += preempted.len() as u64;
-        for (victim, lost) in &preempted {
-            report.lost_gpu_seconds += lost;
+        report.placements += outcome.started.len() as u64;
+        report.loans += outcome.started.iter().filter(|s| s.1).count() as u64;
+        report.preemptions += outcome.stopped.iter().filter(|s| !s.1).count() as u64;
+        report.reclaims += outcome.stopped.iter().filter(|s| s.1).count() as u64;
+        for (victim, reclaim) in &outcome.stopped {
             let job = index[victim];
+            let p = &mut progress[job];
+            let saved = p.saved_in_run(now);
+            let (start, _) = p.run.take().expect("a stopped job was running");
+            if *reclaim {
+                report.loan_seconds += now - start;
+            }
+            p.saved += saved;
+            p.stops += 1;
+            let gpus = arrivals[job].request.total_gpus();
+            report.lost_gpu_seconds += gpus * (now - start - saved);
             generation[job] += 1;
-            queue.push(arrivals[job].request.clone());
+            running.remove(&job);
+            let mut again = arrivals[job].request.clone();
+            // The estimate shrinks by the work saved (an operator reads it from progress).
+            again.expected_duration =
+                again.expected_duration.map(|e| e.saturating_sub(p.saved).max(60));
+            queue.push(again);
         }
-        let started: HashSet<&JobId> = started.iter().collect();
+        let started: HashSet<&JobId> = outcome.started.iter().map(|s| &s.0).collect();
         for id in &started {
             let job = index[*id];
-            ends.push(Reverse((now + arrivals[job].duration, job, generation[job])));
+            let p = &mut progress[job];
+            let overhead = if p.stops == 0 { 0 } else { RESTART };
+            p.run = Some((now, overhead));
+            let left = arrivals[job].duration - p.saved;
+            ends.push(Reverse((now + overhead + left, job, generation[job])));
+            running.insert(job);
             first_start[job].get_or_insert(now);
         }
         queue.retain(|job| !started.contains(&job.id));
         fill = engine.fill();
-        report.timeline.push((now, fill.0, !queue.is_empty()));
+        report.timeline.push((now, fill.0, !queue.is_empty(), report.lost_gpu_seconds));
     }
     report.makespan = now;
     report.last_arrival = arrivals.last().map_or(0, |a| a.request.arrival);
@@ -173,7 +269,7 @@ fn simulate<E: Engine + Clone>(engine: &mut E, arrivals: &[Arrival]) -> Report {
 fn burst(engine: &mut dyn Engine, arrivals: &[Arrival]) -> (usize, usize, Duration) {
     let queue: Vec<JobRequest> = arrivals.iter().map(|a| a.request.clone()).collect();
     let started_at = Instant::now();
-    let (started, _) = engine.pass(&queue, 0);
+    let started = engine.pass(&queue, 0).started;
     (started.len(), queue.len(), started_at.elapsed())
 }
 
@@ -199,43 +295,76 @@ fn mean_wait(report: &Report, sizes: std::ops::RangeInclusive<u64>) -> (f64, u64
     (mean / 60.0, waits.iter().max().copied().unwrap_or(0) / 60)
 }
 
-/// Time-weighted allocation of both engines over the spans where `keep(time, a_waits, b_waits)`
-/// holds: the same window for both, unlike "at saturation", where each engine's own queue
-/// decides. Returns the two shares and the window's length.
+/// Time-weighted allocation of every engine over the spans where `keep(time, all_wait)` holds
+/// (`all_wait`: every engine's queue has jobs waiting): the same window for all, unlike "at
+/// saturation", where each engine's own queue decides. Returns per engine the allocated share
+/// and the useful share (less the GPU time its stops threw away in the window), and the
+/// window's length.
 fn shared_window(
-    a: &Report,
-    b: &Report,
-    keep: impl Fn(u64, bool, bool) -> bool,
-) -> (f64, f64, u64) {
-    let mut times: Vec<u64> = a.timeline.iter().chain(&b.timeline).map(|e| e.0).collect();
+    reports: &[&Report],
+    gpus: u64,
+    keep: impl Fn(u64, bool) -> bool,
+) -> (Vec<(f64, f64)>, u64) {
+    let mut times: Vec<u64> = reports.iter().flat_map(|r| r.timeline.iter().map(|e| e.0)).collect();
     times.sort_unstable();
     times.dedup();
     // The state of a timeline during [t, next): its last entry at or before t.
     let at = |r: &Report, t: u64| {
         let i = r.timeline.partition_point(|e| e.0 <= t);
-        if i == 0 { (0.0, false) } else { (r.timeline[i - 1].1, r.timeline[i - 1].2) }
+        if i == 0 {
+            (0.0, false, 0)
+        } else {
+            (r.timeline[i - 1].1, r.timeline[i - 1].2, r.timeline[i - 1].3)
+        }
     };
-    let (mut sum_a, mut sum_b, mut window) = (0.0, 0.0, 0u64);
+    let mut sums = vec![(0.0, 0u64); reports.len()];
+    let mut window = 0u64;
+    let mut lost_before: Vec<u64> = vec![0; reports.len()];
     for pair in times.windows(2) {
         let (t, span) = (pair[0], pair[1] - pair[0]);
-        let ((fill_a, waits_a), (fill_b, waits_b)) = (at(a, t), at(b, t));
-        if keep(t, waits_a, waits_b) {
-            sum_a += fill_a * span as f64;
-            sum_b += fill_b * span as f64;
+        let states: Vec<(f64, bool, u64)> = reports.iter().map(|r| at(r, t)).collect();
+        let all_wait = states.iter().all(|s| s.1);
+        let kept = keep(t, all_wait);
+        for (i, state) in states.iter().enumerate() {
+            // What was thrown away at the events up to t counts where it happened.
+            if kept {
+                sums[i].0 += state.0 * span as f64;
+                sums[i].1 += state.2 - lost_before[i];
+            }
+            lost_before[i] = state.2;
+        }
+        if kept {
             window += span;
         }
     }
-    let share = |sum: f64| sum / window.max(1) as f64;
-    (share(sum_a), share(sum_b), window)
+    let shares = sums
+        .iter()
+        .map(|&(sum, lost)| {
+            let window = window.max(1) as f64;
+            (sum / window, (sum - lost as f64 / gpus as f64) / window)
+        })
+        .collect();
+    (shares, window)
 }
 
-fn print(flotilla: &mut Report, baseline: &mut Report) {
-    let row = |name: &str, a: String, b: String| println!("{name:<36} {a:>14} {b:>14}");
-    row("", "flotilla".into(), "first-fit".into());
-    for (name, pick) in [
-        ("placements", (|r: &Report| r.placements.to_string()) as fn(&Report) -> String),
-        ("preemptions", |r| r.preemptions.to_string()),
-        ("GPU-hours lost to preemption", |r| format!("{:.0}", r.lost_gpu_seconds as f64 / 3600.0)),
+fn print(names: &[&str], reports: &mut [Report], gpus: u64) {
+    let row = |name: &str, cells: Vec<String>| {
+        let cells: String = cells.iter().map(|c| format!(" {c:>16}")).collect();
+        println!("{name:<48}{cells}");
+    };
+    row("", names.iter().map(|n| n.to_string()).collect());
+    type Pick = fn(&Report) -> String;
+    let picks: [(&str, Pick); 14] = [
+        ("placements", |r| r.placements.to_string()),
+        ("  of which on loan", |r| r.loans.to_string()),
+        ("stops: preempted by priority", |r| r.preemptions.to_string()),
+        ("stops: loans taken back", |r| r.reclaims.to_string()),
+        ("  mean time on loan before (min)", |r| {
+            format!("{:.0}", r.loan_seconds as f64 / 60.0 / r.reclaims.max(1) as f64)
+        }),
+        ("GPU-hours thrown away by stops", |r| {
+            format!("{:.0}", r.lost_gpu_seconds as f64 / 3600.0)
+        }),
         ("passes (one per event)", |r| r.latencies.len().to_string()),
         ("placements/s (scheduling time only)", |r| {
             format!("{:.0}", r.placements as f64 / r.busy.as_secs_f64())
@@ -244,36 +373,39 @@ fn print(flotilla: &mut Report, baseline: &mut Report) {
         ("allocation at saturation (own window)", |r| {
             format!("{:.2}%", 100.0 * r.allocation_s / r.saturated_s.max(1) as f64)
         }),
+        ("reserved GPUs idle at saturation (mean)", |r| {
+            format!("{:.1}", r.reserved_idle_s / r.saturated_s.max(1) as f64)
+        }),
         ("fragmentation at saturation", |r| {
             format!("{:.1}%", 100.0 * r.fragmentation_s / r.saturated_s.max(1) as f64)
         }),
         ("makespan (h)", |r| format!("{:.1}", r.makespan as f64 / 3600.0)),
-    ] {
-        row(name, pick(flotilla), pick(baseline));
+        ("last arrival (h)", |r| format!("{:.1}", r.last_arrival as f64 / 3600.0)),
+    ];
+    for (name, pick) in picks {
+        row(name, reports.iter().map(pick).collect());
     }
-    let last_arrival = flotilla.last_arrival;
-    for (name, keep) in [
-        (
-            "allocation, same window: both queues wait",
-            Box::new(|_, a, b| a && b) as Box<dyn Fn(u64, bool, bool) -> bool>,
-        ),
-        (
-            "allocation, same window: while jobs arrive",
-            Box::new(move |t, a, b| a && b && t < last_arrival),
-        ),
-        (
-            "allocation, same window: after the last arrival",
-            Box::new(move |t, a, b| a && b && t >= last_arrival),
-        ),
-    ] {
-        let (a, b, window) = shared_window(flotilla, baseline, keep);
+    let last_arrival = reports[0].last_arrival;
+    type Keep = Box<dyn Fn(u64, bool) -> bool>;
+    let windows: [(&str, Keep); 3] = [
+        ("all queues wait", Box::new(|_, all| all)),
+        ("while jobs arrive", Box::new(move |t, all| all && t < last_arrival)),
+        ("after the last arrival", Box::new(move |t, all| all && t >= last_arrival)),
+    ];
+    let refs: Vec<&Report> = reports.iter().collect();
+    for (name, keep) in windows {
+        let (shares, window) = shared_window(&refs, gpus, keep);
+        let hours = window as f64 / 3600.0;
         row(
-            &format!("{name} ({:.1} h)", window as f64 / 3600.0),
-            format!("{:.2}%", 100.0 * a),
-            format!("{:.2}%", 100.0 * b),
+            &format!("allocation, same window: {name} ({hours:.1} h)"),
+            shares.iter().map(|s| format!("{:.2}%", 100.0 * s.0)).collect(),
+        );
+        row(
+            "  useful (less GPU time thrown away)",
+            shares.iter().map(|s| format!("{:.2}%", 100.0 * s.1)).collect(),
         );
     }
-    for report in [&mut *flotilla, &mut *baseline] {
+    for report in reports.iter_mut() {
         report.latencies.sort_unstable();
     }
     for (name, p) in [
@@ -281,30 +413,34 @@ fn print(flotilla: &mut Report, baseline: &mut Report) {
         ("pass latency p99 (ms)", 0.99),
         ("pass latency max (ms)", 1.0),
     ] {
-        row(
-            name,
-            format!("{:.3}", percentile(&flotilla.latencies, p)),
-            format!("{:.3}", percentile(&baseline.latencies, p)),
-        );
+        row(name, reports.iter().map(|r| format!("{:.3}", percentile(&r.latencies, p))).collect());
     }
     for (name, sizes) in [
         ("wait 1-8 GPUs, mean / max (min)", 1..=8),
         ("wait 16-64 GPUs, mean / max (min)", 16..=64),
         ("wait 128-512 GPUs, mean / max (min)", 128..=512),
     ] {
-        let (a, b) = (mean_wait(flotilla, sizes.clone()), mean_wait(baseline, sizes));
-        row(name, format!("{:.0} / {}", a.0, a.1), format!("{:.0} / {}", b.0, b.1));
+        row(
+            name,
+            reports
+                .iter()
+                .map(|r| {
+                    let (mean, max) = mean_wait(r, sizes.clone());
+                    format!("{mean:.0} / {max}")
+                })
+                .collect(),
+        );
     }
 }
 
 fn main() {
     let seed = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(7);
     let fleet: Fleet = workload::fleet();
+    let gpus = fleet.nodes.iter().map(|n| n.gpus.len() as u64).sum();
     let arrivals = workload::jobs(&mut Rng::new(seed));
     let demand: u64 = arrivals.iter().map(|a| a.request.total_gpus()).sum();
     println!(
-        "fleet: {} GPUs ({} nodes × 8, racks of 16 nodes, zones of 8 racks); {} jobs asking {} GPUs in all; seed {seed}",
-        fleet.nodes.len() * 8,
+        "fleet: {gpus} GPUs ({} nodes × 8, racks of 16 nodes, zones of 8 racks); {} jobs asking {} GPUs in all; seed {seed}",
         fleet.nodes.len(),
         arrivals.len(),
         demand
@@ -335,9 +471,19 @@ fn main() {
         snapshot.len(),
         started_at.elapsed().as_secs_f64() * 1e3 / f64::from(runs)
     );
-    println!("\nchurn: jobs arrive, run and end; one pass after every event");
-    let mut scheduler = Scheduler::new(&fleet, &[], policy).expect("valid fleet");
-    let mut flotilla = simulate(&mut scheduler, &arrivals);
-    let mut baseline = simulate(&mut FirstFit::new(&fleet), &arrivals);
-    print(&mut flotilla, &mut baseline);
+    println!(
+        "\nchurn: jobs arrive, run and end; one pass after every event; checkpoints every {} min, \
+         {} s per restart",
+        CHECKPOINT / 60,
+        RESTART
+    );
+    let mut lending = Scheduler::new(&fleet, &[], policy.clone()).expect("valid fleet");
+    let no_loans = Policy { lending: false, ..policy };
+    let mut holding = Scheduler::new(&fleet, &[], no_loans).expect("valid fleet");
+    let mut reports = [
+        simulate(&mut lending, &arrivals),
+        simulate(&mut holding, &arrivals),
+        simulate(&mut FirstFit::new(&fleet), &arrivals),
+    ];
+    print(&["flotilla", "flotilla, no loans", "first-fit"], &mut reports, gpus);
 }
