@@ -20,7 +20,9 @@
 //! - a job that does not fit may preempt jobs of strictly lower priority, those that lose the
 //!   least work first, and only when the freed GPUs make it fit;
 //! - the first job that still cannot start gets a reservation; later jobs backfill around the
-//!   reserved GPUs, or onto them only if they are expected to end before its start;
+//!   reserved GPUs, or onto them only if they are expected to end before its start, or *on
+//!   loan* ([`Policy::lending`]) if they may borrow: a job ahead of a loan that can start with
+//!   its GPUs takes them back, whatever the priorities, so no loan delays the reserved start;
 //! - failed, degraded (draining) and cordoned GPUs are never chosen.
 //!
 //! ```
