@@ -14,8 +14,8 @@
 use super::{Context, MANAGER, apply_status, object_key};
 use crate::crd::common::{condition_types as ct, set_condition};
 use crate::crd::inference_service::{
-    InferenceService, InferenceServiceSpec, InferenceServiceStatus, ReplicaState, ReplicaStatus,
-    ServicePhase,
+    InferenceService, InferenceServiceSpec, InferenceServiceStatus, ModelSource, ReplicaState,
+    ReplicaStatus, ServicePhase, StableRevision,
 };
 use crate::crd::{GpuNode, Placement};
 use crate::endpoints::{self, Probe, Prober, ServiceRef};
@@ -129,9 +129,13 @@ pub fn revision(spec: &InferenceServiceSpec) -> String {
 /// The checkpoint a replica of `spec` serves: the directory (its `latest`), or the named step
 /// (`step-%08d`, as the engine names step directories).
 pub fn checkpoint(spec: &InferenceServiceSpec) -> String {
-    match spec.model.step {
-        Some(step) => format!("{}/step-{step:08}", spec.model.checkpoint_path),
-        None => spec.model.checkpoint_path.clone(),
+    checkpoint_of(&spec.model)
+}
+
+fn checkpoint_of(model: &ModelSource) -> String {
+    match model.step {
+        Some(step) => format!("{}/step-{step:08}", model.checkpoint_path),
+        None => model.checkpoint_path.clone(),
     }
 }
 
@@ -300,11 +304,17 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
         status.failed_revision = Some(rev.clone());
     }
     let blocked = status.failed_revision.as_deref() == Some(rev.as_str());
+    // While the rollout is stopped, emptied slots are refilled with the last good revision.
+    let fallback = status.stable.clone().filter(|s| blocked && s.revision != rev);
+    let is_fallback =
+        |r: &ReplicaStatus| fallback.as_ref().is_some_and(|s| s.revision == r.revision);
 
-    // 2. Scale down, and drop old replicas that do not serve (they would never count).
+    // 2. Scale down, and drop old replicas that do not serve (they would never count), except
+    // refills of the last good revision while the rollout is stopped.
     for r in replicas.iter_mut().filter(|r| live(r)) {
         let excess = r.index >= n;
-        let stale_unserving = r.revision != rev && r.state != ReplicaState::Ready;
+        let stale_unserving =
+            r.revision != rev && r.state != ReplicaState::Ready && !is_fallback(r);
         if excess && r.state == ReplicaState::Ready {
             set_state(r, ReplicaState::Draining, Some("scaled down".into()), now);
             look_at(drain);
@@ -347,9 +357,14 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
                 continue;
             }
             Some(_) => continue,
-            None if blocked => continue,
+            None if blocked && (olds > 0 || fallback.is_none()) => continue,
             None => {}
         }
+        // The revision this slot gets: the spec's, or the last good one while blocked.
+        let (target_rev, model, serving) = match (&fallback, blocked) {
+            (Some(s), true) => (s.revision.clone(), &s.model, &s.serving),
+            _ => (rev.clone(), &spec.model, &spec.serving),
+        };
         if total >= n + surge {
             // No room for another replica: make room by draining this slot's old replica if
             // enough others serve.
@@ -369,12 +384,12 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
                 let node = rank0.map(|w| w.node.clone()).unwrap_or_default();
                 let host = obs.hosts.get(&node).cloned().unwrap_or_else(|| node.clone());
                 let used = ports_in_use.entry(host.clone()).or_default();
-                let Some(port) = (spec.serving.port..=65535)
+                let Some(port) = (serving.port..=65535)
                     .filter_map(|p| u16::try_from(p).ok())
                     .find(|p| !used.contains(p))
                 else {
                     unschedulable =
-                        Some(format!("no free port from {} up on {host}", spec.serving.port));
+                        Some(format!("no free port from {} up on {host}", serving.port));
                     continue;
                 };
                 used.insert(port);
@@ -386,8 +401,8 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
                     state: ReplicaState::Starting,
                     ready: false,
                     endpoint: Some(endpoints::url(&host, port)),
-                    revision: rev.clone(),
-                    checkpoint: Some(checkpoint(spec)),
+                    revision: target_rev.clone(),
+                    checkpoint: Some(checkpoint_of(model)),
                     launch_time: Some(Time(now)),
                     state_time: Some(Time(now)),
                     message: None,
@@ -398,15 +413,11 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
                     attempt: r.attempt,
                     launch: ReplicaLaunch {
                         placement,
-                        checkpoint: checkpoint(spec),
-                        served_name: spec
-                            .model
-                            .served_name
-                            .clone()
-                            .unwrap_or_else(|| svc.name_any()),
+                        checkpoint: checkpoint_of(model),
+                        served_name: model.served_name.clone().unwrap_or_else(|| svc.name_any()),
                         port,
-                        max_batch_size: u32::try_from(spec.serving.max_batch_size).unwrap_or(1),
-                        default_max_tokens: u32::try_from(spec.serving.max_new_tokens).unwrap_or(1),
+                        max_batch_size: u32::try_from(serving.max_batch_size).unwrap_or(1),
+                        default_max_tokens: u32::try_from(serving.max_new_tokens).unwrap_or(1),
                     },
                 });
                 look_at(startup);
@@ -502,6 +513,11 @@ fn summarize(
     } else if let Some(msg) = &unschedulable {
         (false, "Unschedulable", msg.clone())
     } else if status.updated_replicas == n && live_count == n && !settling {
+        status.stable = Some(StableRevision {
+            revision: rev.clone(),
+            model: svc.spec.model.clone(),
+            serving: svc.spec.serving.clone(),
+        });
         (true, "RolloutComplete", format!("{n} replicas of revision {rev} serve"))
     } else if status.replicas.iter().any(|r| r.revision != rev) {
         (

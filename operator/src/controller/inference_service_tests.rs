@@ -346,6 +346,62 @@ fn a_model_that_fails_to_load_stops_the_rollout_and_old_replicas_keep_serving() 
 }
 
 #[test]
+fn while_a_bad_rollout_is_stopped_a_gpu_fault_is_refilled_with_the_last_good_revision() {
+    let mut world = World::new(&[("a", 4), ("b", 4)]);
+    let mut svc = ready_service(&mut world, 3);
+    let good = svc.status.as_ref().unwrap().stable.clone().expect("the rollout completed");
+    assert_eq!(good.revision, svc.status.as_ref().unwrap().revision);
+    let good_checkpoint = checkpoint(&svc.spec);
+    svc.spec.model.checkpoint_path = "/ckpt/missing".into();
+    let p = world.step(&mut svc);
+    let [(slot, attempt)] = launches(&p)[..] else { panic!("{:?}", p.effects) };
+    world.reports.insert(
+        replica_id("u", slot, attempt),
+        AttemptReport {
+            exits: vec![WorkerExit { rank: 0, code: Some(1), signal: None }],
+            all_stopped: true,
+            ..Default::default()
+        },
+    );
+    let p = world.step(&mut svc);
+    assert_eq!(condition(&p, PROGRESSING), ("False", "ModelLoadFailed"));
+    // An XID 79 takes out an old, serving replica.
+    let victim = svc.status.as_ref().unwrap().replicas.iter().find(|r| r.ready).unwrap().clone();
+    let gpu = victim.placement.workers[0].gpus[0];
+    world.reports.insert(
+        replica_id("u", victim.index, victim.attempt),
+        AttemptReport {
+            running: 1,
+            fault: Some(HardwareFault {
+                node: victim.placement.workers[0].node.clone(),
+                gpu: Some(gpu),
+                xid: Some(79),
+                message: "XID 79".into(),
+            }),
+            ..Default::default()
+        },
+    );
+    let p = world.step(&mut svc);
+    assert_eq!(stops(&p), vec![(victim.index, victim.attempt)]);
+    let [(refill, _)] = launches(&p)[..] else { panic!("refilled at once: {:?}", p.effects) };
+    assert_eq!(refill, victim.index);
+    let r =
+        p.status.replicas.iter().filter(|r| r.index == refill).max_by_key(|r| r.attempt).unwrap();
+    assert_eq!(r.revision, good.revision, "the last good revision, not the one that fails");
+    assert_eq!(r.checkpoint.as_deref(), Some(good_checkpoint.as_str()));
+    assert_eq!(condition(&p, PROGRESSING).1, "ModelLoadFailed", "the rollout stays stopped");
+    // The refill serves and stays; the service is whole again.
+    world.all_answer(&svc);
+    let p = world.step(&mut svc);
+    assert_eq!((p.status.phase, p.status.ready_replicas), (ServicePhase::Ready, 3));
+    assert!(stops(&p).is_empty() && launches(&p).is_empty(), "{:?}", p.effects);
+    // A fixed spec rolls every slot again, the refill included.
+    svc.spec.model.checkpoint_path = "/ckpt/b".into();
+    let p = world.step(&mut svc);
+    assert_eq!(launches(&p).len(), 1);
+}
+
+#[test]
 fn a_replica_whose_port_is_taken_is_launched_again_and_does_not_stop_the_rollout() {
     let mut world = World::new(&[("a", 4), ("b", 4)]);
     let mut svc = ready_service(&mut world, 3);

@@ -336,4 +336,22 @@ pub struct InferenceServiceStatus {
     /// Replica launches so far; the next launch gets this plus one as its attempt number.
     #[serde(default)]
     pub launches: i32,
+
+    /// The last revision that completed a rollout, with its model and serving options: while
+    /// a newer revision's rollout is stopped by a model that fails to load, a slot emptied by a
+    /// GPU failure or crash is refilled with this one, so the service does not stay short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<StableRevision>,
+}
+
+/// A revision known to serve (see [`InferenceServiceStatus::stable`]).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StableRevision {
+    /// The revision hash.
+    pub revision: String,
+    /// Its `spec.model`.
+    pub model: ModelSource,
+    /// Its `spec.serving`.
+    pub serving: ServingOptions,
 }
