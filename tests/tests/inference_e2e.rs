@@ -267,6 +267,41 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     assert_eq!(after.launches, refused.launches, "the failed revision is not retried");
     assert_eq!(ready_endpoints(&slices, NAME).await.map(|e| e.len()), Some(3));
 
+    // 6b. While the rollout stays refused, an XID 79 on a serving replica: its slot is refilled
+    //     with the last good revision (step 10), not left empty and not given the bad one.
+    let second = after.replicas.iter().find(|r| r.state == ReplicaState::Ready).unwrap().clone();
+    let second_seat = second.placement.workers[0].clone();
+    let second_addr = dial_addr(second.endpoint.as_deref().unwrap()).unwrap();
+    stream.enter(Window::BadModelFault);
+    let second_at = Instant::now();
+    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
+        .args(["inject", "--agent", &format!("127.0.0.1:{}", rig.admin_port(&second_seat.node))])
+        .args(["--gpu", &second_seat.gpus[0].to_string(), "--xid", "79"])
+        .output()
+        .expect("flotilla-agent inject");
+    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    let refilled = eventually(WAIT, "3 replicas of step 10 serve again", || async {
+        // Not `settled`: the rollout is still refused, so it never reads RolloutComplete.
+        let status = services.get(NAME).await.ok()?.status?;
+        let gone = !status.replicas.iter().any(|r| r.attempt == second.attempt);
+        let good = status.replicas.iter().all(|r| {
+            r.state == ReplicaState::Ready
+                && r.checkpoint.as_deref().is_some_and(|c| c.ends_with("/step-00000010"))
+        });
+        let listed = ready_endpoints(&slices, NAME).await?.len();
+        (gone && good && status.replicas.len() == 3 && listed == 3).then_some(status)
+    })
+    .await;
+    let refilled = match refilled {
+        Ok(s) => s,
+        Err(e) => fail(e, &services, &rig).await,
+    };
+    let refill_time = second_at.elapsed();
+    let still = refilled.conditions.iter().find(|c| c.type_ == PROGRESSING).expect("Progressing");
+    assert_eq!(still.reason, "ModelLoadFailed", "the bad rollout stays stopped: {still:?}");
+    assert_eq!(refilled.failed_revision.as_deref(), Some(refilled.revision.as_str()));
+    stream.enter(Window::BadModel);
+
     // 7. Back to step 10 and down to 2 replicas, then up to 3 again.
     stream.enter(Window::Scale);
     for (replicas, step) in [(2, 10), (3, 10)] {
@@ -327,6 +362,11 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     println!("rolling update to a second checkpoint: {:.1}s", rollout.as_secs_f64());
     println!("missing checkpoint refused: {message}");
     println!(
+        "XID 79 while that rollout is refused → slot refilled with the last good revision, 3 \
+         ready again: {:.1}s",
+        refill_time.as_secs_f64()
+    );
+    println!(
         "expert-parallel service (2 replicas × 2 workers): startup to 2 ready {:.1}s; XID 79 on \
          rank 1's GPU → whole replica replaced and 2 ready again {:.1}s",
         ep.startup.as_secs_f64(),
@@ -334,14 +374,26 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     );
 
     // 10. What must hold.
-    for w in [Window::Steady, Window::Fault, Window::Rollout, Window::BadModel, Window::Scale] {
+    for w in [
+        Window::Steady,
+        Window::Fault,
+        Window::Rollout,
+        Window::BadModel,
+        Window::BadModelFault,
+        Window::Scale,
+    ] {
         let mut c = counts.get(&w).cloned().unwrap_or_default();
         assert!(c.sent > 0, "no request was sent in {w:?}");
-        if w == Window::Fault {
+        let failed_replica = match w {
+            Window::Fault => Some(&victim_addr),
+            Window::BadModelFault => Some(&second_addr),
+            _ => None,
+        };
+        if let Some(addr) = failed_replica {
             // The issue's aim: during the GPU failure only requests in flight on the failed
             // replica may fail — at most one per client stream, all to the victim's address.
             let (lost, others): (Vec<String>, Vec<String>) =
-                c.failures.iter().cloned().partition(|f| f.contains(&victim_addr));
+                c.failures.iter().cloned().partition(|f| f.contains(addr));
             assert!(lost.len() <= STREAMS, "more than one per stream failed: {lost:?}");
             c.failures = others;
         }

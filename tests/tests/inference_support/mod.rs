@@ -147,10 +147,13 @@ pub enum Window {
     Rollout = 3,
     /// While a spec with a checkpoint that does not exist is tried and refused.
     BadModel = 4,
+    /// While the rollout stays refused, from an XID 79 on a serving replica until it is
+    /// replaced with the last good revision.
+    BadModelFault = 5,
     /// While the service scales down and up.
-    Scale = 5,
+    Scale = 6,
     /// At the end.
-    After = 6,
+    After = 7,
 }
 
 impl Window {
@@ -161,7 +164,8 @@ impl Window {
             2 => Window::Between,
             3 => Window::Rollout,
             4 => Window::BadModel,
-            5 => Window::Scale,
+            5 => Window::BadModelFault,
+            6 => Window::Scale,
             _ => Window::After,
         }
     }
