@@ -33,7 +33,7 @@ async fn a_killed_agent_takes_its_workers_with_it_and_the_job_restarts_elsewhere
     let mut rig = Rig::start_with(cp, &ns, &client, 3, &env).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("agentkill-e2e", 600, 20)).await.expect("create job");
-    let first = rig.running_with_checkpoint(&jobs, "agentkill-e2e").await;
+    let first = rig.running_with_checkpoint(&jobs, "agentkill-e2e").await.placement;
 
     let victim = first.workers.iter().find(|w| w.rank == 0).expect("rank 0").node.clone();
     let pids = rig.worker_pids("agentkill-e2e", 0);

@@ -19,7 +19,7 @@ async fn an_xid_79_under_the_job_restarts_it_on_healthy_gpus_from_its_checkpoint
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     // Long enough that the fault lands mid-run; no restart budget: hardware restarts are free.
     jobs.create(&PostParams::default(), &job("xid-e2e", 600, 20)).await.expect("create job");
-    let first = rig.running_with_checkpoint(&jobs, "xid-e2e").await;
+    let first = rig.running_with_checkpoint(&jobs, "xid-e2e").await.placement;
     let victim = &first.workers[0];
     let gpu = victim.gpus[0];
     rig.inject_xid(&victim.node, gpu, 79);

@@ -8,7 +8,7 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, job, walk};
+use e2e_support::{Rig, WAIT, job};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
 use kube::api::{Api, DeleteParams, PostParams};
 use operator_support::{eventually, install_crds};
@@ -58,13 +58,7 @@ async fn reserved_gpus_are_lent_to_a_later_job_and_taken_back_when_the_first_can
     jobs.create(&PostParams::default(), &one_node_job("small", 3_000, 1))
         .await
         .expect("create small");
-    let lent = eventually(WAIT, "small Running on loan", || async {
-        let s = status("small").await?;
-        (s.phase == JobPhase::Running).then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-    let loan = lent.attempt.clone().expect("attempt");
+    let loan = rig.running_with_checkpoint(&jobs, "small").await;
     assert!(loan.on_loan, "small runs on loan: {loan:?}");
     let hold_nodes = status("hold").await.and_then(|s| s.attempt).expect("hold attempt");
     assert_ne!(
@@ -86,18 +80,6 @@ async fn reserved_gpus_are_lent_to_a_later_job_and_taken_back_when_the_first_can
             rig.logs()
         )
     });
-    let checkpoints = rig.dir.path().join("checkpoints");
-    eventually(WAIT, "a first checkpoint of small", || async {
-        walk(&checkpoints)
-            .iter()
-            .any(|p| {
-                let p = p.to_string_lossy();
-                p.contains("/small-") && p.contains("/step-")
-            })
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
 
     // 3. `hold` goes; `big` can start with the loan and takes it back.
     jobs.delete("hold", &DeleteParams::default()).await.expect("delete hold");
@@ -111,12 +93,7 @@ async fn reserved_gpus_are_lent_to_a_later_job_and_taken_back_when_the_first_can
     assert_eq!(taken.attempt, 1);
     assert!(taken.reason.contains(&format!("borrowed were held for {ns}/big")), "{}", taken.reason);
 
-    let big_done = eventually(Duration::from_secs(240), "big finished", || async {
-        let s = status("big").await?;
-        s.phase.is_terminal().then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let big_done = rig.finished(&jobs, "big").await;
     assert_eq!(big_done.phase, JobPhase::Succeeded, "{:?}\n{}", big_done.message, rig.logs());
     let big_attempt = big_done.attempt.as_ref().expect("attempt");
     assert_eq!(big_attempt.placement.nodes().len(), 2, "big on both agents");
@@ -125,28 +102,14 @@ async fn reserved_gpus_are_lent_to_a_later_job_and_taken_back_when_the_first_can
     let placed = big_attempt.scheduled_time.clone().expect("placed");
     assert!(placed.0 >= taken.time.0, "big placed at {placed:?}, before small stopped");
 
-    let small_done = eventually(Duration::from_secs(300), "small finished", || async {
-        let s = status("small").await?;
-        s.phase.is_terminal().then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let small_done = rig.finished(&jobs, "small").await;
     assert_eq!(small_done.phase, JobPhase::Succeeded, "{:?}\n{}", small_done.message, rig.logs());
     assert_eq!((small_done.restarts, small_done.hardware_restarts), (0, 1), "budget unspent");
     let second = small_done.attempt.expect("attempt");
     assert_eq!(second.number, 2);
     assert!(!second.on_loan, "nothing is reserved any more: an ordinary placement");
     assert!(second.resumed_from_step.is_some_and(|s| s > 0), "{second:?}");
-    let resumed = walk(rig.dir.path())
-        .into_iter()
-        .filter(|p| {
-            let p = p.to_string_lossy();
-            p.contains("/logs-") && p.contains("/attempt-2/")
-        })
-        .any(|p| {
-            std::fs::read_to_string(p).unwrap_or_default().contains("resumed from checkpoint")
-        });
-    assert!(resumed, "small's attempt 2 resumed from a checkpoint\n{}", rig.logs());
+    assert!(rig.resumed_from_checkpoint(2), "small's attempt 2 resumed\n{}", rig.logs());
     println!(
         "loan: small borrowed {:?}; taken back at {}; big placed at {}; small resumed from step {:?}",
         loan.placement.nodes(),

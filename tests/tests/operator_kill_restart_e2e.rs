@@ -22,7 +22,7 @@ async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_on
     let mut rig = Rig::start(cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("opkillrs-e2e", 600, 20)).await.expect("create job");
-    let first = rig.running_with_checkpoint(&jobs, "opkillrs-e2e").await;
+    let first = rig.running_with_checkpoint(&jobs, "opkillrs-e2e").await.placement;
     let victim = &first.workers[0];
     let gpu = victim.gpus[0];
     rig.inject_xid(&victim.node, gpu, 79);

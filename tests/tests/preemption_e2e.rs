@@ -6,11 +6,10 @@
 mod e2e_support;
 mod operator_support;
 
-use e2e_support::{Rig, WAIT, job, walk};
+use e2e_support::{Rig, WAIT, job};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
 use kube::api::{Api, PostParams};
 use operator_support::{eventually, install_crds};
-use std::time::Duration;
 
 #[tokio::test]
 async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint() {
@@ -26,24 +25,7 @@ async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     low.spec.gpus_per_worker = 4;
     low.spec.priority = 0;
     jobs.create(&PostParams::default(), &low).await.expect("create low");
-    eventually(WAIT, "low Running", || async {
-        let s = jobs.get("low").await.ok()?.status?;
-        (s.phase == JobPhase::Running).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
-    let checkpoints = rig.dir.path().join("checkpoints");
-    eventually(WAIT, "a first checkpoint of low", || async {
-        walk(&checkpoints)
-            .iter()
-            .any(|p| {
-                let p = p.to_string_lossy();
-                p.contains("/low-") && p.contains("/step-")
-            })
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    rig.running_with_checkpoint(&jobs, "low").await;
 
     // 1 worker × 4 GPUs at priority 10: fits only if low stops.
     let mut high = job("high", 40, 20);
@@ -63,23 +45,13 @@ async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     assert!(record.reason.contains(&format!("{ns}/high")), "{}", record.reason);
     assert_eq!(record.attempt, 1);
 
-    let high_done = eventually(Duration::from_secs(240), "high finished", || async {
-        let s = jobs.get("high").await.ok()?.status?;
-        s.phase.is_terminal().then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let high_done = rig.finished(&jobs, "high").await;
     assert_eq!(high_done.phase, JobPhase::Succeeded, "{:?}\n{}", high_done.message, rig.logs());
     // The high job was placed only after the low job's workers had stopped.
     let placed = high_done.attempt.as_ref().and_then(|a| a.scheduled_time.clone()).expect("placed");
     assert!(placed.0 >= record.time.0, "high placed at {placed:?}, before low stopped");
 
-    let low_done = eventually(Duration::from_secs(300), "low finished", || async {
-        let s = jobs.get("low").await.ok()?.status?;
-        s.phase.is_terminal().then_some(s)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+    let low_done = rig.finished(&jobs, "low").await;
     assert_eq!(low_done.phase, JobPhase::Succeeded, "{:?}\n{}", low_done.message, rig.logs());
     assert_eq!(
         (low_done.restarts, low_done.hardware_restarts),
@@ -89,14 +61,5 @@ async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     let second = low_done.attempt.expect("attempt");
     assert_eq!(second.number, 2);
     assert_eq!(high_done.restarts + high_done.hardware_restarts, 0, "high was never restarted");
-    let resumed = walk(rig.dir.path())
-        .into_iter()
-        .filter(|p| {
-            let p = p.to_string_lossy();
-            p.contains("/logs-") && p.contains("/attempt-2/")
-        })
-        .any(|p| {
-            std::fs::read_to_string(p).unwrap_or_default().contains("resumed from checkpoint")
-        });
-    assert!(resumed, "low's attempt 2 resumed from a checkpoint\n{}", rig.logs());
+    assert!(rig.resumed_from_checkpoint(2), "low's attempt 2 resumed\n{}", rig.logs());
 }

@@ -145,13 +145,13 @@ pub struct Rig {
 }
 
 impl Rig {
-    /// Waits until the job `name` runs and has written a first checkpoint; returns the running
-    /// attempt's placement.
+    /// Waits until the job `name` runs and has written a first checkpoint of its own; returns
+    /// the running attempt.
     pub async fn running_with_checkpoint(
         &self,
         jobs: &Api<TrainingJob>,
         name: &str,
-    ) -> flotilla_operator::crd::Placement {
+    ) -> flotilla_operator::crd::Attempt {
         let running = eventually(WAIT, &format!("{name} Running"), || async {
             let s = jobs.get(name).await.ok()?.status?;
             (s.phase == JobPhase::Running).then_some(s)
@@ -159,12 +159,34 @@ impl Rig {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
         let checkpoints = self.dir.path().join("checkpoints");
-        eventually(WAIT, "a first checkpoint", || async {
-            walk(&checkpoints).iter().any(|p| p.to_string_lossy().contains("/step-")).then_some(())
+        // Checkpoint directories are `<root>/<namespace>/<name>-<uid>/step-…`.
+        let own = format!("/{name}-");
+        eventually(WAIT, &format!("a first checkpoint of {name}"), || async {
+            walk(&checkpoints)
+                .iter()
+                .any(|p| {
+                    let p = p.to_string_lossy();
+                    p.contains(&own) && p.contains("/step-")
+                })
+                .then_some(())
         })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
-        running.attempt.expect("a running job has an attempt").placement
+        running.attempt.expect("a running job has an attempt")
+    }
+
+    /// Whether a worker log of attempt `attempt` (of any job) says it resumed from a checkpoint.
+    pub fn resumed_from_checkpoint(&self, attempt: i32) -> bool {
+        let dir = format!("/attempt-{attempt}/");
+        walk(self.dir.path())
+            .into_iter()
+            .filter(|p| {
+                let p = p.to_string_lossy();
+                p.contains("/logs-") && p.contains(&dir)
+            })
+            .any(|p| {
+                std::fs::read_to_string(p).unwrap_or_default().contains("resumed from checkpoint")
+            })
     }
 
     /// Injects XID `xid` into GPU `gpu` of `node` through its agent's admin server.
