@@ -99,9 +99,7 @@ pub fn holdings(
             lifecycle::has_live_attempt(status.phase) || status.phase == JobPhase::Restarting;
         if live && !mine(uid) {
             let started = attempt.scheduled_time.as_ref().map(|t| unix(t.0));
-            let mut holding = job_holding(uid, job, attempt.placement.clone(), started);
-            holding.on_loan = attempt.on_loan;
-            out.insert(uid.clone(), holding);
+            out.insert(uid.clone(), job_holding(uid, job, attempt.placement.clone(), started));
         }
     }
     for (key, placement) in held {
@@ -143,7 +141,7 @@ fn job_holding(
         placement,
         started_at,
         expected_end: started_at.zip(deadline).map(|(s, d)| s.saturating_add(d)),
-        on_loan: false,
+        on_loan: job.status.as_ref().and_then(|s| s.attempt.as_ref()).is_some_and(|a| a.on_loan),
         arrival: arrival(job),
     }
 }
@@ -239,16 +237,18 @@ pub fn schedule(
             Unschedulable { message: format!("the scheduler refused the fleet's state: {e}") }
         })
     };
-    let names: BTreeMap<&str, &str> =
-        holdings.iter().map(|h| (h.id.as_str(), h.name.as_str())).collect();
-    let victims_of = |d: &sched::Decision| -> Vec<(String, String, bool)> {
+    // (id, name) of the jobs `me` would stop; few, so their names are looked up one by one.
+    let victims_of = |d: &sched::Decision| -> Vec<(String, &str)> {
         d.preemptions
             .iter()
             .filter(|p| p.for_job == me.id)
             .map(|p| {
                 let id = p.victim.to_string();
-                let name = names.get(id.as_str()).copied().unwrap_or("a running job").to_string();
-                (id, name, p.reclaim)
+                let name = holdings
+                    .iter()
+                    .find(|h| h.id == id)
+                    .map_or("a running job", |h| h.name.as_str());
+                (id, name)
             })
             .collect()
     };
@@ -271,7 +271,7 @@ pub fn schedule(
             };
         }
         // It starts only once the loans it takes back have stopped.
-        let list: Vec<&str> = victims.iter().map(|v| v.1.as_str()).collect();
+        let list: Vec<&str> = victims.iter().map(|v| v.1).collect();
         let message = format!(
             "first in line; taking back the GPUs lent to {} (they checkpoint and requeue)",
             list.join(", ")
@@ -296,7 +296,7 @@ pub fn schedule(
     if victims.is_empty() {
         return waits(message, Vec::new());
     }
-    let list: Vec<&str> = victims.iter().map(|v| v.1.as_str()).collect();
+    let list: Vec<&str> = victims.iter().map(|v| v.1).collect();
     if preemption {
         let message =
             format!("{message}; preempting {} (lower priority) to make room", list.join(", "));

@@ -11,7 +11,7 @@ mod e2e_support;
 mod inference_support;
 mod operator_support;
 
-use e2e_support::{WAIT, binary, job};
+use e2e_support::{WAIT, job};
 use flotilla_operator::controller::inference_service::PROGRESSING;
 use flotilla_operator::crd::inference_service::{
     InferenceServiceSpec, ModelSource, ReplicaState, RolloutSpec, ServingOptions,
@@ -23,7 +23,6 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use operator_support::{eventually, install_crds};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "chat";
@@ -162,12 +161,7 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     let victim_addr = dial_addr(victim.endpoint.as_deref().unwrap()).unwrap();
     stream.enter(Window::Fault);
     let fault_at = Instant::now();
-    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
-        .args(["inject", "--agent", &format!("127.0.0.1:{}", rig.admin_port(&seat.node))])
-        .args(["--gpu", &seat.gpus[0].to_string(), "--xid", "79"])
-        .output()
-        .expect("flotilla-agent inject");
-    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    rig.inject_xid(&seat.node, seat.gpus[0], 79);
     eventually(WAIT, "the failed replica out of the ready endpoints", || async {
         let eps = ready_endpoints(&slices, NAME).await?;
         (!eps.contains(&victim_addr)).then_some(())
@@ -274,12 +268,7 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     let second_addr = dial_addr(second.endpoint.as_deref().unwrap()).unwrap();
     stream.enter(Window::BadModelFault);
     let second_at = Instant::now();
-    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
-        .args(["inject", "--agent", &format!("127.0.0.1:{}", rig.admin_port(&second_seat.node))])
-        .args(["--gpu", &second_seat.gpus[0].to_string(), "--xid", "79"])
-        .output()
-        .expect("flotilla-agent inject");
-    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    rig.inject_xid(&second_seat.node, second_seat.gpus[0], 79);
     let refilled = eventually(WAIT, "3 replicas of step 10 serve again", || async {
         // Not `settled`: the rollout is still refused, so it never reads RolloutComplete.
         let status = services.get(NAME).await.ok()?.status?;
@@ -470,12 +459,7 @@ async fn expert_parallel_replicas(
     let other = status.replicas.iter().find(|r| r.index == 1).expect("replica 1").attempt;
     let seat = victim.placement.workers.iter().find(|w| w.rank == 1).expect("rank 1").clone();
     let fault_at = Instant::now();
-    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
-        .args(["inject", "--agent", &format!("127.0.0.1:{}", rig.admin_port(&seat.node))])
-        .args(["--gpu", &seat.gpus[0].to_string(), "--xid", "79"])
-        .output()
-        .expect("flotilla-agent inject");
-    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+    rig.inject_xid(&seat.node, seat.gpus[0], 79);
     let again = eventually(WAIT, "replica 0 replaced, 2 serve again", || async {
         let svc = settled_named(services, slices, EP, 2).await?;
         let rs = &svc.status.as_ref()?.replicas;

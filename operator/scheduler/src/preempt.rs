@@ -149,27 +149,26 @@ impl Scheduler {
         &self,
         job: &JobRequest,
         need: Need<'_>,
+        now: Seconds,
     ) -> Option<(Option<Seconds>, Gang)> {
         let mut trial = self.occ.clone();
-        let mut taken_back = Vec::new();
+        let mut took_back = false;
         for &index in &self.loans {
             if self.jobs[index as usize].as_ref().is_some_and(|slot| slot.lent_to_one_behind(job)) {
                 for &gpu in self.gpus_of(index) {
                     trial.release(&self.topo, gpu);
                 }
-                taken_back.push(index);
+                took_back = true;
             }
         }
-        if !taken_back.is_empty() && trial.fleet_free >= need.total() {
+        if took_back && trial.fleet_free >= need.total() {
             let search = Search::new(&self.topo, &trial, need);
             if search.fits() {
-                return search.find().map(|gang| (Some(0), gang));
+                return search.find().map(|gang| (Some(now), gang));
             }
         }
+        // Releasing a loan taken back above again changes nothing.
         for &(end, index) in &self.by_end {
-            if taken_back.contains(&index) {
-                continue;
-            }
             for &gpu in self.gpus_of(index) {
                 trial.release(&self.topo, gpu);
             }

@@ -39,12 +39,17 @@ impl Slot {
     }
 
     /// Whether `job` may take this slot's GPUs back: it runs on loan and `job` is ahead of it
-    /// in line (higher priority, or equal priority and earlier arrival).
+    /// in line.
     pub fn lent_to_one_behind(&self, job: &JobRequest) -> bool {
-        self.on_loan
-            && (self.priority < job.priority
-                || (self.priority == job.priority && self.arrival > job.arrival))
+        self.on_loan && behind((self.priority, self.arrival), (job.priority, job.arrival))
     }
+}
+
+/// Whether a place in line `(priority, arrival)` is behind `other`: lower priority, or equal
+/// priority and a later arrival. Loans go only to jobs behind the holder, and only jobs ahead of
+/// a loan take it back.
+pub(crate) fn behind(place: (i32, Seconds), other: (i32, Seconds)) -> bool {
+    place.0 < other.0 || (place.0 == other.0 && place.1 > other.1)
 }
 
 /// The reservation in force during one pass.
@@ -399,11 +404,9 @@ impl Scheduler {
                 _ => false,
             };
             // A loan the reserved start would end within a checkpoint interval buys nothing.
-            let behind = job.priority < active.priority
-                || (job.priority == active.priority && job.arrival > active.arrival);
             let worth_a_loan = self.policy.lending
                 && job.may_borrow
-                && behind
+                && behind((job.priority, job.arrival), (active.priority, active.arrival))
                 && active
                     .start
                     .is_none_or(|start| start >= now.saturating_add(self.policy.min_loan));
@@ -427,7 +430,7 @@ impl Scheduler {
             ));
         }
         if reservation.is_none()
-            && let Some((start, gang)) = self.plan_reservation(job, need)
+            && let Some((start, gang)) = self.plan_reservation(job, need, now)
         {
             let start = start.map(|at| at.max(now));
             *reservation = Some(self.hold(job, start, gang));

@@ -361,9 +361,9 @@ pub fn plan(svc: &InferenceService, obs: &Observed<'_>) -> ServicePlan {
             None => {}
         }
         // The revision this slot gets: the spec's, or the last good one while blocked.
-        let (target_rev, model, serving) = match (&fallback, blocked) {
-            (Some(s), true) => (s.revision.clone(), &s.model, &s.serving),
-            _ => (rev.clone(), &spec.model, &spec.serving),
+        let (target_rev, model, serving) = match &fallback {
+            Some(s) => (s.revision.clone(), &s.model, &s.serving),
+            None => (rev.clone(), &spec.model, &spec.serving),
         };
         if total >= n + surge {
             // No room for another replica: make room by draining this slot's old replica if

@@ -307,12 +307,11 @@ fn with_max_unavailable_and_no_surge_a_slot_is_drained_before_its_new_replica_st
     assert_eq!(launches(&p).len(), 1, "the drained slot gets its new replica");
 }
 
-#[test]
-fn a_model_that_fails_to_load_stops_the_rollout_and_old_replicas_keep_serving() {
-    let mut world = World::new(&[("a", 4), ("b", 4)]);
-    let mut svc = ready_service(&mut world, 3);
+/// Changes `svc` to a checkpoint that does not exist and lets its first new replica exit 1
+/// before it answers; returns the plan that sees the exit.
+fn roll_to_a_missing_checkpoint(world: &mut World, svc: &mut InferenceService) -> ServicePlan {
     svc.spec.model.checkpoint_path = "/ckpt/missing".into();
-    let p = world.step(&mut svc);
+    let p = world.step(svc);
     let [(slot, attempt)] = launches(&p)[..] else { panic!("{:?}", p.effects) };
     world.reports.insert(
         replica_id("u", slot, attempt),
@@ -322,7 +321,14 @@ fn a_model_that_fails_to_load_stops_the_rollout_and_old_replicas_keep_serving() 
             ..Default::default()
         },
     );
-    let p = world.step(&mut svc);
+    world.step(svc)
+}
+
+#[test]
+fn a_model_that_fails_to_load_stops_the_rollout_and_old_replicas_keep_serving() {
+    let mut world = World::new(&[("a", 4), ("b", 4)]);
+    let mut svc = ready_service(&mut world, 3);
+    let p = roll_to_a_missing_checkpoint(&mut world, &mut svc);
     assert_eq!(condition(&p, PROGRESSING), ("False", "ModelLoadFailed"));
     let message = &p.status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap().message;
     assert!(message.contains("/ckpt/missing") && message.contains("exit code 1"), "{message}");
@@ -352,18 +358,7 @@ fn while_a_bad_rollout_is_stopped_a_gpu_fault_is_refilled_with_the_last_good_rev
     let good = svc.status.as_ref().unwrap().stable.clone().expect("the rollout completed");
     assert_eq!(good.revision, svc.status.as_ref().unwrap().revision);
     let good_checkpoint = checkpoint(&svc.spec);
-    svc.spec.model.checkpoint_path = "/ckpt/missing".into();
-    let p = world.step(&mut svc);
-    let [(slot, attempt)] = launches(&p)[..] else { panic!("{:?}", p.effects) };
-    world.reports.insert(
-        replica_id("u", slot, attempt),
-        AttemptReport {
-            exits: vec![WorkerExit { rank: 0, code: Some(1), signal: None }],
-            all_stopped: true,
-            ..Default::default()
-        },
-    );
-    let p = world.step(&mut svc);
+    let p = roll_to_a_missing_checkpoint(&mut world, &mut svc);
     assert_eq!(condition(&p, PROGRESSING), ("False", "ModelLoadFailed"));
     // An XID 79 takes out an old, serving replica.
     let victim = svc.status.as_ref().unwrap().replicas.iter().find(|r| r.ready).unwrap().clone();

@@ -33,6 +33,17 @@ pub fn binary(name: &str, package: &str) -> PathBuf {
     bin
 }
 
+/// Injects XID `xid` into GPU `gpu` through the agent whose admin server listens on `admin`
+/// (`flotilla-agent inject`, as an administrator would).
+pub fn inject_xid_at(admin: u16, gpu: i32, xid: u32) {
+    let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
+        .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
+        .args(["--xid", &xid.to_string()])
+        .output()
+        .expect("flotilla-agent inject");
+    assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -192,12 +203,7 @@ impl Rig {
     /// Injects XID `xid` into GPU `gpu` of `node` through its agent's admin server.
     pub fn inject_xid(&self, node: &str, gpu: i32, xid: u32) {
         let admin = self.agents.iter().find(|(p, _)| p.node == node).expect("agent").1;
-        let out = Command::new(binary("flotilla-agent", "flotilla-agent"))
-            .args(["inject", "--agent", &format!("127.0.0.1:{admin}"), "--gpu", &gpu.to_string()])
-            .args(["--xid", &xid.to_string()])
-            .output()
-            .expect("flotilla-agent inject");
-        assert!(out.status.success(), "inject: {}", String::from_utf8_lossy(&out.stderr));
+        inject_xid_at(admin, gpu, xid);
     }
 
     /// Waits (up to 5 minutes) until the job `name` Succeeded or Failed; returns its status.

@@ -88,6 +88,11 @@ impl ServingRig {
         self.agents.iter().find(|(p, _)| p.node == node).expect("agent of the node").1
     }
 
+    /// Injects XID `xid` into GPU `gpu` of `node` through its agent's admin server.
+    pub fn inject_xid(&self, node: &str, gpu: i32, xid: u32) {
+        crate::e2e_support::inject_xid_at(self.admin_port(node), gpu, xid);
+    }
+
     /// Every log: operator, agents, workers.
     pub fn logs(&self) -> String {
         let mut all = format!("operator:\n{}", self.operator.log());
