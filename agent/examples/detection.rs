@@ -7,7 +7,7 @@ use flotilla_agent::backend::simulated::Injection;
 use flotilla_agent::link::{ClientTlsFiles, LinkConfig};
 use flotilla_agent::{AgentOptions, BackendChoice};
 use flotilla_operator::agents::{
-    self, AgentServer, AgentServerConfig, FleetState, GpuAction, GpuHealth, ServerTlsFiles,
+    self, AgentServer, AgentServerConfig, GpuAction, GpuHealth, NodeRegistry, ServerTlsFiles,
     ServingGate,
 };
 use std::sync::Arc;
@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let p = |f: &str| dir.path().join(f);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let fleet = FleetState::new();
+    let fleet = NodeRegistry::new();
     let server =
         AgentServer::new(fleet.clone(), AgentServerConfig::default(), ServingGate::new(true));
     let tls = ServerTlsFiles {

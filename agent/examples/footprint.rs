@@ -4,7 +4,7 @@
 //! Run: `cargo build -p flotilla-agent && cargo run -p flotilla-agent --example footprint -- [seconds]`
 //! (default 30 s after a 5 s warm-up).
 
-use flotilla_operator::agents::{self, AgentServer, AgentServerConfig, FleetState, ServingGate};
+use flotilla_operator::agents::{self, AgentServer, AgentServerConfig, NodeRegistry, ServingGate};
 use std::time::{Duration, Instant};
 
 fn proc_stat(pid: u32) -> anyhow::Result<(u64, u64)> {
@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let fleet = FleetState::new();
+    let fleet = NodeRegistry::new();
     let config =
         AgentServerConfig { require_client_identity: false, ..AgentServerConfig::default() };
     let server = AgentServer::new(fleet.clone(), config, ServingGate::new(true));

@@ -10,7 +10,7 @@
 //! Run: `cargo run -p flotilla-agent --example ingest -- [--tls] [levels, e.g. 500 1000 2000 5000 10000]`
 //! (`--tls`: mTLS with one client certificate per agent, as deployed).
 
-use flotilla_operator::agents::{self, AgentServer, AgentServerConfig, FleetState, ServingGate};
+use flotilla_operator::agents::{self, AgentServer, AgentServerConfig, NodeRegistry, ServingGate};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
 use pb::agent_message::Body as Up;
@@ -64,7 +64,7 @@ async fn serve(certs: Option<PathBuf>) -> anyhow::Result<()> {
         require_client_identity: tls.is_some(),
         ..AgentServerConfig::default()
     };
-    let server = AgentServer::new(FleetState::new(), config, ServingGate::new(true));
+    let server = AgentServer::new(NodeRegistry::new(), config, ServingGate::new(true));
     agents::serve(server, listener, tls, std::future::pending()).await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use flotilla_agent::backend::simulated::Injection;
-use flotilla_operator::agents::FleetState;
+use flotilla_operator::agents::NodeRegistry;
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNode};
 use kube::Api;
 use std::path::Path;
@@ -63,7 +63,7 @@ async fn registration_creates_gpunodes_and_xid_79_fails_a_gpu_there_but_xid_13_d
 
     let nodes = ["mirror-a", "mirror-b"];
     let certs = Certs::new(&nodes);
-    let fleet = FleetState::new();
+    let fleet = NodeRegistry::new();
     let op = operator("127.0.0.1:0", fleet.clone(), Some(&certs), fast_config()).await;
     tokio::spawn(flotilla_operator::agents::mirror::run(client, fleet, Duration::from_secs(1)));
     let mut agents = Vec::new();

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use flotilla_agent::backend::simulated::Injection;
-use flotilla_operator::agents::{FleetState, GpuAction, GpuHealth};
+use flotilla_operator::agents::{GpuAction, GpuHealth, NodeRegistry, WorkerPhase};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-fn health_is(fleet: &FleetState, node: &str, gpu: u32, want: GpuHealth) -> bool {
+fn health_is(fleet: &NodeRegistry, node: &str, gpu: u32, want: GpuHealth) -> bool {
     fleet.gpu_health(node, gpu) == Some(want)
 }
 
@@ -21,14 +21,14 @@ fn health_is(fleet: &FleetState, node: &str, gpu: u32, want: GpuHealth) -> bool 
 async fn several_agents_register_with_their_inventory() {
     let nodes = ["node-a", "node-b", "node-c"];
     let certs = Certs::new(&nodes);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let mut agents = Vec::new();
     for node in nodes {
         agents.push(agent(agent_options(node, op.addr, Some(certs.client(node)), 4)).await);
     }
     for (node, agent) in nodes.iter().zip(&agents) {
-        registered(op.fleet(), node).await;
-        let rec = op.fleet().node(node).expect("registered");
+        registered(op.registry(), node).await;
+        let rec = op.registry().node(node).expect("registered");
         let uuids: Vec<&str> = rec.gpus.iter().map(|g| g.uuid.as_str()).collect();
         let expected: Vec<&str> = agent.core.devices().iter().map(|d| d.uuid.as_str()).collect();
         assert_eq!(uuids, expected, "{node}");
@@ -42,40 +42,40 @@ async fn several_agents_register_with_their_inventory() {
 #[tokio::test]
 async fn xid_79_fails_the_gpu_and_xid_13_does_not() {
     let certs = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let a = agent(agent_options("node-a", op.addr, Some(certs.client("node-a")), 4)).await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     let sim = a.sim.as_ref().expect("simulated");
 
     sim.inject(1, Injection::Xid(13)).expect("inject 13");
     let seen = op
-        .fleet()
+        .registry()
         .wait_for(PATIENCE, |f| f.node("node-a").is_some_and(|n| n.gpus[1].last_xid == 13))
         .await;
     assert!(seen, "XID 13 never reached the operator");
     assert!(
-        health_is(op.fleet(), "node-a", 1, GpuHealth::Healthy),
+        health_is(op.registry(), "node-a", 1, GpuHealth::Healthy),
         "an application XID condemned the GPU"
     );
 
     sim.inject(2, Injection::Xid(79)).expect("inject 79");
     let failed =
-        op.fleet().wait_for(PATIENCE, |f| health_is(f, "node-a", 2, GpuHealth::Failed)).await;
+        op.registry().wait_for(PATIENCE, |f| health_is(f, "node-a", 2, GpuHealth::Failed)).await;
     assert!(failed, "XID 79 did not fail GPU 2");
-    let rec = op.fleet().node("node-a").expect("node");
+    let rec = op.registry().node("node-a").expect("node");
     assert_eq!(rec.gpus[2].reason, "Xid79");
     assert_eq!(rec.last_fault.as_ref().and_then(|f| f.xid), Some(79));
     assert_eq!(rec.schedulable_gpus().count(), 3);
-    assert!(health_is(op.fleet(), "node-a", 1, GpuHealth::Healthy));
+    assert!(health_is(op.registry(), "node-a", 1, GpuHealth::Healthy));
 }
 
 #[tokio::test]
 async fn events_raised_while_disconnected_arrive_after_the_operator_restarts() {
     let certs = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let addr = op.addr;
     let a = agent(agent_options("node-a", addr, Some(certs.client("node-a")), 4)).await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     op.stop().await;
     let down = eventually(|| a.core.metrics.connected.get() == 0).await;
     assert!(down, "agent still thinks it is connected");
@@ -88,13 +88,13 @@ async fn events_raised_while_disconnected_arrive_after_the_operator_restarts() {
     assert!(pending, "both events wait in the outbox: {:?}", a.core.critical_after(0));
 
     // A restarted operator knows nothing; the events must be resent, not only the health.
-    let op = operator(&addr.to_string(), FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator(&addr.to_string(), NodeRegistry::new(), Some(&certs), fast_config()).await;
     let delivered = op
-        .fleet()
+        .registry()
         .wait_for(PATIENCE, |f| f.node("node-a").is_some_and(|n| n.applied_seq == 2))
         .await;
     assert!(delivered, "events raised while disconnected were not delivered");
-    let rec = op.fleet().node("node-a").expect("node");
+    let rec = op.registry().node("node-a").expect("node");
     assert_eq!(rec.gpus[0].health, GpuHealth::Failed);
     assert_eq!(rec.gpus[3].health, GpuHealth::Failed);
     assert_eq!(rec.gpus[3].reason, "DoubleBitEcc");
@@ -105,23 +105,27 @@ async fn events_raised_while_disconnected_arrive_after_the_operator_restarts() {
 #[tokio::test]
 async fn a_failed_gpu_heals_only_after_validation_passes() {
     let certs = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let a = agent(agent_options("node-a", op.addr, Some(certs.client("node-a")), 2)).await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     let sim = a.sim.as_ref().expect("simulated");
     let uuid = a.core.devices()[1].uuid.clone();
     sim.inject(1, Injection::GpuLost).expect("inject");
-    assert!(op.fleet().wait_for(PATIENCE, |f| health_is(f, "node-a", 1, GpuHealth::Failed)).await);
+    assert!(
+        op.registry().wait_for(PATIENCE, |f| health_is(f, "node-a", 1, GpuHealth::Failed)).await
+    );
 
     let refused = op.server.gpu_command("node-a", &uuid, GpuAction::Validate, PATIENCE).await;
     assert_eq!(refused, Err("validation failed".to_owned()));
-    assert!(health_is(op.fleet(), "node-a", 1, GpuHealth::Failed));
+    assert!(health_is(op.registry(), "node-a", 1, GpuHealth::Failed));
 
     sim.inject(1, Injection::Recover).expect("recover");
     let passed = op.server.gpu_command("node-a", &uuid, GpuAction::Validate, PATIENCE).await;
     assert_eq!(passed, Ok("validation passed".to_owned()));
-    assert!(op.fleet().wait_for(PATIENCE, |f| health_is(f, "node-a", 1, GpuHealth::Healthy)).await);
-    assert_eq!(op.fleet().node("node-a").expect("node").gpus[1].reason, "Validated");
+    assert!(
+        op.registry().wait_for(PATIENCE, |f| health_is(f, "node-a", 1, GpuHealth::Healthy)).await
+    );
+    assert_eq!(op.registry().node("node-a").expect("node").gpus[1].reason, "Validated");
 }
 
 async fn raw_client(
@@ -179,19 +183,19 @@ use tokio_stream::StreamExt;
 #[tokio::test]
 async fn a_node_may_only_speak_for_itself() {
     let certs = Certs::new(&["node-a", "node-b"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let mut client = raw_client(&certs, "node-a", op.addr).await.expect("TLS connects");
     let status = first_error(&mut client, vec![register_msg("node-b")]).await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("register.node_name"), "{status:?}");
-    assert!(op.fleet().node("node-b").is_none());
+    assert!(op.registry().node("node-b").is_none());
 }
 
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused() {
     let certs = Certs::new(&["node-a"]);
     let strangers = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     // The stranger's client trusts the real CA for the server, but presents a foreign identity.
     std::fs::copy(certs.path("ca.pem"), strangers.path("ca.pem")).expect("copy CA");
     let refused = match raw_client(&strangers, "node-a", op.addr).await {
@@ -202,15 +206,15 @@ async fn a_certificate_from_another_ca_is_refused() {
         }
     };
     assert!(refused, "a foreign client certificate was accepted");
-    assert!(op.fleet().node("node-a").is_none());
+    assert!(op.registry().node("node-a").is_none());
 }
 
 #[tokio::test]
 async fn malformed_and_oversized_messages_close_only_their_own_stream() {
     let certs = Certs::new(&["node-a", "node-b", "node-c"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let good = agent(agent_options("node-a", op.addr, Some(certs.client("node-a")), 2)).await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
 
     let mut b = raw_client(&certs, "node-b", op.addr).await.expect("connects");
     let empty = pb::AgentMessage { body: None };
@@ -239,8 +243,10 @@ async fn malformed_and_oversized_messages_close_only_their_own_stream() {
 
     // The well-behaved agent is untouched and still delivers.
     good.sim.as_ref().expect("sim").inject(0, Injection::Xid(79)).expect("inject");
-    assert!(op.fleet().wait_for(PATIENCE, |f| health_is(f, "node-a", 0, GpuHealth::Failed)).await);
-    assert!(op.fleet().node("node-a").expect("node").connected);
+    assert!(
+        op.registry().wait_for(PATIENCE, |f| health_is(f, "node-a", 0, GpuHealth::Failed)).await
+    );
+    assert!(op.registry().node("node-a").expect("node").connected);
 }
 
 #[tokio::test]
@@ -250,19 +256,19 @@ async fn a_silent_agent_is_marked_lost_and_its_gpus_leave_the_pool() {
         heartbeat_timeout: Duration::from_millis(800),
         ..fast_config()
     };
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), config).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), config).await;
     let a = agent(agent_options("node-a", op.addr, Some(certs.client("node-a")), 2)).await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     let _ = a.shutdown.send(true);
-    let lost = op.fleet().wait_for(PATIENCE, |f| f.node("node-a").is_some_and(|n| n.lost)).await;
+    let lost = op.registry().wait_for(PATIENCE, |f| f.node("node-a").is_some_and(|n| n.lost)).await;
     assert!(lost, "silent agent never marked lost");
-    assert_eq!(op.fleet().node("node-a").expect("node").schedulable_gpus().count(), 0);
+    assert_eq!(op.registry().node("node-a").expect("node").schedulable_gpus().count(), 0);
 }
 
 #[tokio::test]
 async fn only_the_leader_serves_and_agents_retry_until_it_does() {
     let certs = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     op.gate.set(false);
     let mut raw = raw_client(&certs, "node-a", op.addr).await.expect("connects");
     let status = first_error(&mut raw, vec![register_msg("node-a")]).await;
@@ -270,7 +276,7 @@ async fn only_the_leader_serves_and_agents_retry_until_it_does() {
 
     let _a = agent(agent_options("node-a", op.addr, Some(certs.client("node-a")), 2)).await;
     op.gate.set(true);
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
 }
 
 /// A stop as the supervisor saw it: job, attempt, rank, grace.
@@ -326,14 +332,14 @@ async fn an_agent_cut_off_past_the_fence_timeout_kills_its_workers() {
         fence_timeout: Duration::from_millis(500),
         ..fast_config()
     };
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), config).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), config).await;
     let supervisor = Arc::new(CountingSupervisor::default());
     let a = agent_with(
         agent_options("node-a", op.addr, Some(certs.client("node-a")), 2),
         supervisor.clone(),
     )
     .await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     assert_eq!(supervisor.kills.load(Ordering::SeqCst), 0, "connected agents keep their workers");
     op.stop().await;
     let killed = eventually(|| supervisor.kills.load(Ordering::SeqCst) > 0).await;
@@ -344,12 +350,12 @@ async fn an_agent_cut_off_past_the_fence_timeout_kills_its_workers() {
 #[tokio::test]
 async fn an_agent_restart_keeps_verdicts_and_delivers_unacknowledged_events() {
     let certs = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let addr = op.addr;
     let mut options = agent_options("node-a", addr, Some(certs.client("node-a")), 4);
     options.state_file = Some(certs.path("agent-state.json"));
     let first = agent(options.clone()).await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     op.stop().await;
     assert!(eventually(|| first.core.metrics.connected.get() == 0).await);
     first.sim.as_ref().expect("simulated").inject(1, Injection::Xid(79)).expect("inject");
@@ -360,16 +366,16 @@ async fn an_agent_restart_keeps_verdicts_and_delivers_unacknowledged_events() {
     // The restarted agent's fresh backend sees nothing wrong; the verdict and the event survive.
     let second = agent(options).await;
     assert_eq!(second.core.health()[1].reason, "Xid79");
-    let op = operator(&addr.to_string(), FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator(&addr.to_string(), NodeRegistry::new(), Some(&certs), fast_config()).await;
     let delivered = op
-        .fleet()
+        .registry()
         .wait_for(PATIENCE, |f| {
             f.node("node-a")
                 .is_some_and(|n| n.applied_seq == 1 && n.gpus[1].health == GpuHealth::Failed)
         })
         .await;
     assert!(delivered, "the event raised before the restart was not delivered");
-    let rec = op.fleet().node("node-a").expect("node");
+    let rec = op.registry().node("node-a").expect("node");
     assert_eq!(rec.last_fault.as_ref().and_then(|f| f.xid), Some(79));
     assert_eq!(rec.instance_id, second.core.instance_id());
 }
@@ -378,7 +384,7 @@ async fn an_agent_restart_keeps_verdicts_and_delivers_unacknowledged_events() {
 async fn worker_commands_carry_job_and_attempt_and_stale_attempts_are_refused() {
     use flotilla_operator::agents::WorkerLaunchSpec;
     let certs = Certs::new(&["node-a", "node-b"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let supervisor = Arc::new(CountingSupervisor::default());
     let a = agent_with(
         agent_options("node-a", op.addr, Some(certs.client("node-a")), 2),
@@ -386,8 +392,8 @@ async fn worker_commands_carry_job_and_attempt_and_stale_attempts_are_refused() 
     )
     .await;
     let _b = agent(agent_options("node-b", op.addr, Some(certs.client("node-b")), 2)).await;
-    registered(op.fleet(), "node-a").await;
-    registered(op.fleet(), "node-b").await;
+    registered(op.registry(), "node-a").await;
+    registered(op.registry(), "node-b").await;
     let gpus: Vec<String> = a.core.devices().iter().map(|d| d.uuid.clone()).collect();
     let spec = |attempt: u64, gpu: &str| WorkerLaunchSpec {
         job_uid: "job-1".into(),
@@ -457,7 +463,7 @@ async fn worker_events_reach_the_operator_and_a_restarted_operator_learns_runnin
     use flotilla_agent::supervisor::{WorkerId, WorkerUpdate};
     use flotilla_operator::agents::{RunningWorkerRecord, WorkerLaunchSpec};
     let certs = Certs::new(&["node-a"]);
-    let op = operator("127.0.0.1:0", FleetState::new(), Some(&certs), fast_config()).await;
+    let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let addr = op.addr;
     let supervisor = Arc::new(CountingSupervisor::default());
     let a = agent_with(
@@ -465,7 +471,7 @@ async fn worker_events_reach_the_operator_and_a_restarted_operator_learns_runnin
         supervisor.clone(),
     )
     .await;
-    registered(op.fleet(), "node-a").await;
+    registered(op.registry(), "node-a").await;
     let gpu = a.core.devices()[0].uuid.clone();
     let spec = WorkerLaunchSpec {
         job_uid: "job-7".into(),
@@ -486,12 +492,15 @@ async fn worker_events_reach_the_operator_and_a_restarted_operator_learns_runnin
         (report.node.as_str(), report.job_uid.as_str(), report.attempt),
         ("node-a", "job-7", 4)
     );
-    assert_eq!((report.phase.as_str(), report.exit_code, report.signal), ("EXITED", Some(3), None));
+    assert_eq!(
+        (report.phase, report.exit_code, report.signal),
+        (WorkerPhase::Exited, Some(3), None)
+    );
 
     op.stop().await;
-    let op = operator(&addr.to_string(), FleetState::new(), Some(&certs), fast_config()).await;
-    registered(op.fleet(), "node-a").await;
-    let workers = op.fleet().node("node-a").expect("node").workers;
+    let op = operator(&addr.to_string(), NodeRegistry::new(), Some(&certs), fast_config()).await;
+    registered(op.registry(), "node-a").await;
+    let workers = op.registry().node("node-a").expect("node").workers;
     let expected = RunningWorkerRecord {
         job_uid: "job-7".into(),
         attempt: 4,

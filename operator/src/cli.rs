@@ -2,13 +2,13 @@
 //! admin server, shutdown. Every flag has an environment variable; `--help` lists them all.
 
 use crate::admin::{AdminState, router};
-use crate::agent_fleet::{AgentFleet, WorkerLaunchArgs};
-use crate::agents::{AgentLinkArgs, FleetState, ServingGate};
-use crate::controller::{Context, gpu_node, inference_service, training_job};
+use crate::agents::{AgentLinkArgs, NodeRegistry, ServingGate};
+use crate::controller::{Caches, Context, Settings, gpu_node, inference_service, training_job};
 use crate::crd::{self, GpuNode, TrainingJob};
-use crate::fleet::{Fleet, NoAgents};
+use crate::ids::WorkloadKind;
 use crate::leader::{LeaderElector, LeaseSettings};
 use crate::metrics::Metrics;
+use crate::workers::{AgentWorkers, WorkerLaunchArgs, Workers};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
@@ -151,25 +151,28 @@ fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
     } else {
         builder.init()
     }
-    tokio::runtime::Runtime::new()?.block_on(run_with_agents(args))
+    tokio::runtime::Runtime::new()?.block_on(run(args))
 }
 
-/// Run serving agents when the agent link is configured (TLS files, or `--agent-insecure`),
-/// else with no agents.
-pub async fn run_with_agents(args: RunArgs) -> anyhow::Result<()> {
+/// Run the operator, serving agents, until shutdown or until the lease is lost (an error: the
+/// process must restart as a standby). The agent link must be configured: its TLS files, or
+/// `--agent-insecure` for a one-machine demo; an operator that launched nothing would only
+/// look healthy.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let a = &args.agents;
-    if a.agent_tls_ca.is_none()
-        && a.agent_tls_cert.is_none()
-        && a.agent_tls_key.is_none()
-        && !a.agent_insecure
-    {
-        tracing::warn!("no agent TLS files and no --agent-insecure: agents are not served");
-        return run(args, Arc::new(NoAgents)).await;
-    }
+    anyhow::ensure!(
+        a.agent_tls_ca.is_some()
+            || a.agent_tls_cert.is_some()
+            || a.agent_tls_key.is_some()
+            || a.agent_insecure,
+        "the agent link is not configured: expected --agent-tls-ca, --agent-tls-cert and \
+         --agent-tls-key (FLOTILLA_AGENT_TLS_CA/_CERT/_KEY), or --agent-insecure for a local \
+         demo; got none of them"
+    );
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone());
     let fence = Duration::from_secs(args.fence_timeout_seconds);
-    let state = FleetState::new();
+    let state = NodeRegistry::new();
     let stop_link = shutdown.clone();
     let link = crate::agents::args::start(&args.agents, state.clone(), fence, async move {
         stop_link.cancelled().await
@@ -180,19 +183,19 @@ pub async fn run_with_agents(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
-    let fleet = AgentFleet::start(link.server.clone(), client, args.workers.clone(), fence);
+    let workers = AgentWorkers::start(link.server.clone(), args.workers.clone(), fence);
     let leading = Leading {
         gate: link.gate.clone(),
         state,
         telemetry_every: Duration::from_secs(args.agents.gpunode_telemetry_seconds.max(1)),
     };
-    run_until(args, Arc::new(fleet), Some(leading), shutdown).await
+    run_until(args, client, Arc::new(workers), leading, shutdown).await
 }
 
 /// What starts once this replica leads: agents are served and mirrored into `GpuNode`s.
 struct Leading {
     gate: ServingGate,
-    state: Arc<FleetState>,
+    state: Arc<NodeRegistry>,
     telemetry_every: Duration,
 }
 
@@ -217,21 +220,21 @@ fn watch_signals(token: CancellationToken) {
     });
 }
 
-/// Run the operator with `fleet` as the agent link until shutdown, or until the lease is lost
-/// (an error: the process must restart as a standby).
-pub async fn run(args: RunArgs, fleet: Arc<dyn Fleet>) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone());
-    run_until(args, fleet, None, shutdown).await
-}
-
 async fn run_until(
     args: RunArgs,
-    fleet: Arc<dyn Fleet>,
-    leading: Option<Leading>,
+    client: Client,
+    workers: Arc<dyn Workers>,
+    leading: Leading,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    crate::scheduling::set_lending(args.lend_reserved_gpus, args.min_loan_seconds);
+    let settings = Settings {
+        policy: flotilla_scheduler::Policy {
+            lending: args.lend_reserved_gpus,
+            min_loan: args.min_loan_seconds,
+            ..flotilla_scheduler::Policy::default()
+        },
+        fence_timeout: SignedDuration::from_secs(args.fence_timeout_seconds as i64),
+    };
     let (duration_s, renew_s) = (args.lease.lease_duration_seconds, args.lease.lease_renew_seconds);
     anyhow::ensure!(
         renew_s >= 1 && renew_s * 3 <= duration_s * 2,
@@ -255,9 +258,6 @@ async fn run_until(
         }
     });
 
-    let client = Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
     let identity = args.lease.identity.clone().unwrap_or_else(default_identity);
     let duration = SignedDuration::from_secs(args.lease.lease_duration_seconds as i64);
     let elector = LeaderElector::new(
@@ -284,11 +284,13 @@ async fn run_until(
         }
     }
     tracing::info!(%identity, "became leader");
-    if let Some(l) = leading {
-        l.gate.set(true);
-        tokio::spawn(crate::metrics_collect::fleet(l.state.clone(), metrics.clone()));
-        tokio::spawn(crate::agents::mirror::run(client.clone(), l.state, l.telemetry_every));
-    }
+    leading.gate.set(true);
+    tokio::spawn(crate::metrics_collect::nodes(leading.state.clone(), metrics.clone()));
+    tokio::spawn(crate::agents::mirror::run(
+        client.clone(),
+        leading.state,
+        leading.telemetry_every,
+    ));
     metrics.is_leader.set(1);
     admin.ready.store(false, Ordering::Relaxed);
 
@@ -296,12 +298,8 @@ async fn run_until(
     let reporter =
         Reporter { controller: "flotilla-operator".into(), instance: Some(identity.clone()) };
     let mut controllers = tokio::spawn(run_controllers(
-        client.clone(),
-        reporter,
-        fleet,
-        metrics.clone(),
+        Shared { client: client.clone(), reporter, workers, metrics: metrics.clone(), settings },
         admin.clone(),
-        SignedDuration::from_secs(args.fence_timeout_seconds as i64),
         args.workers.worker_master_addr.clone(),
         controllers_stop.clone(),
     ));
@@ -350,26 +348,31 @@ fn default_identity() -> String {
     format!("{}-{}", host.trim(), std::process::id())
 }
 
-#[allow(clippy::too_many_arguments)] // one per thing the controllers share; a struct adds nothing
-async fn run_controllers(
+/// What the controllers share, before their caches exist.
+struct Shared {
     client: Client,
     reporter: Reporter,
-    fleet: Arc<dyn Fleet>,
+    workers: Arc<dyn Workers>,
     metrics: Metrics,
+    settings: Settings,
+}
+
+async fn run_controllers(
+    shared: Shared,
     admin: AdminState,
-    fence_timeout: SignedDuration,
     fallback_address: Option<String>,
     stop: CancellationToken,
 ) {
+    let Shared { client, reporter, workers, metrics, settings } = shared;
     let cfg = watcher::Config::default().any_semantic();
     let jobs =
         Controller::new(Api::<DeserializeGuard<TrainingJob>>::all(client.clone()), cfg.clone());
     let services = inference_service::controller(&client, cfg.clone());
     let nodes = Controller::new(Api::<DeserializeGuard<GpuNode>>::all(client.clone()), cfg);
     // Worker events (started, exited) wake their job at once instead of at the next poll.
-    let (job_changes, service_changes) = inference_service::split_changes(fleet.changes());
+    let (job_changes, service_changes) = inference_service::split_changes(workers.changes());
     let reported = job_changes.map(|keys| {
-        keys.filter(|k| std::future::ready(k.kind == "TrainingJob"))
+        keys.filter(|k| std::future::ready(k.kind() == WorkloadKind::TrainingJob))
             .map(|k| ObjectRef::<DeserializeGuard<TrainingJob>>::new(&k.name).within(&k.namespace))
     });
     let jobs = match reported {
@@ -377,17 +380,9 @@ async fn run_controllers(
         None => jobs,
     };
     let (job_store, node_store) = (jobs.store(), nodes.store());
-    let mut ctx = Context::new(
-        client,
-        reporter,
-        fleet,
-        metrics,
-        node_store.clone(),
-        job_store.clone(),
-        services.store(),
-    );
-    ctx.fence_timeout = fence_timeout;
-    let ctx = Arc::new(ctx);
+    let caches =
+        Caches { nodes: node_store.clone(), jobs: job_store.clone(), services: services.store() };
+    let ctx = Arc::new(Context::new(client, reporter, workers, metrics, caches, settings));
     tokio::spawn(crate::metrics_collect::objects(ctx.clone(), stop.clone()));
     let ready = admin.ready.clone();
     tokio::spawn(async move {

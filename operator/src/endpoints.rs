@@ -10,8 +10,6 @@
 
 use crate::crd::InferenceService;
 use crate::crd::inference_service::{ReplicaState, ReplicaStatus};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -52,30 +50,17 @@ pub async fn complete(
     let body =
         serde_json::json!({ "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0 });
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
+        let response = crate::http::client()
+            .post(format!("http://{addr}/v1/completions"))
+            .json(&body)
+            .send()
             .await
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-        tokio::spawn(conn);
-        let request = hyper::Request::post("/v1/completions")
-            .header(hyper::header::HOST, addr)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| format!("building the request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("POST /v1/completions to {addr}: {e}"))?;
+            .map_err(|e| format!("POST /v1/completions to {addr}: {}", crate::http::cause(&e)))?;
         let status = response.status();
         let bytes = response
-            .into_body()
-            .collect()
+            .bytes()
             .await
-            .map_err(|e| format!("reading the answer of {addr}: {e}"))?
-            .to_bytes();
+            .map_err(|e| format!("reading the answer of {addr}: {}", crate::http::cause(&e)))?;
         let text = String::from_utf8_lossy(&bytes);
         if !status.is_success() {
             return Err(format!("{addr} answered HTTP {status}: {}", text.trim()));

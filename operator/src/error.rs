@@ -30,9 +30,9 @@ pub enum Error {
     #[error("encoding JSON: {0}")]
     Json(#[from] serde_json::Error),
 
-    /// Talking to the agents failed.
+    /// Talking to the agents failed (launching or stopping workers).
     #[error("fleet: {0}")]
-    Fleet(String),
+    Workers(String),
 }
 
 /// `Result` with the operator's [`Error`].
@@ -52,7 +52,8 @@ impl Error {
             Error::Malformed { .. } => "malformed",
             Error::MissingField(_) => "missing_field",
             Error::Json(_) => "json",
-            Error::Fleet(_) => "fleet",
+            // The label predates the variant's name; dashboards and alerts may select on it.
+            Error::Workers(_) => "fleet",
         }
     }
 
@@ -84,7 +85,7 @@ mod tests {
             Error::Malformed { kind: "TrainingJob", name: "ns/a".into(), message: "bad".into() },
             Error::MissingField("metadata.uid"),
             Error::Json(json),
-            Error::Fleet("down".into()),
+            Error::Workers("down".into()),
         ];
         let labels: Vec<&str> = errors.iter().map(Error::metric_label).collect();
         assert_eq!(labels, Error::METRIC_LABELS);

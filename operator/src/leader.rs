@@ -1,7 +1,15 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease.
 //!
 //! Written here rather than taken from `kube-leader-election`/`kube-lease-manager` because those
-//! pin older kube releases. No fencing is needed from the lease: attempt numbers fence agents.
+//! pin older kube releases (kube 0.9x–2.x; this workspace is on kube 5). No fencing is needed
+//! from the lease: attempt numbers fence agents.
+//!
+//! Expiry follows client-go's rule, which is robust to clock skew between replicas: a standby
+//! never compares the holder's `renewTime` with its own clock. It remembers when *it* last saw
+//! the lease record change, on its own monotonic clock, and takes the lease only once the record
+//! has stayed the same for a whole lease duration. A holder whose clock runs hours behind keeps
+//! its lease as long as it renews; a holder that stopped renewing loses it one lease duration
+//! after the standby first saw its last renewal, whatever the timestamps say.
 
 use crate::error::Result;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -9,6 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Where the lease lives and how it is held.
 #[derive(Clone, Debug)]
@@ -23,18 +33,57 @@ pub struct LeaseSettings {
     pub duration: SignedDuration,
 }
 
-/// May `me` take or keep a lease whose spec is `spec`, at `now`? Yes when nobody holds it, when
-/// `me` holds it, or when the holder's renewal is older than the lease duration.
-pub fn may_hold(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> bool {
+/// May `me` take or keep a lease whose spec is `spec`, which this replica has seen unchanged
+/// for `unchanged_for` on its own clock? Yes when nobody holds it, when `me` holds it, or when
+/// the record has not changed for a whole lease duration (its holder stopped renewing).
+pub fn may_hold(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> bool {
     let Some(spec) = spec else { return true };
     let holder = spec.holder_identity.as_deref().unwrap_or_default();
     if holder.is_empty() || holder == me {
         return true;
     }
-    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-    match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
-        Some(renewed) => renewed.0.checked_add(duration).is_ok_and(|expiry| now >= expiry),
-        None => true,
+    let duration =
+        Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0));
+    unchanged_for >= duration
+}
+
+/// What identifies one version of a lease record: any renewal or change of holder changes it.
+#[derive(Clone, Debug, PartialEq)]
+struct Record {
+    holder: Option<String>,
+    acquired: Option<MicroTime>,
+    renewed: Option<MicroTime>,
+    transitions: Option<i32>,
+    duration: Option<i32>,
+}
+
+impl Record {
+    fn of(spec: Option<&LeaseSpec>) -> Option<Record> {
+        spec.map(|s| Record {
+            holder: s.holder_identity.clone(),
+            acquired: s.acquire_time.clone(),
+            renewed: s.renew_time.clone(),
+            transitions: s.lease_transitions,
+            duration: s.lease_duration_seconds,
+        })
+    }
+}
+
+/// The last lease record this replica saw and when (on its monotonic clock) it first saw it.
+#[derive(Debug, Default)]
+struct Observation(Mutex<Option<(Option<Record>, Instant)>>);
+
+impl Observation {
+    /// Note the record read at `now`; how long it has been unchanged.
+    fn unchanged_for(&self, record: Option<Record>, now: Instant) -> Duration {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.as_ref() {
+            Some((last, since)) if *last == record => now.saturating_duration_since(*since),
+            _ => {
+                *seen = Some((record, now));
+                Duration::ZERO
+            }
+        }
     }
 }
 
@@ -69,12 +118,17 @@ pub fn claimed(
 pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaseSettings,
+    observed: Observation,
 }
 
 impl LeaderElector {
     /// An elector for `settings`.
     pub fn new(client: Client, settings: LeaseSettings) -> Self {
-        LeaderElector { api: Api::namespaced(client, &settings.namespace), settings }
+        LeaderElector {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            observed: Observation::default(),
+        }
     }
 
     /// This replica's identity.
@@ -94,7 +148,9 @@ impl LeaderElector {
                 spec: Some(claimed(None, &s.identity, s.duration, now)),
             },
             Some(mut lease) => {
-                if !may_hold(lease.spec.as_ref(), &s.identity, now) {
+                let record = Record::of(lease.spec.as_ref());
+                let unchanged_for = self.observed.unchanged_for(record, Instant::now());
+                if !may_hold(lease.spec.as_ref(), &s.identity, unchanged_for) {
                     return Ok(false);
                 }
                 lease.spec = Some(claimed(lease.spec.as_ref(), &s.identity, s.duration, now));
@@ -151,12 +207,47 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_is_taken_only_when_free_own_or_expired() {
-        assert!(may_hold(None, "b", at(0)));
-        assert!(may_hold(Some(&LeaseSpec::default()), "b", at(0)));
-        assert!(may_hold(Some(&held("b", 0)), "b", at(5)));
-        assert!(!may_hold(Some(&held("a", 0)), "b", at(14)));
-        assert!(may_hold(Some(&held("a", 0)), "b", at(15)));
+    fn a_lease_is_taken_only_when_free_own_or_unchanged_for_its_duration() {
+        let secs = Duration::from_secs;
+        assert!(may_hold(None, "b", secs(0)));
+        assert!(may_hold(Some(&LeaseSpec::default()), "b", secs(0)));
+        assert!(may_hold(Some(&held("b", 0)), "b", secs(0)));
+        assert!(!may_hold(Some(&held("a", 0)), "b", secs(14)));
+        assert!(may_hold(Some(&held("a", 0)), "b", secs(15)));
+    }
+
+    #[test]
+    fn expiry_is_measured_on_the_standbys_clock_whatever_the_holders_timestamps_say() {
+        let seen = Observation::default();
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        // The holder's clock runs an hour behind: its renewTime looks long expired to anyone
+        // comparing timestamps. The standby has only just seen the record, so it waits.
+        let skewed = held("a", -3600);
+        let unchanged = seen.unchanged_for(Record::of(Some(&skewed)), t0);
+        assert!(!may_hold(Some(&skewed), "b", unchanged), "a renewing holder keeps its lease");
+        // The holder renews (the record changes, still with an old timestamp): the wait restarts.
+        let renewed = held("a", -3590);
+        let unchanged = seen.unchanged_for(Record::of(Some(&renewed)), t0 + secs(10));
+        assert_eq!(unchanged, secs(0));
+        assert!(!may_hold(
+            Some(&renewed),
+            "b",
+            seen.unchanged_for(Record::of(Some(&renewed)), t0 + secs(24))
+        ));
+        // No renewal for a whole lease duration on the standby's clock: it may take over.
+        let unchanged = seen.unchanged_for(Record::of(Some(&renewed)), t0 + secs(25));
+        assert!(may_hold(Some(&renewed), "b", unchanged));
+        // The holder's clock runs ahead instead: a renewTime in the future does not keep the
+        // lease forever once the holder is gone.
+        let ahead = held("a", 7200);
+        let seen = Observation::default();
+        seen.unchanged_for(Record::of(Some(&ahead)), t0);
+        assert!(may_hold(
+            Some(&ahead),
+            "b",
+            seen.unchanged_for(Record::of(Some(&ahead)), t0 + secs(15))
+        ));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The operator's Prometheus metrics, in one registry.
 //!
-//! Most are kept from outside the controllers: [`crate::metrics_collect`] reads the controllers'
-//! caches and the fleet state and turns what changed into gauges, counters and histograms. Only
+//! Most are kept from outside the controllers: the `metrics_collect` module reads the controllers'
+//! caches and the node registry and turns what changed into gauges, counters and histograms. Only
 //! reconciliations, their errors, the scheduler's decision time and the lease are recorded where
 //! they happen.
 

@@ -8,7 +8,7 @@
 //! UID and attempt, node and fault time) and remembered. Events older than the collector are not
 //! counted, so a new leader does not replay its predecessor's history.
 
-use crate::agents::{FleetState, NodeRecord};
+use crate::agents::{NodeRecord, NodeRegistry};
 use crate::controller::Context;
 use crate::crd::{InferenceService, RestartCause, TrainingJob};
 use crate::metrics::Metrics;
@@ -199,7 +199,7 @@ pub async fn objects(ctx: Arc<Context>, stop: CancellationToken) {
 }
 
 /// Read the fleet state on every health change, and every second for connections.
-pub async fn fleet(state: Arc<FleetState>, metrics: Metrics) {
+pub async fn nodes(state: Arc<NodeRegistry>, metrics: Metrics) {
     let mut collector = MetricsCollector::new(metrics, Timestamp::now());
     let mut changed = state.changed();
     loop {

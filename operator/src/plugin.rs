@@ -239,40 +239,24 @@ async fn inject(client: kube::Client, args: InjectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(addr: &str) -> Result<hyper::client::conn::http1::SendRequest<String>, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
+/// Send `request` to the agent at `addr`, handing each body chunk of a successful answer to
+/// `on_chunk` as it arrives; an unsuccessful answer is an error with its status and body.
 async fn send(
     addr: &str,
-    request: hyper::Request<String>,
+    request: reqwest::RequestBuilder,
     on_chunk: &mut dyn FnMut(&[u8]),
 ) -> Result<(), String> {
-    use hyper::body::Body as _;
-    let what = format!("{} {}", request.method(), request.uri());
-    let mut sender = connect(addr).await?;
-    let response = sender.send_request(request).await.map_err(|e| format!("{what}: {e}"))?;
+    let mut response = request.send().await.map_err(|e| crate::http::cause(&e))?;
     let status = response.status();
-    let mut body = response.into_body();
+    let what = format!("{} {}", addr, response.url().path());
     let mut error = Vec::new();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    while let Some(chunk) =
+        response.chunk().await.map_err(|e| format!("{what}: {}", crate::http::cause(&e)))?
     {
-        let frame = frame.map_err(|e| format!("{what}: {e}"))?;
-        if let Ok(data) = frame.into_data() {
-            if status.is_success() {
-                on_chunk(&data);
-            } else {
-                error.extend_from_slice(&data);
-            }
+        if status.is_success() {
+            on_chunk(&chunk);
+        } else {
+            error.extend_from_slice(&chunk);
         }
     }
     if status.is_success() {
@@ -288,20 +272,13 @@ pub async fn get_streaming(
     path: &str,
     on_chunk: &mut dyn FnMut(&[u8]),
 ) -> Result<(), String> {
-    let request = hyper::Request::get(path)
-        .header("host", addr)
-        .body(String::new())
-        .map_err(|e| e.to_string())?;
+    let request = crate::http::client().get(format!("http://{addr}{path}"));
     send(addr, request, on_chunk).await
 }
 
 /// `POST path` with a JSON body; returns the answer's text.
 pub async fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> Result<String, String> {
-    let request = hyper::Request::post(path)
-        .header("host", addr)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .map_err(|e| e.to_string())?;
+    let request = crate::http::client().post(format!("http://{addr}{path}")).json(body);
     let mut out = Vec::new();
     send(addr, request, &mut |c| out.extend_from_slice(c)).await?;
     Ok(String::from_utf8_lossy(&out).trim_end().to_owned())

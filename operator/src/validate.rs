@@ -1,7 +1,15 @@
 //! The operator's own checks of a spec: what the API server's schema and CEL rules cannot know.
 
 use crate::crd::TrainingJob;
-use crate::lifecycle::InvalidSpec;
+
+/// A spec the operator cannot run, with the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// The field path, such as `spec.scheduling.nodeSelector`.
+    pub field: String,
+    /// What is wrong, naming what was expected and what came.
+    pub message: String,
+}
 
 /// A label key as Kubernetes accepts it: an optional DNS-subdomain prefix and a name of at most
 /// 63 characters.

@@ -6,7 +6,7 @@ use flotilla_agent::link::{ClientTlsFiles, LinkConfig};
 use flotilla_agent::supervisor::{NoWorkers, WorkerSupervisor};
 use flotilla_agent::{AgentHandle, AgentOptions, BackendChoice};
 use flotilla_operator::agents::{
-    self, AgentServer, AgentServerConfig, FleetState, ServerTlsFiles, ServingGate,
+    self, AgentServer, AgentServerConfig, NodeRegistry, ServerTlsFiles, ServingGate,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,8 +60,8 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn fleet(&self) -> &Arc<FleetState> {
-        self.server.fleet()
+    pub fn registry(&self) -> &Arc<NodeRegistry> {
+        self.server.registry()
     }
 
     /// Stops serving and waits until the port is free again.
@@ -90,7 +90,7 @@ pub fn fast_config() -> AgentServerConfig {
 /// Starts a server on `addr` (port 0 for any) with mTLS from `certs`, or plaintext without.
 pub async fn operator(
     addr: &str,
-    fleet: Arc<FleetState>,
+    fleet: Arc<NodeRegistry>,
     certs: Option<&Certs>,
     config: AgentServerConfig,
 ) -> Operator {
@@ -146,7 +146,7 @@ pub async fn agent_with(
 }
 
 /// Waits until `node` is registered and connected.
-pub async fn registered(fleet: &FleetState, node: &str) {
+pub async fn registered(fleet: &NodeRegistry, node: &str) {
     let ok = fleet.wait_for(PATIENCE, |f| f.node(node).is_some_and(|n| n.connected)).await;
     assert!(ok, "{node} did not register within {PATIENCE:?}");
 }

@@ -1,7 +1,9 @@
 //! Flags of the agent link, to `#[command(flatten)]` into the operator's `run` flags, and the
 //! one call that starts it.
 
-use super::{AgentServer, AgentServerConfig, FleetState, ServeError, ServerTlsFiles, ServingGate};
+use super::{
+    AgentServer, AgentServerConfig, NodeRegistry, ServeError, ServerTlsFiles, ServingGate,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,7 +82,7 @@ pub struct AgentLink {
 /// Binds and starts serving agents, gate closed. Mirror with [`super::mirror::run`] once leading.
 pub async fn start(
     args: &AgentLinkArgs,
-    fleet: std::sync::Arc<FleetState>,
+    registry: std::sync::Arc<NodeRegistry>,
     fence_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<AgentLink, String> {
@@ -89,7 +91,7 @@ pub async fn start(
         .await
         .map_err(|e| format!("--agent-listen {}: {e}", args.agent_listen))?;
     let gate = ServingGate::new(false);
-    let server = AgentServer::new(fleet, args.config(fence_timeout), gate.clone());
+    let server = AgentServer::new(registry, args.config(fence_timeout), gate.clone());
     let task = tokio::spawn(super::serve(server.clone(), listener, tls, shutdown));
     Ok(AgentLink { server, gate, task })
 }

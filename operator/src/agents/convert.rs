@@ -5,8 +5,10 @@ use flotilla_proto::v1 as pb;
 use std::collections::HashSet;
 use std::time::Instant;
 
-/// Most GPUs one registration may list.
-pub const MAX_GPUS_PER_NODE: usize = 64;
+/// Most GPUs one registration may list: a bound on the message, well above any real node
+/// (the API's limit on one worker, [`crate::crd::training_job::MAX_GPUS_PER_NODE`], is 16), so a
+/// node larger than the scheduler plans for still registers and reports its health.
+pub const MAX_REGISTERED_GPUS: usize = 64;
 
 fn health(value: i32, field: &str) -> Result<GpuHealth, String> {
     match pb::GpuHealth::try_from(value) {
@@ -25,9 +27,9 @@ pub fn register(r: &pb::Register) -> Result<NodeRecord, String> {
     if r.instance_id.is_empty() {
         return Err("register.instance_id: expected an id, got an empty string".into());
     }
-    if r.gpus.len() > MAX_GPUS_PER_NODE {
+    if r.gpus.len() > MAX_REGISTERED_GPUS {
         return Err(format!(
-            "register.gpus: expected at most {MAX_GPUS_PER_NODE}, got {}",
+            "register.gpus: expected at most {MAX_REGISTERED_GPUS}, got {}",
             r.gpus.len()
         ));
     }

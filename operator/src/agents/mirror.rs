@@ -6,7 +6,7 @@
 //! `lastHeartbeatTime`) and refreshes the summary counts so `kubectl get gpunodes` is right
 //! before the `GpuNode` controller's next pass; `assignedTo` is kept as it is.
 
-use super::state::{FleetState, GpuHealth, NodeRecord};
+use super::state::{GpuHealth, NodeRecord, NodeRegistry};
 use crate::crd::gpu_node::{self as crd, GpuNode, GpuNodeSpec, GpuNodeStatus};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -70,7 +70,7 @@ pub fn desired_status(
     });
     let silent = i64::try_from(record.last_heard.elapsed().as_nanos()).unwrap_or(i64::MAX);
     status.last_heartbeat_time = timestamp(now_unix_nanos.saturating_sub(silent));
-    status.summarize(spec);
+    status.count_gpus(spec);
     status
 }
 
@@ -145,7 +145,7 @@ async fn write(
 }
 
 /// Mirrors `fleet` into `GpuNode` status until the task is dropped. Run it only on the leader.
-pub async fn run(client: Client, fleet: Arc<FleetState>, telemetry_every: Duration) {
+pub async fn run(client: Client, fleet: Arc<NodeRegistry>, telemetry_every: Duration) {
     let api: Api<GpuNode> = Api::all(client.clone());
     let (cache, writer) = reflector::store();
     let watch = reflector(

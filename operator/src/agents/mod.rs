@@ -14,8 +14,10 @@ pub mod state;
 
 pub use args::{AgentLink, AgentLinkArgs};
 pub use commands::WorkerLaunchSpec;
-pub use server::{AgentServer, AgentServerConfig, GpuAction, ServingGate, WorkerReport};
-pub use state::{FleetState, GpuHealth, GpuRecord, NodeRecord, RunningWorkerRecord};
+pub use server::{
+    AgentServer, AgentServerConfig, GpuAction, ServingGate, WorkerPhase, WorkerReport,
+};
+pub use state::{GpuHealth, GpuRecord, NodeRecord, NodeRegistry, RunningWorkerRecord};
 
 use std::path::PathBuf;
 use tokio_stream::wrappers::TcpListenerStream;

@@ -6,7 +6,7 @@
 
 use super::convert;
 use super::identity::cert_names_node;
-use super::state::{FleetState, lock};
+use super::state::{NodeRegistry, lock};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use pb::agent_message::Body as Up;
@@ -81,7 +81,34 @@ pub enum GpuAction {
     Validate,
 }
 
-/// A worker event an agent reported (issue 7 folds these into job status).
+/// What a worker event says happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerPhase {
+    /// Spawned and running.
+    Started,
+    /// Running, with progress attached.
+    Progress,
+    /// Exited; see the exit code or signal.
+    Exited,
+    /// The agent refused or failed to start it.
+    FailedToStart,
+    /// A phase this operator does not know (a newer agent); changes nothing.
+    Unspecified,
+}
+
+impl From<pb::WorkerPhase> for WorkerPhase {
+    fn from(p: pb::WorkerPhase) -> Self {
+        match p {
+            pb::WorkerPhase::Started => WorkerPhase::Started,
+            pb::WorkerPhase::Progress => WorkerPhase::Progress,
+            pb::WorkerPhase::Exited => WorkerPhase::Exited,
+            pb::WorkerPhase::FailedToStart => WorkerPhase::FailedToStart,
+            pb::WorkerPhase::Unspecified => WorkerPhase::Unspecified,
+        }
+    }
+}
+
+/// A worker event an agent reported (the operator's workers module folds these into job status).
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkerReport {
     /// Node.
@@ -92,22 +119,22 @@ pub struct WorkerReport {
     pub attempt: u64,
     /// Rank.
     pub rank: u32,
-    /// "STARTED", "PROGRESS", "EXITED" or "FAILED_TO_START".
-    pub phase: String,
+    /// What happened.
+    pub phase: WorkerPhase,
     /// Exit code.
     pub exit_code: Option<i32>,
     /// Signal.
     pub signal: Option<i32>,
     /// Detail.
     pub message: String,
-    /// Training progress, with "PROGRESS".
+    /// Training progress, with [`WorkerPhase::Progress`].
     pub progress: Option<crate::crd::Progress>,
 }
 
 type Outbound = mpsc::Sender<Result<pb::OperatorMessage, Status>>;
 
 struct Inner {
-    fleet: Arc<FleetState>,
+    registry: Arc<NodeRegistry>,
     config: AgentServerConfig,
     gate: ServingGate,
     links: Mutex<HashMap<String, (u64, Outbound)>>,
@@ -127,10 +154,10 @@ impl std::fmt::Debug for AgentServer {
 }
 
 impl AgentServer {
-    /// A server over `fleet`; `gate` says whether it serves.
-    pub fn new(fleet: Arc<FleetState>, config: AgentServerConfig, gate: ServingGate) -> Self {
+    /// A server feeding `registry`; `gate` says whether it serves.
+    pub fn new(registry: Arc<NodeRegistry>, config: AgentServerConfig, gate: ServingGate) -> Self {
         Self(Arc::new(Inner {
-            fleet,
+            registry,
             config,
             gate,
             links: Mutex::default(),
@@ -145,9 +172,9 @@ impl AgentServer {
         &self.0.gate
     }
 
-    /// The fleet state this server feeds.
-    pub fn fleet(&self) -> &Arc<FleetState> {
-        &self.0.fleet
+    /// The node registry this server feeds.
+    pub fn registry(&self) -> &Arc<NodeRegistry> {
+        &self.0.registry
     }
 
     /// The tonic service with message-size limits applied.
@@ -227,7 +254,7 @@ impl AgentServer {
         let every = self.0.config.heartbeat_timeout / 4;
         loop {
             tokio::time::sleep(every).await;
-            for node in self.0.fleet.sweep(self.0.config.heartbeat_timeout) {
+            for node in self.0.registry.sweep(self.0.config.heartbeat_timeout) {
                 tracing::warn!(%node, timeout = ?self.0.config.heartbeat_timeout, "agent lost: no heartbeat; its GPUs leave the pool");
             }
         }
@@ -296,8 +323,8 @@ impl AgentService for AgentServer {
             record.address = peer_ip.filter(|ip| !ip.is_loopback()).map(|ip| ip.to_string());
         }
         let node = record.node.clone();
-        inner.fleet.set_admin_url(&node, &register.admin_url);
-        let reg = inner.fleet.register(record);
+        inner.registry.set_admin_url(&node, &register.admin_url);
+        let reg = inner.registry.register(record);
         tracing::info!(%node, instance = %register.instance_id, gpus = register.gpus.len(), acked = reg.applied_seq, "agent registered");
 
         let (tx, rx) = mpsc::channel(64);
@@ -325,7 +352,7 @@ impl AgentService for AgentServer {
                 links.remove(&node);
             }
             drop(links);
-            server.0.fleet.disconnected(&node, reg.session);
+            server.0.registry.disconnected(&node, reg.session);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -361,7 +388,7 @@ impl AgentServer {
                 let was_lost = std::mem::replace(&mut rec.lost, false);
                 rec.connected = true;
                 if was_lost {
-                    inner.fleet.bump();
+                    inner.registry.bump();
                 }
                 match body {
                     Up::Register(_) => {
@@ -378,7 +405,7 @@ impl AgentServer {
                         match convert::apply_critical(&mut rec, &event) {
                             Ok(true) => {
                                 tracing::info!(%node, gpu = %event.gpu_uuid, seq = event.seq, xid = event.xid, reason = ?rec.last_fault.as_ref().map(|f| &f.reason), "critical event applied");
-                                inner.fleet.bump();
+                                inner.registry.bump();
                             }
                             Ok(false) => {}
                             Err(e) => {
@@ -392,8 +419,7 @@ impl AgentServer {
                     Up::Worker(w) => {
                         let r = w.worker.unwrap_or_default();
                         let phase = pb::WorkerPhase::try_from(w.phase)
-                            .map(|p| p.as_str_name().trim_start_matches("WORKER_PHASE_").to_owned())
-                            .unwrap_or_default();
+                            .map_or(WorkerPhase::Unspecified, WorkerPhase::from);
                         let _ = inner.worker_reports.send(WorkerReport {
                             node: node.to_owned(),
                             job_uid: r.job_uid,

@@ -1,7 +1,7 @@
 //! The operator's in-memory view of every agent and GPU, fed by the agent streams.
 //!
 //! Plain domain types (no proto): the controllers and the `GpuNode` mirror read this. Health
-//! changes bump a version that [`FleetState::changed`] watchers see at once; telemetry does not
+//! changes bump a version that [`NodeRegistry::changed`] watchers see at once; telemetry does not
 //! (it arrives at 1 Hz per GPU and nobody waits on it).
 
 use std::collections::HashMap;
@@ -130,16 +130,16 @@ impl NodeRecord {
 /// A node's record, shared between its stream task and readers.
 pub type NodeCell = Arc<Mutex<NodeRecord>>;
 
-/// The fleet: one record per node that ever registered.
+/// Every agent's node as the operator knows it: one record per node that ever registered.
 #[derive(Debug)]
-pub struct FleetState {
+pub struct NodeRegistry {
     nodes: RwLock<HashMap<String, NodeCell>>,
     version: watch::Sender<u64>,
     next_session: Mutex<u64>,
     admin_urls: RwLock<HashMap<String, String>>,
 }
 
-impl Default for FleetState {
+impl Default for NodeRegistry {
     fn default() -> Self {
         Self {
             nodes: RwLock::default(),
@@ -167,8 +167,8 @@ pub struct Registration {
     pub applied_seq: u64,
 }
 
-impl FleetState {
-    /// An empty fleet.
+impl NodeRegistry {
+    /// An empty registry.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
@@ -313,7 +313,7 @@ impl FleetState {
     pub async fn wait_for(
         &self,
         timeout: Duration,
-        mut pred: impl FnMut(&FleetState) -> bool,
+        mut pred: impl FnMut(&NodeRegistry) -> bool,
     ) -> bool {
         let mut rx = self.changed();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn reconnect_of_same_instance_keeps_applied_seq_new_instance_resets_it() {
-        let fleet = FleetState::new();
+        let fleet = NodeRegistry::new();
         let r = fleet.register(record("a", "i1"));
         lock(&r.cell).applied_seq = 7;
         assert_eq!(fleet.register(record("a", "i1")).applied_seq, 7);
@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn old_sessions_cannot_mark_a_newer_stream_disconnected() {
-        let fleet = FleetState::new();
+        let fleet = NodeRegistry::new();
         let first = fleet.register(record("a", "i1"));
         let second = fleet.register(record("a", "i1"));
         fleet.disconnected("a", first.session);
@@ -387,7 +387,7 @@ mod tests {
 
     #[test]
     fn silent_agents_are_lost_and_leave_the_pool() {
-        let fleet = FleetState::new();
+        let fleet = NodeRegistry::new();
         let r = fleet.register(record("a", "i1"));
         assert_eq!(fleet.node("a").expect("known").schedulable_gpus().count(), 1);
         lock(&r.cell).last_heard = Instant::now() - Duration::from_secs(60);

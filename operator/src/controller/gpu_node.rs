@@ -1,7 +1,7 @@
 //! The `GpuNode` controller: keeps the summary fields and conditions true to the per-GPU state,
 //! the admin's cordons and the agent's heartbeat.
 
-use super::{Context, object_key};
+use super::{Context, reconcile_object};
 use crate::crd::common::set_condition;
 use crate::crd::gpu_node::{GpuNode, GpuNodeStatus};
 use crate::error::{Error, Result};
@@ -35,9 +35,9 @@ pub struct Summary {
 }
 
 /// The pure middle: summarise a node at `now`, given how long an agent may be silent.
-pub fn summarize(node: &GpuNode, now: Timestamp, fence_timeout: SignedDuration) -> Summary {
+pub fn node_summary(node: &GpuNode, now: Timestamp, fence_timeout: SignedDuration) -> Summary {
     let mut status: GpuNodeStatus = node.status.clone().unwrap_or_default();
-    status.summarize(&node.spec);
+    status.count_gpus(&node.spec);
     let generation = node.meta().generation;
     let mut conditions = status.conditions.clone();
     let mut set = |type_: &str, ok: bool, reason: &str, message: String| {
@@ -107,14 +107,13 @@ fn current(node: &GpuNode) -> Option<Summary> {
 
 /// Reconcile one `GpuNode`.
 pub async fn reconcile(guard: Arc<DeserializeGuard<GpuNode>>, ctx: Arc<Context>) -> Result<Action> {
-    let node = match &guard.0 {
-        Ok(node) => node,
-        Err(invalid) => return Err(ctx.malformed(KIND, invalid).await),
-    };
-    let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[KIND]).start_timer();
-    ctx.metrics.reconciles.with_label_values(&[KIND]).inc();
+    let ctx = &*ctx;
+    reconcile_object(ctx, KIND, &guard, |node| write_summary(node, ctx)).await
+}
+
+async fn write_summary(node: &GpuNode, ctx: &Context) -> Result<Action> {
     let fence = ctx.fence_timeout;
-    let summary = summarize(node, Timestamp::now(), fence);
+    let summary = node_summary(node, Timestamp::now(), fence);
     if current(node).as_ref() != Some(&summary) {
         let api: Api<GpuNode> = Api::all(ctx.client.clone());
         let patch = serde_json::json!({"apiVersion": "flotilla.dev/v1alpha1", "kind": KIND, "status": summary});
@@ -132,7 +131,6 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<GpuNode>>, ctx: Arc<Context>)
             }
         }
     }
-    ctx.succeeded(&object_key(node));
     let fence_std = Duration::from_secs(fence.as_secs().max(1) as u64);
     Ok(Action::requeue(fence_std))
 }
@@ -143,11 +141,7 @@ pub fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    let key = match &guard.0 {
-        Ok(node) => object_key(node),
-        Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
-    };
-    ctx.error_policy(KIND, &key, error)
+    super::error_policy(&ctx, KIND, &guard, error)
 }
 
 #[cfg(test)]
@@ -181,15 +175,15 @@ mod tests {
     fn ready_follows_the_heartbeat_and_schedulable_the_cordon() {
         let now = Timestamp::from_second(1000).unwrap();
         let fence = SignedDuration::from_secs(30);
-        let s = summarize(&node(Some(990), false), now, fence);
+        let s = node_summary(&node(Some(990), false), now, fence);
         assert_eq!(cond(&s, "Ready"), ("True", "AgentReporting"));
         assert_eq!(cond(&s, "Schedulable"), ("True", "Uncordoned"));
         assert_eq!((s.total_gpus, s.healthy_gpus), (1, 1));
-        let s = summarize(&node(Some(900), true), now, fence);
+        let s = node_summary(&node(Some(900), true), now, fence);
         assert_eq!(cond(&s, "Ready"), ("False", "AgentSilent"));
         assert_eq!(cond(&s, "Schedulable"), ("False", "Cordoned"));
         assert_eq!(s.healthy_gpus, 0);
-        let s = summarize(&node(None, false), now, fence);
+        let s = node_summary(&node(None, false), now, fence);
         assert_eq!(cond(&s, "Ready"), ("False", "NeverReported"));
     }
 }

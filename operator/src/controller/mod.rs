@@ -1,209 +1,105 @@
 //! The controllers for the three kinds, and what they share.
 //!
-//! Each reconciliation is a pipeline: *dereference* (read the API and the fleet) → *validate*
-//! and *build* (pure, unit-tested) → *apply* (write status, then act) → *requeue*.
+//! Each reconciliation is a pipeline: *dereference* (read the API and the workers) → *validate*
+//! and *build* (pure, unit-tested) → *apply* (write status, then act) → *requeue*. The steps
+//! every controller takes around its own work — a malformed object reported and left alone,
+//! timing and counting, the finalizer, backoff — are [`reconcile_object`] and
+//! [`error_policy`], written once here.
 
+mod context;
 pub mod gpu_node;
 pub mod inference_service;
+mod preemption;
 pub mod training_job;
 
-use crate::crd::{GpuNode, InferenceService, Placement, TrainingJob};
+pub use context::{Caches, Context, Settings, StatusWrites};
+
 use crate::error::Error;
-use crate::fleet::Fleet;
-use crate::metrics::Metrics;
+use crate::ids::object_key;
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
-use kube::{Client, Resource, ResourceExt};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::sync::Arc;
 
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "flotilla-operator";
 
-/// What every reconciliation shares.
-pub struct Context {
-    /// The API client.
-    pub client: Client,
-    /// Publishes `events.k8s.io` Events.
-    pub recorder: Recorder,
-    /// The agents.
-    pub fleet: Arc<dyn Fleet>,
-    /// The metrics registry.
-    pub metrics: Metrics,
-    /// Cached `GpuNode`s.
-    pub nodes: Store<kube::core::DeserializeGuard<GpuNode>>,
-    /// Cached `TrainingJob`s (for conflicts and GPUs in use).
-    pub jobs: Store<kube::core::DeserializeGuard<TrainingJob>>,
-    /// Cached `InferenceService`s (for GPUs in use).
-    pub services: Store<kube::core::DeserializeGuard<InferenceService>>,
-    /// Placements this process wrote, by job UID; held while placing so two jobs never take
-    /// the same GPUs from a cache that has not caught up.
-    pub booked: tokio::sync::Mutex<BTreeMap<String, Placement>>,
-    /// How long an agent may be silent before its node counts as lost.
-    pub fence_timeout: k8s_openapi::jiff::SignedDuration,
-    /// Consecutive transient failures per object, for backoff.
-    failures: Mutex<HashMap<String, u32>>,
+/// Reconcile one object of kind `kind`: a malformed object is reported (a Warning Event naming
+/// the field) and left alone; otherwise `work` runs, timed and counted, and a success forgets
+/// the object's earlier transient failures.
+pub async fn reconcile_object<'a, K, F, Fut>(
+    ctx: &'a Context,
+    kind: &'static str,
+    guard: &'a DeserializeGuard<K>,
+    work: F,
+) -> Result<Action, Error>
+where
+    K: Resource,
+    F: FnOnce(&'a K) -> Fut,
+    Fut: Future<Output = Result<Action, Error>> + 'a,
+{
+    let obj = match &guard.0 {
+        Ok(obj) => obj,
+        Err(invalid) => return Err(ctx.malformed(kind, invalid).await),
+    };
+    let _timer = ctx.metrics.reconcile_seconds.with_label_values(&[kind]).start_timer();
+    ctx.metrics.reconciles.with_label_values(&[kind]).inc();
+    let action = work(obj).await?;
+    ctx.succeeded(&object_key(obj));
+    Ok(action)
 }
 
-impl Context {
-    /// Build a context.
-    pub fn new(
-        client: Client,
-        reporter: Reporter,
-        fleet: Arc<dyn Fleet>,
-        metrics: Metrics,
-        nodes: Store<kube::core::DeserializeGuard<GpuNode>>,
-        jobs: Store<kube::core::DeserializeGuard<TrainingJob>>,
-        services: Store<kube::core::DeserializeGuard<InferenceService>>,
-    ) -> Self {
-        let recorder = Recorder::new(client.clone(), reporter);
-        Context {
-            client,
-            recorder,
-            fleet,
-            metrics,
-            nodes,
-            jobs,
-            services,
-            booked: Default::default(),
-            fence_timeout: k8s_openapi::jiff::SignedDuration::from_secs(30),
-            failures: Mutex::default(),
+/// Run `apply` on a live object, or `cleanup` once it is being deleted, under the finalizer
+/// `name` (added before the first `apply`, removed after `cleanup` succeeds).
+pub async fn with_finalizer<K, A, AF, C, CF>(
+    api: &Api<K>,
+    name: &str,
+    obj: &K,
+    apply: A,
+    cleanup: C,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    A: FnOnce(Arc<K>) -> AF,
+    AF: Future<Output = Result<Action, Error>>,
+    C: FnOnce(Arc<K>) -> CF,
+    CF: Future<Output = Result<Action, Error>>,
+{
+    let outcome = finalizer(api, name, Arc::new(obj.clone()), |event| async move {
+        match event {
+            Finalizer::Apply(obj) => apply(obj).await,
+            Finalizer::Cleanup(obj) => cleanup(obj).await,
         }
-    }
+    })
+    .await;
+    finalized(outcome)
+}
 
-    /// Publish an Event about `obj`. A failure to publish is logged, never fatal.
-    pub async fn publish<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        warning: bool,
-        reason: &str,
-        note: String,
-    ) {
-        let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "publishing event failed");
-        }
-    }
-
-    /// Report an object that cannot be read as its kind: a Warning Event on it naming the
-    /// field, and the error for the error policy (which waits for the object to change).
-    pub async fn malformed(
-        &self,
-        kind: &'static str,
-        invalid: &kube::core::error_boundary::InvalidObject,
-    ) -> Error {
-        let meta = &invalid.metadata;
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(format!(
-                "{}/{}",
-                crate::crd::common::GROUP,
-                crate::crd::common::VERSION
-            )),
-            kind: Some(kind.into()),
-            name: meta.name.clone(),
-            namespace: meta.namespace.clone(),
-            uid: meta.uid.clone(),
-            resource_version: meta.resource_version.clone(),
-            ..Default::default()
-        };
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "Malformed".into(),
-            note: Some(format!("the object cannot be read as a {kind}: {}", invalid.error)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "publishing event failed");
-        }
-        let name = format!(
-            "{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        );
-        Error::Malformed { kind, name, message: invalid.error.clone() }
-    }
-
-    /// The valid cached `GpuNode`s.
-    pub fn gpu_nodes(&self) -> Vec<GpuNode> {
-        self.nodes.state().iter().filter_map(|n| n.0.as_ref().ok().cloned()).collect()
-    }
-
-    /// Drop bookings of objects no longer in either cache (deleted without a finalizer).
-    pub fn prune_bookings(&self, booked: &mut BTreeMap<String, Placement>) {
-        let (jobs, services) = (self.jobs.state(), self.services.state());
-        let mut live: std::collections::HashSet<&str> = std::collections::HashSet::new();
-        live.extend(jobs.iter().filter_map(|g| g.0.as_ref().ok()?.metadata.uid.as_deref()));
-        live.extend(services.iter().filter_map(|g| g.0.as_ref().ok()?.metadata.uid.as_deref()));
-        booked.retain(|key, _| live.contains(key.split('#').next().unwrap_or(key)));
-    }
-
-    /// `booked` plus the cached service replicas' placements, keyed `uid#index.attempt`.
-    pub fn held_by_services(
-        &self,
-        booked: &BTreeMap<String, Placement>,
-    ) -> BTreeMap<String, Placement> {
-        let mut held = booked.clone();
-        for guard in self.services.state() {
-            let Ok(svc) = &guard.0 else { continue };
-            let Some(uid) = svc.uid() else { continue };
-            for r in svc.status.iter().flat_map(|s| &s.replicas) {
-                if !r.placement.workers.is_empty() {
-                    held.entry(format!("{uid}#{}.{}", r.index, r.attempt))
-                        .or_insert_with(|| r.placement.clone());
-                }
-            }
-        }
-        held
-    }
-
-    /// Service replicas waiting for a placement (see [`inference_service::waiting_replicas`]).
-    pub fn waiting_replicas(&self) -> Vec<flotilla_scheduler::JobRequest> {
-        let services = self.services.state();
-        services
-            .iter()
-            .filter_map(|g| g.0.as_ref().ok())
-            .flat_map(inference_service::waiting_replicas)
-            .collect()
-    }
-
-    /// Forget an object's transient failures (after a successful reconciliation).
-    pub fn succeeded(&self, key: &str) {
-        self.failures.lock().expect("not poisoned").remove(key);
-    }
-
-    /// Sort an error: an invalid object waits for a change, a transient failure backs off
-    /// exponentially from 1 s to 5 min.
-    pub fn error_policy(&self, kind: &'static str, key: &str, error: &Error) -> Action {
-        self.metrics.reconcile_errors.with_label_values(&[kind, error.metric_label()]).inc();
-        if error.is_permanent() {
-            tracing::warn!(kind, object = key, %error, "invalid object; waiting for it to change");
-            return Action::await_change();
-        }
-        let mut failures = self.failures.lock().expect("not poisoned");
-        let n = failures.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        let delay = Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300));
-        tracing::warn!(kind, object = key, %error, retry_in = ?delay, "reconcile failed");
-        Action::requeue(delay)
-    }
+/// What to do after a failed reconciliation of an object of kind `kind` (see
+/// [`Context::error_policy`]).
+pub fn error_policy<K: Resource>(
+    ctx: &Context,
+    kind: &'static str,
+    guard: &DeserializeGuard<K>,
+    error: &Error,
+) -> Action {
+    let key = match &guard.0 {
+        Ok(obj) => object_key(obj),
+        Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
+    };
+    ctx.error_policy(kind, &key, error)
 }
 
 /// The outcome of `kube`'s finalizer helper as this crate's result. Removing the finalizer of an
 /// object that is already gone means an earlier reconciliation removed it and the API server
 /// deleted the object since (this one ran from an older cache): nothing is left to do, so it is
 /// not reported as a failure.
-pub fn finalized(
+fn finalized(
     outcome: std::result::Result<Action, kube::runtime::finalizer::Error<Error>>,
 ) -> Result<Action, Error> {
     use kube::runtime::finalizer::Error as Finalizer;
@@ -212,14 +108,6 @@ pub fn finalized(
             Ok(Action::await_change())
         }
         other => other.map_err(|e| Error::Finalizer(Box::new(e))),
-    }
-}
-
-/// `namespace/name` of an object, for logs and backoff bookkeeping.
-pub fn object_key<K: Resource>(obj: &K) -> String {
-    match obj.namespace() {
-        Some(ns) => format!("{ns}/{}", obj.name_any()),
-        None => obj.name_any(),
     }
 }
 

@@ -39,6 +39,17 @@ impl JobPhase {
         matches!(self, JobPhase::Succeeded | JobPhase::Failed)
     }
 
+    /// True while workers of the current attempt may run (`Scheduled`, `Running`).
+    pub fn has_live_attempt(self) -> bool {
+        matches!(self, JobPhase::Scheduled | JobPhase::Running)
+    }
+
+    /// True while the job holds its GPUs: its attempt may run, or it is restarting on them
+    /// (the old workers stop before the GPUs are given up).
+    pub fn holds_gpus(self) -> bool {
+        self.has_live_attempt() || self == JobPhase::Restarting
+    }
+
     /// The phase as written in status and printer columns.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -155,7 +155,7 @@ pub struct GpuNodeStatus {
 impl GpuNodeStatus {
     /// Recompute the summary fields (`totalGpus`, `healthyGpus`, `maxTemperatureCelsius`) from
     /// the per-GPU state and the spec's cordons.
-    pub fn summarize(&mut self, spec: &GpuNodeSpec) {
+    pub fn count_gpus(&mut self, spec: &GpuNodeSpec) {
         self.total_gpus = self.gpus.len() as i32;
         self.healthy_gpus = if spec.cordoned {
             0
@@ -191,7 +191,7 @@ mod tests {
             ..Default::default()
         };
         let spec = GpuNodeSpec { cordoned_gpus: vec![2], ..Default::default() };
-        status.summarize(&spec);
+        status.count_gpus(&spec);
         assert_eq!((status.total_gpus, status.healthy_gpus), (4, 1));
         assert_eq!(status.max_temperature_celsius, Some(71));
 
@@ -200,7 +200,7 @@ mod tests {
             cordon_reason: Some("maintenance".into()),
             ..Default::default()
         };
-        status.summarize(&cordoned);
+        status.count_gpus(&cordoned);
         assert_eq!(status.healthy_gpus, 0);
     }
 }

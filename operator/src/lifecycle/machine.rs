@@ -2,7 +2,7 @@
 
 use super::{
     AttemptReport, Effect, ExitClass, HardwareFault, JobFacts, PhaseEvent, Transition, backoff,
-    classify_exit, has_live_attempt, next_attempt_number,
+    classify_exit, next_attempt_number,
 };
 use crate::crd::common::{condition_types as ct, push_restart, set_condition};
 use crate::crd::{Attempt, JobPhase, Progress, RestartCause, RestartRecord};
@@ -137,7 +137,7 @@ impl<'f, 'a> Step<'f, 'a> {
     /// the fleet sends them at most every few seconds and agents ignore them for workers
     /// already stopping.
     fn stop_leftovers(&mut self) {
-        if has_live_attempt(self.phase()) || self.f.report.all_stopped {
+        if self.phase().has_live_attempt() || self.f.report.all_stopped {
             return;
         }
         let Some(attempt) = self.attempt_number() else { return };
@@ -200,7 +200,7 @@ impl<'f, 'a> Step<'f, 'a> {
     }
 
     fn stop_live_attempt(&mut self, reason: &str) {
-        if has_live_attempt(self.phase())
+        if self.phase().has_live_attempt()
             && let Some(attempt) = self.attempt_number()
         {
             self.t.effects.push(Effect::Stop { attempt, reason: reason.into() });

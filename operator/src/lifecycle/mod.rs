@@ -12,6 +12,8 @@ pub use machine::decide;
 
 use crate::crd::training_job::{RestartPolicy, TrainingJobSpec, TrainingJobStatus};
 use crate::crd::{JobPhase, Placement, Progress};
+pub use crate::placement::Unschedulable;
+pub use crate::validate::InvalidSpec;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 /// Everything the state machine needs to know, gathered by the controller.
@@ -47,22 +49,6 @@ pub const PREEMPTED_BY: &str = "flotilla.dev/preempted-by";
 pub fn preempted_by(value: &str, attempt: i32) -> Option<&str> {
     let (n, by) = value.split_once('/')?;
     (n.parse::<i32>().ok()? == attempt && !by.is_empty()).then_some(by)
-}
-
-/// A spec the operator cannot run, with the field at fault.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidSpec {
-    /// The field path, such as `spec.scheduling.nodeSelector`.
-    pub field: String,
-    /// What is wrong, naming what was expected and what came.
-    pub message: String,
-}
-
-/// Why no placement exists right now.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unschedulable {
-    /// A human-readable reason, such as `needs 4 nodes with 8 healthy GPUs, 2 have`.
-    pub message: String,
 }
 
 /// How one worker ended.
@@ -199,9 +185,4 @@ pub fn backoff(policy: &RestartPolicy, restarts: i32) -> SignedDuration {
 /// The next attempt number given the status.
 pub fn next_attempt_number(status: &TrainingJobStatus) -> i32 {
     status.attempt.as_ref().map_or(1, |a| a.number + 1)
-}
-
-/// True when the phase has workers that may still run.
-pub fn has_live_attempt(phase: JobPhase) -> bool {
-    matches!(phase, JobPhase::Scheduled | JobPhase::Running)
 }

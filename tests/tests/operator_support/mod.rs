@@ -105,6 +105,9 @@ impl Operator {
             .env("FLOTILLA_LEASE_DURATION_SECONDS", "4")
             .env("FLOTILLA_LEASE_RENEW_SECONDS", "1")
             .env("FLOTILLA_LOG", "info,flotilla_operator=debug,kube=warn")
+            // No agents in these tests, but the operator refuses to run without an agent link.
+            .env("FLOTILLA_AGENT_LISTEN", "127.0.0.1:0")
+            .env("FLOTILLA_AGENT_INSECURE", "true")
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()

@@ -1,9 +1,15 @@
 //! Unit tests of the `InferenceService` plan.
 
 use super::*;
+use crate::crd::common::condition_types as ct;
 use crate::crd::gpu_node::{GpuHealth, GpuNodeSpec, GpuNodeStatus, GpuState};
 use crate::crd::inference_service::{InferenceServiceSpec, ModelSource};
+use crate::crd::inference_service::{ReplicaState, ServicePhase};
+use crate::crd::{GpuNode, Placement};
+use crate::endpoints::Probe;
 use crate::lifecycle::{HardwareFault, WorkerExit};
+use crate::placement::Holding;
+use k8s_openapi::jiff::SignedDuration;
 
 fn node(name: &str, gpus: i32) -> GpuNode {
     let mut n = GpuNode::new(name, GpuNodeSpec::default());
@@ -61,6 +67,7 @@ impl World {
             holdings: &[],
             hosts: &hosts,
             ports_in_use: &BTreeMap::new(),
+            policy: &flotilla_scheduler::Policy::default(),
             now,
         };
         let p = plan(svc, &obs);
@@ -506,7 +513,7 @@ fn the_revision_follows_model_and_serving_only() {
 fn a_replica_below_the_count_preempts_lower_priority_training_but_not_equal_priority() {
     let nodes = [node("a", 2)];
     let training = |priority: i32| Holding {
-        id: "job-uid".into(),
+        id: crate::ids::HolderId::Job("job-uid".into()),
         name: "ns/train".into(),
         namespace: "ns".into(),
         priority,
@@ -533,6 +540,7 @@ fn a_replica_below_the_count_preempts_lower_priority_training_but_not_equal_prio
                 holdings: held,
                 hosts: &hosts,
                 ports_in_use: &BTreeMap::new(),
+                policy: &flotilla_scheduler::Policy::default(),
                 now: Timestamp::now(),
             },
         )

@@ -1,0 +1,78 @@
+//! Workers: what the controllers ask of the agents and learn from them.
+//!
+//! [`Workers`] is the controllers' whole view of the agents: launch the workers of an attempt,
+//! stop them, and read an [`AttemptReport`] folded from the agents' events. [`AgentWorkers`]
+//! implements it over the agents' gRPC server ([`crate::agents`]):
+//!
+//! - [`launch`] builds each worker's command line and environment (pure);
+//! - [`fold`] folds worker events into what is known of each attempt (pure);
+//! - [`report`] turns that and the nodes' health into the lifecycle's summary (pure);
+//! - [`agent_workers`] sends the commands and keeps the state.
+
+pub mod agent_workers;
+pub mod fold;
+pub mod launch;
+pub mod report;
+#[cfg(test)]
+mod tests;
+
+pub use agent_workers::AgentWorkers;
+pub use launch::{FAILED_TO_START_CODE, WorkerLaunchArgs};
+
+use crate::crd::{Placement, TrainingJob};
+use crate::ids::WorkloadKey;
+use crate::lifecycle::AttemptReport;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+/// What one service replica runs, as written to the service's status before the launch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaLaunch {
+    /// Where its workers run.
+    pub placement: Placement,
+    /// The checkpoint directory (with `latest`) or one `step-…` directory to serve.
+    pub checkpoint: String,
+    /// The model name it serves under.
+    pub served_name: String,
+    /// The port its HTTP API listens on, on every address of its node.
+    pub port: u16,
+    /// Most requests decoded together.
+    pub max_batch_size: u32,
+    /// `max_tokens` of a request that names none.
+    pub default_max_tokens: u32,
+}
+
+/// What a launch runs: an attempt of a training job (its placement in its status, written
+/// before the launch), or one launch of a service replica.
+#[derive(Clone, Copy, Debug)]
+pub enum Launch<'a> {
+    /// The job, with the status just written (it holds the attempt's placement).
+    Job(&'a TrainingJob),
+    /// A service replica.
+    Replica(&'a ReplicaLaunch),
+}
+
+/// What the controllers need from the agents.
+pub trait Workers: Send + Sync {
+    /// The latest summary of an attempt's workers.
+    fn report(&self, key: &WorkloadKey, attempt: i32) -> AttemptReport;
+    /// Launch every worker of `attempt`.
+    fn launch<'a>(
+        &'a self,
+        key: &'a WorkloadKey,
+        attempt: i32,
+        launch: Launch<'a>,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Stop every worker of `attempt`.
+    fn stop(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        reason: &str,
+    ) -> BoxFuture<'_, Result<(), String>>;
+    /// Workloads whose report changed, so the controllers look at them at once; `None` when
+    /// the workers never announce changes (or the stream was already taken).
+    fn changes(&self) -> Option<BoxStream<'static, WorkloadKey>> {
+        None
+    }
+}
