@@ -1,15 +1,13 @@
 //! The gang scheduler wired into the operator, against the real control plane: a job that can
 //! never fit waits with a reason a human reads, and does not hold up a job that fits.
 
-mod operator_support;
-
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNodeStatus, GpuState};
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
+use flotilla_tests::{Operator, eventually, install_crds, kubectl};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use operator_support::{Operator, eventually, install_crds, kubectl};
 use serde_json::json;
 use std::time::Duration;
 
@@ -41,19 +39,19 @@ async fn add_node(client: &kube::Client, name: &str, gpus: i32) {
 
 #[tokio::test]
 async fn a_job_that_cannot_fit_says_why_and_does_not_block_one_that_fits() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "too-big").await.expect("namespace");
     let logs = tempfile::tempdir().expect("tempdir");
     add_node(&client, "fit-node-0", 4).await;
     add_node(&client, "fit-node-1", 4).await;
-    let operator = Operator::start(cp, "op-sched", &ns, logs.path()).expect("operator starts");
+    let operator = Operator::start(&cp, "op-sched", &ns, logs.path()).expect("operator starts");
 
-    let examples = operator_support::workspace().join("deploy/examples");
+    let examples = flotilla_tests::workspace().join("deploy/examples");
     for file in ["trainingjob-too-big.yaml", "trainingjob-command.yaml"] {
         let path = examples.join(file);
-        let out = kubectl(cp, &["apply", "-n", &ns, "-f", path.to_str().expect("utf-8")], None);
+        let out = kubectl(&cp, &["apply", "-n", &ns, "-f", path.to_str().expect("utf-8")], None);
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);

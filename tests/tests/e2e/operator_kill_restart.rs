@@ -3,25 +3,23 @@
 //! the same settings finishes the restart exactly once: one history record, one hardware
 //! restart, attempt 2 on healthy GPUs, never overlapping attempt 1, exactly the requested steps.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, job};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use flotilla_tests::{Rig, install_crds, tiny_engine_job};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
-use operator_support::install_crds;
 use std::time::Duration;
 
 #[tokio::test]
 async fn an_operator_killed_mid_restart_is_replaced_and_the_restart_completes_once() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "opkillrs").await.expect("namespace");
-    let mut rig = Rig::start(cp, &ns, &client).await;
+    let mut rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job("opkillrs-e2e", 600, 20)).await.expect("create job");
+    jobs.create(&PostParams::default(), &tiny_engine_job("opkillrs-e2e", 600, 20))
+        .await
+        .expect("create job");
     let first = rig.running_with_checkpoint(&jobs, "opkillrs-e2e").await.placement;
     let victim = &first.workers[0];
     let gpu = victim.gpus[0];

@@ -1,15 +1,18 @@
 //! The operator and two agents with simulated GPUs as real processes, for the observability and
-//! RBAC tests: like `e2e_support::Rig`, but the operator's kubeconfig and admin port are chosen
+//! RBAC tests: like [`crate::Rig`], but the operator's kubeconfig and admin port are chosen
 //! by the test, and workers serve their metrics on free ports (named in their logs).
 
-#![allow(dead_code)]
-
-use crate::e2e_support::{Process, WAIT, binary, free_port, master_port_base, walk};
-use crate::operator_support::{eventually, operator_binary};
-use flotilla_operator::crd::GpuNode;
-use kube::api::Api;
 use std::path::Path;
 use std::process::Command;
+
+use flotilla_operator::crd::GpuNode;
+use kube::api::Api;
+
+use crate::RigTurn;
+use crate::binaries::{binary, operator_binary};
+use crate::ports::{free_port, master_port_base};
+use crate::process::{Process, append_worker_logs, walk};
+use crate::wait::{WAIT, eventually};
 
 /// The operator and its two agents.
 pub struct Fleet {
@@ -21,6 +24,8 @@ pub struct Fleet {
     pub agents: Vec<(Process, u16)>,
     /// Logs, checkpoints, sockets.
     pub dir: tempfile::TempDir,
+    /// Last, so that it is released after every process above is gone.
+    _turn: RigTurn,
 }
 
 fn spawn(mut cmd: Command, log: &Path, what: &str) -> std::process::Child {
@@ -39,6 +44,7 @@ impl Fleet {
         lease_ns: &str,
         client: &kube::Client,
     ) -> Fleet {
+        let turn = RigTurn::take().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (agent_port, operator_admin) = (free_port(), free_port());
         let log = dir.path().join("operator.log");
@@ -78,7 +84,7 @@ impl Fleet {
             let child = spawn(cmd, &log, "flotilla-agent");
             agents.push((Process { child, log, node }, admin));
         }
-        let fleet = Fleet { operator, operator_admin, agents, dir };
+        let fleet = Fleet { operator, operator_admin, agents, dir, _turn: turn };
         let nodes: Api<GpuNode> = Api::all(client.clone());
         for (agent, _) in &fleet.agents {
             eventually(WAIT, &format!("GpuNode {} with 4 healthy GPUs", agent.node), || async {
@@ -107,10 +113,7 @@ impl Fleet {
         for (a, _) in &self.agents {
             all.push_str(&format!("\n{}:\n{}", a.log.display(), a.log()));
         }
-        for log in walk(self.dir.path()).iter().filter(|p| p.to_string_lossy().contains("/logs-")) {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            all.push_str(&format!("\n{}:\n{text}", log.display()));
-        }
+        append_worker_logs(&mut all, self.dir.path());
         all
     }
 }

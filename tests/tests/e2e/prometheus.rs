@@ -6,15 +6,11 @@
 //!
 //! Run with `--nocapture` to see each panel's query and a sample value.
 
-mod e2e_support;
-mod observe_support;
-mod operator_support;
-
-use e2e_support::{Process, WAIT, binary, free_port, job};
 use flotilla_operator::crd::{JobPhase, TrainingJob};
+use flotilla_tests::{
+    Fleet, Process, WAIT, binary, eventually, free_port, install_crds, tiny_engine_job, workspace,
+};
 use kube::api::{Api, PostParams};
-use observe_support::Fleet;
-use operator_support::{eventually, install_crds, workspace};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,8 +210,10 @@ fn unix_now() -> f64 {
 fn follow_workers(dir: PathBuf, fleet_dir: PathBuf, serve: String, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            let mut targets: Vec<String> =
-                observe_support::worker_metrics(&fleet_dir).into_iter().map(|(a, _)| a).collect();
+            let mut targets: Vec<String> = flotilla_tests::fleet::worker_metrics(&fleet_dir)
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect();
             targets.push(serve.clone());
             let json = serde_json::json!([{ "targets": targets }]).to_string();
             let tmp = dir.join("workers.json.tmp");
@@ -266,8 +264,8 @@ fn completions(addr: &str) {
 #[tokio::test]
 async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_alerts() {
     let started = Instant::now();
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "prom").await.expect("namespace");
     let fleet = Fleet::start(cp.kubeconfig(), &ns, &ns, &client).await;
@@ -310,7 +308,9 @@ async fn every_panel_and_alert_evaluates_on_a_real_prometheus_and_a_gpu_failure_
     completions(&serve_addr);
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     // Long enough to outlast the test; checkpoints often, for the checkpoint alert's series.
-    jobs.create(&PostParams::default(), &job("prom-e2e", 100_000, 10)).await.expect("create job");
+    jobs.create(&PostParams::default(), &tiny_engine_job("prom-e2e", 100_000, 10))
+        .await
+        .expect("create job");
     let first = eventually(WAIT, "prom-e2e Running", || async {
         let s = jobs.get("prom-e2e").await.ok()?.status?;
         (s.phase == JobPhase::Running).then_some(s.attempt?)

@@ -5,13 +5,9 @@
 //! nodes (three agents; the job spreads one worker per node) from its checkpoint as a `NodeLost` hardware restart and finishes with exactly the
 //! requested number of steps.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, assert_no_overlap, job, walk};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use flotilla_tests::{Rig, assert_no_overlap, eventually, install_crds, tiny_engine_job, walk};
 use kube::api::{Api, PostParams};
-use operator_support::{eventually, install_crds};
 use std::time::{Duration, Instant};
 
 /// Shortened from the defaults (20 s, 30 s) so the test waits seconds, not minutes.
@@ -20,8 +16,8 @@ const FENCE_TIMEOUT_S: u64 = 8;
 
 #[tokio::test]
 async fn a_killed_agent_takes_its_workers_with_it_and_the_job_restarts_elsewhere_after_the_fence() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "agentkill").await.expect("namespace");
     let fence = FENCE_TIMEOUT_S.to_string();
@@ -30,9 +26,11 @@ async fn a_killed_agent_takes_its_workers_with_it_and_the_job_restarts_elsewhere
         ("FLOTILLA_AGENT_HEARTBEAT_TIMEOUT_SECONDS", HEARTBEAT_TIMEOUT_S),
         ("FLOTILLA_FENCE_TIMEOUT_SECONDS", fence.as_str()),
     ];
-    let mut rig = Rig::start_with(cp, &ns, &client, 3, &env).await;
+    let mut rig = Rig::start_with(&cp, &ns, &client, 3, &env).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job("agentkill-e2e", 600, 20)).await.expect("create job");
+    jobs.create(&PostParams::default(), &tiny_engine_job("agentkill-e2e", 600, 20))
+        .await
+        .expect("create job");
     let first = rig.running_with_checkpoint(&jobs, "agentkill-e2e").await.placement;
 
     let victim = first.workers.iter().find(|w| w.rank == 0).expect("rank 0").node.clone();

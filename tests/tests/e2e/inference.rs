@@ -7,22 +7,17 @@
 //! GPU. Prints the client's figures: requests sent, succeeded, failed (and why), time to
 //! replace the replica, rollout duration.
 
-mod e2e_support;
-mod inference_support;
-mod operator_support;
-
-use e2e_support::{WAIT, job};
 use flotilla_operator::controller::inference_service::PROGRESSING;
 use flotilla_operator::crd::inference_service::{
     InferenceServiceSpec, ModelSource, ReplicaState, RolloutSpec, ServingOptions,
 };
 use flotilla_operator::crd::{InferenceService, JobPhase, TrainingJob};
 use flotilla_operator::endpoints::{SERVICE_NAME_LABEL, dial_addr};
-use inference_support::{Client, ServingRig, Window, ready_endpoints};
+use flotilla_tests::serving::{Client, Window, ready_endpoints};
+use flotilla_tests::{ServingRig, WAIT, eventually, install_crds, tiny_engine_job};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use operator_support::{eventually, install_crds};
 use std::time::{Duration, Instant};
 
 const NAME: &str = "chat";
@@ -75,8 +70,8 @@ async fn settled_named(
 
 #[tokio::test]
 async fn shapes_out_of_range_are_rejected_at_admission_naming_the_field() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "serve-bad").await.expect("namespace");
     let services: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
@@ -93,15 +88,16 @@ async fn shapes_out_of_range_are_rejected_at_admission_naming_the_field() {
 
 #[tokio::test]
 async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "serve").await.expect("namespace");
-    let rig = ServingRig::start(cp, &ns, &client, 3).await;
+    let rig = ServingRig::start(&cp, &ns, &client, 3).await;
 
     // 1. Train the tiny preset and checkpoint at steps 10 and 20.
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    let trained = jobs.create(&PostParams::default(), &job("train", 20, 10)).await.expect("job");
+    let trained =
+        jobs.create(&PostParams::default(), &tiny_engine_job("train", 20, 10)).await.expect("job");
     let done = eventually(Duration::from_secs(240), "train finished", || async {
         let s = jobs.get("train").await.ok()?.status?;
         s.phase.is_terminal().then_some(s)
@@ -121,7 +117,7 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     // 2. Serve it with 3 replicas.
     let services: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
-    let base_port = e2e_support::serving_port_base();
+    let base_port = flotilla_tests::serving_port_base();
     services
         .create(&PostParams::default(), &service(&checkpoint, base_port))
         .await
@@ -321,7 +317,8 @@ async fn replicas_keep_serving_through_an_xid_79_and_a_rolling_update() {
     let ep = expert_parallel_replicas(&rig, &services, &slices, &checkpoint).await;
 
     // 9. The figures.
-    let total = |f: &dyn Fn(&inference_support::Counts) -> u64| counts.values().map(f).sum::<u64>();
+    let total =
+        |f: &dyn Fn(&flotilla_tests::serving::Counts) -> u64| counts.values().map(f).sum::<u64>();
     println!(
         "=== serving through an XID 79 and a rolling update (3 replicas, 3 agents × 4 GPUs) ==="
     );
@@ -420,7 +417,7 @@ async fn expert_parallel_replicas(
     checkpoint: &str,
 ) -> ExpertParallelFigures {
     const EP: &str = "ep";
-    let mut svc = service(checkpoint, e2e_support::serving_port_base() + 100);
+    let mut svc = service(checkpoint, flotilla_tests::serving_port_base() + 100);
     svc.metadata.name = Some(EP.into());
     svc.spec.replicas = 2;
     svc.spec.workers_per_replica = 2;

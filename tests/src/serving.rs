@@ -2,10 +2,12 @@
 //! real processes, and a client that streams completion requests through the endpoints the
 //! operator publishes in EndpointSlices.
 
-#![allow(dead_code)]
-
-use crate::e2e_support::{Process, WAIT, binary, free_port, master_port_base, start_agent, walk};
-use crate::operator_support::{Operator, eventually, operator_binary};
+use crate::binaries::{binary, operator_binary};
+use crate::operator::Operator;
+use crate::ports::{free_port, master_port_base};
+use crate::process::{Process, append_worker_logs, inject_xid_at, start_agent};
+use crate::wait::{WAIT, eventually};
+use crate::{ControlPlane, RigTurn};
 use flotilla_operator::crd::GpuNode;
 use flotilla_operator::endpoints;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -24,16 +26,19 @@ pub struct ServingRig {
     pub agents: Vec<(Process, u16)>,
     /// Logs, checkpoints, sockets.
     pub dir: tempfile::TempDir,
+    /// Last, so that it is released after every process above is gone.
+    _turn: RigTurn,
 }
 
 impl ServingRig {
     /// Start everything and wait until every agent's GpuNode shows 4 healthy GPUs.
     pub async fn start(
-        cp: &flotilla_tests::ControlPlane,
+        cp: &ControlPlane,
         ns: &str,
         client: &kube::Client,
         agents: usize,
     ) -> ServingRig {
+        let turn = RigTurn::take().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let worker = binary("flotilla-worker", "flotilla-engine");
         let agent_port = free_port();
@@ -69,7 +74,7 @@ impl ServingRig {
                 (start_agent(&name, agent_port, admin, dir.path()), admin)
             })
             .collect();
-        let rig = ServingRig { operator, agents, dir };
+        let rig = ServingRig { operator, agents, dir, _turn: turn };
         let nodes: Api<GpuNode> = Api::all(client.clone());
         for (agent, _) in &rig.agents {
             let name = agent.node.clone();
@@ -90,7 +95,7 @@ impl ServingRig {
 
     /// Injects XID `xid` into GPU `gpu` of `node` through its agent's admin server.
     pub fn inject_xid(&self, node: &str, gpu: i32, xid: u32) {
-        crate::e2e_support::inject_xid_at(self.admin_port(node), gpu, xid);
+        inject_xid_at(self.admin_port(node), gpu, xid);
     }
 
     /// Every log: operator, agents, workers.
@@ -99,12 +104,7 @@ impl ServingRig {
         for (a, _) in &self.agents {
             all.push_str(&format!("\n{}:\n{}", a.log.display(), a.log()));
         }
-        for worker_log in
-            walk(self.dir.path()).iter().filter(|p| p.to_string_lossy().contains("/logs-"))
-        {
-            let text = std::fs::read_to_string(worker_log).unwrap_or_default();
-            all.push_str(&format!("\n{}:\n{text}", worker_log.display()));
-        }
+        append_worker_logs(&mut all, self.dir.path());
         all
     }
 }

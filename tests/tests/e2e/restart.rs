@@ -2,26 +2,24 @@
 //! processes) runs a TrainingJob of 2 workers × 2 GPUs, one per agent, with `flotilla-worker
 //! train` (the tiny preset) through Running to Succeeded, its progress shown live in status.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, WAIT, assert_no_overlap, job, walk};
 use flotilla_operator::crd::{JobPhase, TrainingJob};
+use flotilla_tests::{
+    Rig, WAIT, assert_no_overlap, eventually, install_crds, tiny_engine_job, walk,
+};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
-use operator_support::{eventually, install_crds};
 
 #[tokio::test]
 async fn a_two_node_engine_job_runs_real_workers_to_success() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "e2e").await.expect("namespace");
-    let rig = Rig::start(cp, &ns, &client).await;
+    let rig = Rig::start(&cp, &ns, &client).await;
     let logs = || rig.logs();
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     const STEPS: i64 = 300;
-    jobs.create(&PostParams::default(), &job("tiny-e2e", STEPS as u64, 100))
+    jobs.create(&PostParams::default(), &tiny_engine_job("tiny-e2e", STEPS as u64, 100))
         .await
         .expect("create job");
     // Rank 0's progress reaches status while the job runs.

@@ -2,13 +2,9 @@
 //! the same settings adopts the running workers (the same attempt, no restart) and the job
 //! finishes with exactly the requested number of steps.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, WAIT, assert_no_overlap, job};
 use flotilla_operator::crd::{JobPhase, TrainingJob};
+use flotilla_tests::{Rig, WAIT, assert_no_overlap, eventually, install_crds, tiny_engine_job};
 use kube::api::{Api, PostParams};
-use operator_support::{eventually, install_crds};
 use std::time::Duration;
 
 // Long enough (about a minute here) that the job still runs when the new operator starts.
@@ -16,13 +12,13 @@ const STEPS: i64 = 1500;
 
 #[tokio::test]
 async fn a_restarted_operator_adopts_the_running_workers_and_the_job_succeeds() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "opkill").await.expect("namespace");
-    let mut rig = Rig::start(cp, &ns, &client).await;
+    let mut rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job("opkill-e2e", STEPS as u64, 50))
+    jobs.create(&PostParams::default(), &tiny_engine_job("opkill-e2e", STEPS as u64, 50))
         .await
         .expect("create job");
     let before = eventually(WAIT, "opkill-e2e Running with progress", || async {

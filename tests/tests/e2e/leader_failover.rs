@@ -1,16 +1,14 @@
 //! Two operator replicas: only the lease holder acts; when it dies the standby takes the lease
 //! and continues without repeating what was done; a leader that loses its lease stops.
 
-mod operator_support;
-
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNodeStatus, GpuState};
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
+use flotilla_tests::{Operator, eventually, install_crds};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use operator_support::{Operator, eventually, install_crds};
 use serde_json::json;
 use std::time::Duration;
 
@@ -45,8 +43,8 @@ async fn scheduled_events(client: &kube::Client, ns: &str, name: &str) -> Vec<Ev
 
 #[tokio::test]
 async fn standby_takes_over_without_double_action_and_a_deposed_leader_stops() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "failover").await.expect("namespace");
     let logs = tempfile::tempdir().expect("tempdir");
@@ -71,7 +69,7 @@ async fn standby_takes_over_without_double_action_and_a_deposed_leader_stops() {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
 
     // SIGTERM drains: the leader exits 0 and hands the lease back instead of letting it expire.
-    let mut first = Operator::start(cp, "op-0", &ns, logs.path()).expect("op-0 starts");
+    let mut first = Operator::start(&cp, "op-0", &ns, logs.path()).expect("op-0 starts");
     eventually(WAIT, "op-0 leads", || async { (holder(&leases).await? == "op-0").then_some(()) })
         .await
         .unwrap_or_else(|e| panic!("{e}\nop-0:\n{}", first.log()));
@@ -82,11 +80,11 @@ async fn standby_takes_over_without_double_action_and_a_deposed_leader_stops() {
     assert!(status.success(), "graceful shutdown exits 0: {status:?}\n{}", first.log());
     assert_eq!(holder(&leases).await, None, "the lease was released on SIGTERM");
 
-    let mut a = Operator::start(cp, "op-a", &ns, logs.path()).expect("a starts");
+    let mut a = Operator::start(&cp, "op-a", &ns, logs.path()).expect("a starts");
     eventually(WAIT, "op-a leads", || async { (holder(&leases).await? == "op-a").then_some(()) })
         .await
         .expect("a leads");
-    let mut b = Operator::start(cp, "op-b", &ns, logs.path()).expect("b starts");
+    let mut b = Operator::start(&cp, "op-b", &ns, logs.path()).expect("b starts");
 
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("first")).await.expect("first");

@@ -14,7 +14,8 @@ fn meta(name: &str, ns: &str) -> ObjectMeta {
 
 #[tokio::test]
 async fn namespace_configmap_lease_and_a_watch_that_sees_a_change() -> anyhow::Result<()> {
-    let client = flotilla_tests::control_plane().await.client().await?;
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    let client = cp.client().await?;
     let ns = flotilla_tests::namespace(&client, "smoke").await?;
     let created = Api::<Namespace>::all(client.clone()).get(&ns).await?;
     assert_eq!(created.metadata.name.as_deref(), Some(ns.as_str()));
@@ -66,7 +67,7 @@ async fn namespace_configmap_lease_and_a_watch_that_sees_a_change() -> anyhow::R
 
 #[tokio::test]
 async fn kubectl_of_the_same_version_talks_to_it() -> anyhow::Result<()> {
-    let cp = flotilla_tests::control_plane().await;
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
 
     let version = cp.kubectl().args(["get", "--raw", "/version"]).output()?;
     assert!(version.status.success(), "{}", String::from_utf8_lossy(&version.stderr));
@@ -96,7 +97,8 @@ async fn kubectl_of_the_same_version_talks_to_it() -> anyhow::Result<()> {
 #[tokio::test]
 async fn namespaces_finish_terminating_because_the_namespace_controller_runs() -> anyhow::Result<()>
 {
-    let client = flotilla_tests::control_plane().await.client().await?;
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    let client = cp.client().await?;
     let ns = flotilla_tests::namespace(&client, "deleted").await?;
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     configmaps
@@ -121,11 +123,14 @@ async fn namespaces_finish_terminating_because_the_namespace_controller_runs() -
     Ok(())
 }
 
+/// The full name of the test run as a child process.
+const CHILD: &str = "controlplane::child_that_panics_while_holding_the_control_plane";
+
 /// Runs only as the child process of `the_control_plane_stops_when_its_test_binary_panics`.
 #[tokio::test]
 #[ignore = "run as a child process by the_control_plane_stops_when_its_test_binary_panics"]
 async fn child_that_panics_while_holding_the_control_plane() {
-    let cp = flotilla_tests::control_plane().await;
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
     println!("CONTROL_PLANE_DIR={}", cp.dir().display());
     println!("CONTROL_PLANE_SERVER={}", cp.server());
     panic!("a deliberate panic while the control plane runs");
@@ -134,7 +139,7 @@ async fn child_that_panics_while_holding_the_control_plane() {
 #[tokio::test]
 async fn the_control_plane_stops_when_its_test_binary_panics() -> anyhow::Result<()> {
     let output = std::process::Command::new(std::env::current_exe()?)
-        .args(["--ignored", "--exact", "child_that_panics_while_holding_the_control_plane"])
+        .args(["--ignored", "--exact", CHILD])
         .arg("--nocapture")
         .env("FLOTILLA_CONTROLPLANE_BIN_DIR", flotilla_tests::controlplane_bin_dir()?)
         .output()?;

@@ -3,32 +3,28 @@
 //! budget, the high one runs to success on the freed GPUs, and the low one then resumes from its
 //! checkpoint and succeeds.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, WAIT, job};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use flotilla_tests::{Rig, WAIT, eventually, install_crds, tiny_engine_job};
 use kube::api::{Api, PostParams};
-use operator_support::{eventually, install_crds};
 
 #[tokio::test]
 async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "preempt").await.expect("namespace");
-    let rig = Rig::start(cp, &ns, &client).await;
+    let rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
 
     // 2 workers × 4 GPUs: every GPU of both agents.
-    let mut low = job("low", 600, 20);
+    let mut low = tiny_engine_job("low", 600, 20);
     low.spec.gpus_per_worker = 4;
     low.spec.priority = 0;
     jobs.create(&PostParams::default(), &low).await.expect("create low");
     rig.running_with_checkpoint(&jobs, "low").await;
 
     // 1 worker × 4 GPUs at priority 10: fits only if low stops.
-    let mut high = job("high", 40, 20);
+    let mut high = tiny_engine_job("high", 40, 20);
     high.spec.workers = 1;
     high.spec.gpus_per_worker = 4;
     high.spec.priority = 10;

@@ -1,9 +1,7 @@
 //! The bad-input table: invalid manifests are rejected at admission by the real API server
 //! with a message naming the field, and nothing in the cluster changes.
 
-mod operator_support;
-
-use operator_support::{install_crds, kubectl};
+use flotilla_tests::{ControlPlane, install_crds, kubectl};
 use serde_json::{Value, json};
 
 fn training_job(name: &str) -> Value {
@@ -281,27 +279,28 @@ fn edit_cases() -> Vec<BadEdit> {
     ]
 }
 
-fn names(cp: &flotilla_tests::ControlPlane, ns: &str) -> String {
-    let out = kubectl(cp, &["get", "-n", ns, "trainingjobs,inferenceservices", "-o", "name"], None);
+fn names(cp: &ControlPlane, ns: &str) -> String {
+    let out =
+        kubectl(&cp, &["get", "-n", ns, "trainingjobs,inferenceservices", "-o", "name"], None);
     // Only this test creates GpuNodes named bad-node; other tests may create other nodes.
     let nodes =
-        kubectl(cp, &["get", "gpunode", "bad-node", "--ignore-not-found", "-o", "name"], None);
+        kubectl(&cp, &["get", "gpunode", "bad-node", "--ignore-not-found", "-o", "name"], None);
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&nodes.stdout))
 }
 
 #[tokio::test]
 async fn invalid_manifests_are_rejected_at_admission_naming_the_field() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "bad-input").await.expect("namespace");
 
     let mut failures = Vec::new();
     let cases = create_cases();
     assert!(cases.len() + edit_cases().len() >= 25);
-    let before = names(cp, &ns);
+    let before = names(&cp, &ns);
     for case in &cases {
-        let out = kubectl(cp, &["create", "-n", &ns, "-f", "-"], Some(&case.manifest.to_string()));
+        let out = kubectl(&cp, &["create", "-n", &ns, "-f", "-"], Some(&case.manifest.to_string()));
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
             failures.push(format!(
@@ -317,10 +316,10 @@ async fn invalid_manifests_are_rejected_at_admission_naming_the_field() {
             ));
         }
     }
-    assert_eq!(names(cp, &ns), before, "a rejected manifest changed the cluster");
+    assert_eq!(names(&cp, &ns), before, "a rejected manifest changed the cluster");
 
     for case in edit_cases() {
-        let created = kubectl(cp, &["create", "-n", &ns, "-f", "-"], Some(&case.base.to_string()));
+        let created = kubectl(&cp, &["create", "-n", &ns, "-f", "-"], Some(&case.base.to_string()));
         assert!(
             created.status.success(),
             "{}: base object rejected: {}",
@@ -376,12 +375,12 @@ async fn invalid_manifests_are_rejected_at_admission_naming_the_field() {
 
 #[tokio::test]
 async fn valid_samples_and_mutable_edits_are_accepted() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "samples").await.expect("namespace");
-    let examples = operator_support::workspace().join("deploy/examples");
-    let out = kubectl(cp, &["create", "-n", &ns, "-f", examples.to_str().expect("utf-8")], None);
+    let examples = flotilla_tests::workspace().join("deploy/examples");
+    let out = kubectl(&cp, &["create", "-n", &ns, "-f", examples.to_str().expect("utf-8")], None);
     assert!(out.status.success(), "samples rejected: {}", String::from_utf8_lossy(&out.stderr));
     for patch in [
         json!({"spec": {"suspend": true}}),
@@ -400,7 +399,7 @@ async fn valid_samples_and_mutable_edits_are_accepted() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = kubectl(cp, &["explain", "trainingjob.spec.restartPolicy.maxRestarts"], None);
+    let out = kubectl(&cp, &["explain", "trainingjob.spec.restartPolicy.maxRestarts"], None);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("budget"), "kubectl explain shows the field's doc: {text}");
 }

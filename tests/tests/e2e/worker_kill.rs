@@ -3,28 +3,26 @@
 //! checkpoint and finishes with exactly the requested number of steps, its attempts never
 //! overlapping.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, WAIT, assert_no_overlap, job, walk};
 use flotilla_operator::crd::training_job::{CheckpointSpec, RestartPolicy};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use flotilla_tests::{
+    Rig, WAIT, assert_no_overlap, eventually, install_crds, tiny_engine_job, walk,
+};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
-use operator_support::{eventually, install_crds};
 use std::time::Duration;
 
 const STEPS: i64 = 600;
 
 #[tokio::test]
 async fn a_sigkilled_worker_restarts_the_job_from_its_checkpoint_spending_one_restart() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "wkill").await.expect("namespace");
-    let rig = Rig::start(cp, &ns, &client).await;
+    let rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    let mut spec = job("wkill-e2e", STEPS as u64, 20);
+    let mut spec = tiny_engine_job("wkill-e2e", STEPS as u64, 20);
     spec.spec.restart_policy = RestartPolicy {
         max_restarts: 2,
         backoff_seconds: 1,

@@ -3,20 +3,16 @@
 //! agents registering (GpuNodes created and mirrored), a TrainingJob placed, launched, running
 //! and Succeeded with real workers — and the API server forbids it nothing.
 
-mod e2e_support;
-mod observe_support;
-mod operator_support;
-
-use e2e_support::{WAIT, job};
 use flotilla_operator::crd::{JobPhase, TrainingJob};
+use flotilla_tests::{
+    ControlPlane, Fleet, WAIT, eventually, install_crds, tiny_engine_job, workspace,
+};
 use kube::api::{Api, PostParams};
 use kube::config::{AuthInfo, Kubeconfig};
-use observe_support::Fleet;
-use operator_support::{eventually, install_crds, workspace};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn kubectl_ok(cp: &flotilla_tests::ControlPlane, args: &[&str]) -> String {
+fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
     let out = cp.kubectl().args(args).output().expect("running kubectl");
     assert!(
         out.status.success(),
@@ -28,7 +24,7 @@ fn kubectl_ok(cp: &flotilla_tests::ControlPlane, args: &[&str]) -> String {
 }
 
 /// The admin kubeconfig with its user replaced by `token`.
-fn kubeconfig_with_token(cp: &flotilla_tests::ControlPlane, token: &str) -> Kubeconfig {
+fn kubeconfig_with_token(cp: &ControlPlane, token: &str) -> Kubeconfig {
     let mut config = Kubeconfig::read_from(cp.kubeconfig()).expect("admin kubeconfig");
     for named in &mut config.auth_infos {
         named.auth_info =
@@ -40,14 +36,14 @@ fn kubeconfig_with_token(cp: &flotilla_tests::ControlPlane, token: &str) -> Kube
 #[tokio::test]
 async fn the_operator_runs_a_job_to_success_with_only_its_shipped_rbac() {
     let started = Instant::now();
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let deploy = workspace().join("deploy");
     kubectl_ok(
         cp,
         &["apply", "--server-side", "-f", &deploy.join("namespace.yaml").to_string_lossy()],
     );
-    kubectl_ok(cp, &["apply", "--server-side", "-f", &deploy.join("rbac").to_string_lossy()]);
+    kubectl_ok(&cp, &["apply", "--server-side", "-f", &deploy.join("rbac").to_string_lossy()]);
     // A token for the ServiceAccount through the TokenRequest API.
     let token = kubectl_ok(
         cp,
@@ -57,7 +53,7 @@ async fn the_operator_runs_a_job_to_success_with_only_its_shipped_rbac() {
     assert!(token.split('.').count() == 3, "expected a JWT from TokenRequest, got {token:?}");
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = dir.path().join("operator.kubeconfig");
-    let config = kubeconfig_with_token(cp, token);
+    let config = kubeconfig_with_token(&cp, token);
     std::fs::write(&kubeconfig, serde_yaml::to_string(&config).expect("kubeconfig YAML"))
         .expect("writing the kubeconfig");
     // The token really is the ServiceAccount and not admin.
@@ -74,7 +70,9 @@ async fn the_operator_runs_a_job_to_success_with_only_its_shipped_rbac() {
     // GpuNodes are created and mirrored by the operator under the ServiceAccount.
     let fleet = Fleet::start(&kubeconfig, &ns, "flotilla-system", &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job("rbac-e2e", 30, 10)).await.expect("create job");
+    jobs.create(&PostParams::default(), &tiny_engine_job("rbac-e2e", 30, 10))
+        .await
+        .expect("create job");
     eventually(WAIT, "rbac-e2e Running", || async {
         let s = jobs.get("rbac-e2e").await.ok()?.status?;
         matches!(s.phase, JobPhase::Running | JobPhase::Succeeded).then_some(())

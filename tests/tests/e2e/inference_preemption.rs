@@ -4,34 +4,29 @@
 //! replica serves the job's own checkpoint and becomes ready. Scaled to zero, the service gives
 //! the GPUs back and the job resumes from its checkpoint and finishes with exactly its steps.
 
-mod e2e_support;
-mod inference_support;
-mod operator_support;
-
-use e2e_support::{WAIT, job, walk};
 use flotilla_operator::crd::inference_service::{
     InferenceServiceSpec, ModelSource, RolloutSpec, ServingOptions,
 };
 use flotilla_operator::crd::{InferenceService, JobPhase, RestartCause, TrainingJob};
-use inference_support::{ServingRig, ready_endpoints};
+use flotilla_tests::serving::ready_endpoints;
+use flotilla_tests::{ServingRig, WAIT, eventually, install_crds, tiny_engine_job, walk};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use operator_support::{eventually, install_crds};
 use std::time::Duration;
 
 const STEPS: i64 = 1200;
 
 #[tokio::test]
 async fn a_service_below_its_replicas_preempts_lower_priority_training_which_resumes_after() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "svc-preempt").await.expect("namespace");
-    let rig = ServingRig::start(cp, &ns, &client, 2).await;
+    let rig = ServingRig::start(&cp, &ns, &client, 2).await;
 
     // 1. The low-priority job takes all 8 GPUs (one 4-GPU worker per node).
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    let mut low = job("low", STEPS as u64, 20);
+    let mut low = tiny_engine_job("low", STEPS as u64, 20);
     low.spec.gpus_per_worker = 4;
     let low = jobs.create(&PostParams::default(), &low).await.expect("create the job");
     let checkpoints = rig
@@ -61,7 +56,7 @@ async fn a_service_below_its_replicas_preempts_lower_priority_training_which_res
                 ..Default::default()
             },
             serving: ServingOptions {
-                port: i32::from(e2e_support::serving_port_base()),
+                port: i32::from(flotilla_tests::serving_port_base()),
                 max_batch_size: 4,
                 max_new_tokens: 8,
             },
@@ -111,11 +106,11 @@ async fn a_service_below_its_replicas_preempts_lower_priority_training_which_res
         .into_iter()
         .find(|p| p.file_name().is_some_and(|f| f == "attempts.ledger"))
         .expect("the attempt ledger");
-    let lines: Vec<e2e_support::LedgerLine> = std::fs::read_to_string(ledger)
+    let lines: Vec<flotilla_tests::LedgerLine> = std::fs::read_to_string(ledger)
         .expect("ledger")
         .lines()
-        .map(|l| e2e_support::parse_ledger_line(l).unwrap_or_else(|e| panic!("{e}")))
+        .map(|l| flotilla_tests::parse_ledger_line(l).unwrap_or_else(|e| panic!("{e}")))
         .collect();
-    let attempts = e2e_support::assert_no_overlap(&lines, &[]);
+    let attempts = flotilla_tests::assert_no_overlap(&lines, &[]);
     assert_eq!(attempts, vec![(1, vec![0, 1]), (2, vec![0, 1])]);
 }

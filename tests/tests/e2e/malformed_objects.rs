@@ -1,17 +1,15 @@
 //! A stored object the operator cannot read (written while the CRD schema was looser) gets a
 //! Warning Event naming what is wrong, and the watch goes on serving every other object.
 
-mod operator_support;
-
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNodeStatus, GpuState};
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
+use flotilla_tests::{Operator, eventually, install_crds};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use operator_support::{Operator, eventually, install_crds};
 use serde_json::json;
 use std::time::Duration;
 
@@ -28,7 +26,7 @@ fn job(name: &str) -> TrainingJob {
 
 /// The committed TrainingJob CRD with its schema opened up (anything goes).
 fn loose_crd() -> CustomResourceDefinition {
-    let path = operator_support::workspace().join("deploy/crds/trainingjobs.flotilla.dev.yaml");
+    let path = flotilla_tests::workspace().join("deploy/crds/trainingjobs.flotilla.dev.yaml");
     let mut crd: CustomResourceDefinition =
         serde_yaml::from_str(&std::fs::read_to_string(path).expect("CRD file")).expect("CRD YAML");
     let schema = json!({"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}});
@@ -39,8 +37,8 @@ fn loose_crd() -> CustomResourceDefinition {
 
 #[tokio::test]
 async fn a_malformed_object_is_reported_and_the_watch_goes_on() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "malformed").await.expect("namespace");
     let logs = tempfile::tempdir().expect("tempdir");
@@ -61,7 +59,7 @@ async fn a_malformed_object_is_reported_and_the_watch_goes_on() {
         .patch_status("m-node", &PatchParams::apply("test-agent"), &Patch::Apply(&patch))
         .await
         .expect("status");
-    let operator = Operator::start(cp, "op-m", &ns, logs.path()).expect("operator starts");
+    let operator = Operator::start(&cp, "op-m", &ns, logs.path()).expect("operator starts");
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("before")).await.expect("before");
 
@@ -84,7 +82,7 @@ async fn a_malformed_object_is_reported_and_the_watch_goes_on() {
     })
     .await
     .expect("broken object stored");
-    install_crds(cp).expect("restore the CRDs");
+    install_crds(&cp).expect("restore the CRDs");
 
     let warning = eventually(WAIT, "a Malformed event on the broken object", || async {
         let events: Api<Event> = Api::namespaced(client.clone(), &ns);

@@ -1,24 +1,22 @@
 //! End to end, a GPU fault: XID 79 on a GPU of a running job stops the gang, the job is placed
 //! again without that GPU and resumes from its checkpoint, without spending its restart budget.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, assert_no_overlap, job, walk};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use flotilla_tests::{Rig, assert_no_overlap, install_crds, tiny_engine_job, walk};
 use kube::api::{Api, PostParams};
-use operator_support::install_crds;
 
 #[tokio::test]
 async fn an_xid_79_under_the_job_restarts_it_on_healthy_gpus_from_its_checkpoint() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "xid").await.expect("namespace");
-    let rig = Rig::start(cp, &ns, &client).await;
+    let rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     // Long enough that the fault lands mid-run; no restart budget: hardware restarts are free.
-    jobs.create(&PostParams::default(), &job("xid-e2e", 600, 20)).await.expect("create job");
+    jobs.create(&PostParams::default(), &tiny_engine_job("xid-e2e", 600, 20))
+        .await
+        .expect("create job");
     let first = rig.running_with_checkpoint(&jobs, "xid-e2e").await.placement;
     let victim = &first.workers[0];
     let gpu = victim.gpus[0];

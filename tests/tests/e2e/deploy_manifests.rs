@@ -3,6 +3,7 @@
 //! environment variables are flags the binaries read, and every dashboard panel and alert rule
 //! queries only metrics the code exports.
 
+use flotilla_tests::ControlPlane;
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 use std::collections::{BTreeMap, BTreeSet};
@@ -325,7 +326,7 @@ fn expect_success(what: &str, out: &Output) -> String {
 
 /// Applies the CRDs and the namespace for real, once per test binary, so that a server-side
 /// dry run of everything else can resolve the custom kinds and the namespace.
-fn install_crds_and_namespace(cp: &flotilla_tests::ControlPlane) {
+fn install_crds_and_namespace(cp: &ControlPlane) {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let crds = deploy("crds");
@@ -348,8 +349,8 @@ fn install_crds_and_namespace(cp: &flotilla_tests::ControlPlane) {
 
 #[tokio::test]
 async fn kustomization_applies_with_a_server_side_dry_run() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds_and_namespace(cp);
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds_and_namespace(&cp);
     let out = run(cp.kubectl().args(["apply", "--dry-run=server", "-k"]).arg(deploy("")));
     let stdout = expect_success("kubectl apply -k deploy/ --dry-run=server", &out);
     for object in [
@@ -392,7 +393,7 @@ async fn kustomization_applies_with_a_server_side_dry_run() {
 }
 
 /// `kubectl auth can-i` for the ServiceAccount `sa` of flotilla-system.
-fn can_i(cp: &flotilla_tests::ControlPlane, sa: &str, args: &[&str]) -> bool {
+fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
     let out = run(cp
         .kubectl()
         .args(["auth", "can-i"])
@@ -409,8 +410,8 @@ fn can_i(cp: &flotilla_tests::ControlPlane, sa: &str, args: &[&str]) -> bool {
 
 #[tokio::test]
 async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds_and_namespace(cp);
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds_and_namespace(&cp);
     for file in ["rbac/operator.yaml", "rbac/agent.yaml"] {
         let out = run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(deploy(file)));
         expect_success(file, &out);
@@ -461,12 +462,12 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
     ];
     let wrong: Vec<String> = allowed
         .iter()
-        .filter(|a| !can_i(cp, "flotilla-operator", a))
+        .filter(|a| !can_i(&cp, "flotilla-operator", a))
         .map(|a| format!("operator may not {a:?}"))
         .chain(
             denied
                 .iter()
-                .filter(|a| can_i(cp, "flotilla-operator", a))
+                .filter(|a| can_i(&cp, "flotilla-operator", a))
                 .map(|a| format!("operator may {a:?}")),
         )
         .chain(
@@ -477,7 +478,7 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
                 &["create", "events.events.k8s.io", "-n", "default"],
             ]
             .iter()
-            .filter(|a| can_i(cp, "flotilla-agent", a))
+            .filter(|a| can_i(&cp, "flotilla-agent", a))
             .map(|a| format!("agent may {a:?}")),
         )
         .collect();
@@ -486,7 +487,7 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
 
 // === rendered workloads against the binaries' flags ===
 
-fn rendered(cp: &flotilla_tests::ControlPlane, dir: &str) -> Vec<Yaml> {
+fn rendered(cp: &ControlPlane, dir: &str) -> Vec<Yaml> {
     let out = run(cp.kubectl().arg("kustomize").arg(deploy(dir)));
     yaml_documents(&expect_success(&format!("kubectl kustomize deploy/{dir}"), &out))
 }
@@ -506,8 +507,8 @@ fn env_names(workload: &Yaml, container: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn workloads_set_only_variables_the_binaries_read() {
-    let cp = flotilla_tests::control_plane().await;
-    let docs = rendered(cp, "");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    let docs = rendered(&cp, "");
     let checks = [
         ("Deployment", "flotilla-operator", "operator", "operator/src", &[][..]),
         (
@@ -560,9 +561,9 @@ async fn workloads_set_only_variables_the_binaries_read() {
 
 #[tokio::test]
 async fn monitoring_objects_select_the_workloads_ports() {
-    let cp = flotilla_tests::control_plane().await;
-    let base = rendered(cp, "");
-    let monitoring = rendered(cp, "monitoring");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    let base = rendered(&cp, "");
+    let monitoring = rendered(&cp, "monitoring");
     let kinds: BTreeSet<_> = monitoring.iter().filter_map(|d| str_at(d, &["kind"])).collect();
     assert_eq!(kinds, BTreeSet::from(["PodMonitor", "PrometheusRule", "ServiceMonitor"]));
 

@@ -1,15 +1,13 @@
 //! The operator against the real control plane: the sample manifests move through their
 //! phases, Events are published, invalid specs get `Valid=False`.
 
-mod operator_support;
-
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNodeStatus, GpuState};
 use flotilla_operator::crd::{GpuNode, InferenceService, JobPhase, ServicePhase, TrainingJob};
+use flotilla_tests::{Operator, eventually, install_crds, kubectl};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use operator_support::{Operator, eventually, install_crds, kubectl};
 use serde_json::json;
 use std::time::Duration;
 
@@ -56,21 +54,21 @@ async fn event_reasons(client: &kube::Client, ns: &str, name: &str) -> Vec<Strin
 
 #[tokio::test]
 async fn samples_move_through_their_phases() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "samples").await.expect("namespace");
     let logs = tempfile::tempdir().expect("tempdir");
     add_node(&client, "sim-node-0", 4).await;
     add_node(&client, "sim-node-1", 4).await;
-    let operator = Operator::start(cp, "op-a", &ns, logs.path()).expect("operator starts");
+    let operator = Operator::start(&cp, "op-a", &ns, logs.path()).expect("operator starts");
 
     eventually(WAIT, "the operator ready on /ready", || async { operator.admin_get("/ready") })
         .await
         .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log()));
     assert!(operator.admin_get("/live").is_some());
 
-    let examples = operator_support::workspace().join("deploy/examples");
+    let examples = flotilla_tests::workspace().join("deploy/examples");
     for file in ["trainingjob-engine.yaml", "trainingjob-command.yaml", "inferenceservice.yaml"] {
         let out = kubectl(
             cp,

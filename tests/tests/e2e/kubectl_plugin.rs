@@ -2,19 +2,15 @@
 //! log from its agent (found through the job's placement and the GpuNode's `adminUrl`), `-f`
 //! ends when the job ends, `inject` fails a GPU, and bad input exits non-zero with a clear message.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, WAIT, binary, job};
 use flotilla_operator::crd::{GpuHealth, GpuNode, JobPhase, TrainingJob};
+use flotilla_tests::{ControlPlane, Rig, WAIT, binary, eventually, install_crds, tiny_engine_job};
 use kube::api::{Api, PostParams};
-use operator_support::{eventually, install_crds};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// `kubectl flotilla ...` with the control plane's kubectl and the plugin on `PATH`.
-fn kubectl_flotilla(cp: &flotilla_tests::ControlPlane) -> Command {
+fn kubectl_flotilla(cp: &ControlPlane) -> Command {
     let plugin = binary("kubectl-flotilla", "flotilla-operator");
     let plugin_dir = plugin.parent().expect("plugin dir").to_owned();
     let path = std::env::join_paths(
@@ -50,11 +46,11 @@ fn read(path: &Path) -> String {
 
 #[tokio::test]
 async fn kubectl_flotilla_streams_worker_logs_and_injects_faults() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "plugin").await.expect("namespace");
-    let rig = Rig::start(cp, &ns, &client).await;
+    let rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     let nodes: Api<GpuNode> = Api::all(client.clone());
 
@@ -69,7 +65,9 @@ async fn kubectl_flotilla_streams_worker_logs_and_injects_faults() {
         .unwrap_or_else(|e| panic!("{e}: {} wants {want}\n{}", agent.node, rig.logs()));
     }
 
-    jobs.create(&PostParams::default(), &job("plug-e2e", 300, 50)).await.expect("create job");
+    jobs.create(&PostParams::default(), &tiny_engine_job("plug-e2e", 300, 50))
+        .await
+        .expect("create job");
     let running = eventually(WAIT, "plug-e2e Running", || async {
         let j = jobs.get("plug-e2e").await.ok()?;
         let s = j.status.clone()?;
@@ -86,14 +84,14 @@ async fn kubectl_flotilla_streams_worker_logs_and_injects_faults() {
         .unwrap_or_else(|e| panic!("{e}: {}\n{}", file.display(), rig.logs()));
 
     // Follow from early on; it must end by itself once the job (and so the worker) ends.
-    let follower = kubectl_flotilla(cp)
+    let follower = kubectl_flotilla(&cp)
         .args(["logs", "plug-e2e", "-n", &ns, "--rank", "1", "-f"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("kubectl flotilla logs -f");
 
-    let out = run(kubectl_flotilla(cp).args(["logs", "plug-e2e", "-n", &ns, "--rank", "1"]));
+    let out = run(kubectl_flotilla(&cp).args(["logs", "plug-e2e", "-n", &ns, "--rank", "1"]));
     assert!(out.status.success(), "logs: {}", text(&out.stderr));
     let printed = text(&out.stdout);
     assert!(!printed.is_empty(), "logs printed nothing");
@@ -103,14 +101,14 @@ async fn kubectl_flotilla_streams_worker_logs_and_injects_faults() {
         read(&file)
     );
 
-    let out = run(kubectl_flotilla(cp).args(["logs", "no-such-job", "-n", &ns]));
+    let out = run(kubectl_flotilla(&cp).args(["logs", "no-such-job", "-n", &ns]));
     assert!(!out.status.success(), "an unknown job must fail");
     assert!(
         text(&out.stderr).contains("TrainingJob no-such-job not found"),
         "{}",
         text(&out.stderr)
     );
-    let out = run(kubectl_flotilla(cp).args(["logs", "plug-e2e", "-n", &ns, "--rank", "7"]));
+    let out = run(kubectl_flotilla(&cp).args(["logs", "plug-e2e", "-n", &ns, "--rank", "7"]));
     assert!(!out.status.success(), "a rank out of range must fail");
     let err = text(&out.stderr);
     assert!(err.contains("--rank") && err.contains("got 7"), "{err}");
@@ -141,7 +139,7 @@ async fn kubectl_flotilla_streams_worker_logs_and_injects_faults() {
 
     // Inject an XID 79 into a GPU through the plugin; the operator marks it Failed.
     let victim = rig.node_names()[0].clone();
-    let out = run(kubectl_flotilla(cp).args(["inject", &victim, "--gpu", "3", "--xid", "79"]));
+    let out = run(kubectl_flotilla(&cp).args(["inject", &victim, "--gpu", "3", "--xid", "79"]));
     assert!(out.status.success(), "inject: {}", text(&out.stderr));
     eventually(WAIT, "GPU 3 Failed", || async {
         let status = nodes.get(&victim).await.ok()?.status?;
@@ -151,7 +149,7 @@ async fn kubectl_flotilla_streams_worker_logs_and_injects_faults() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
     let out =
-        run(kubectl_flotilla(cp).args(["inject", "no-such-node", "--gpu", "0", "--xid", "79"]));
+        run(kubectl_flotilla(&cp).args(["inject", "no-such-node", "--gpu", "0", "--xid", "79"]));
     assert!(!out.status.success(), "an unknown node must fail");
     assert!(text(&out.stderr).contains("GpuNode no-such-node not found"), "{}", text(&out.stderr));
 }

@@ -5,17 +5,13 @@
 //! budget, `big` runs to success on both agents, then `small` resumes from its checkpoint and
 //! succeeds. The three never share a GPU.
 
-mod e2e_support;
-mod operator_support;
-
-use e2e_support::{Rig, WAIT, job};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
+use flotilla_tests::{Rig, WAIT, eventually, install_crds, tiny_engine_job};
 use kube::api::{Api, DeleteParams, PostParams};
-use operator_support::{eventually, install_crds};
 use std::time::Duration;
 
 fn one_node_job(name: &str, steps: u64, workers: i32) -> TrainingJob {
-    let mut j = job(name, steps, 20);
+    let mut j = tiny_engine_job(name, steps, 20);
     j.spec.workers = workers;
     j.spec.gpus_per_worker = 4;
     j
@@ -23,11 +19,11 @@ fn one_node_job(name: &str, steps: u64, workers: i32) -> TrainingJob {
 
 #[tokio::test]
 async fn reserved_gpus_are_lent_to_a_later_job_and_taken_back_when_the_first_can_start() {
-    let cp = flotilla_tests::control_plane().await;
-    install_crds(cp).expect("CRDs install");
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "loan").await.expect("namespace");
-    let rig = Rig::start(cp, &ns, &client).await;
+    let rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     let status = |name: &'static str| {
         let jobs = jobs.clone();
