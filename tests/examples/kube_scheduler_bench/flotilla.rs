@@ -147,25 +147,11 @@ pub(crate) fn install_crds(cp: &flotilla_tests::ControlPlane) -> anyhow::Result<
 }
 
 pub(crate) fn training_job(job: &Job) -> TrainingJob {
-    TrainingJob::new(
-        &job.name,
-        TrainingJobSpec {
-            workers: job.workers as i32,
-            gpus_per_worker: job.gpus as i32,
-            engine: None,
-            command: Some(WorkerCommand {
-                command: vec!["/bin/sleep".into(), "infinity".into()],
-                ..WorkerCommand::default()
-            }),
-            checkpoint: None,
-            restart_policy: RestartPolicy { max_restarts: 0, ..RestartPolicy::default() },
-            priority: 0,
-            scheduling: Default::default(),
-            suspend: false,
-            active_deadline_seconds: None,
-            ttl_seconds_after_finished: None,
-        },
-    )
+    flotilla_tests::training_job(&job.name)
+        .workers(job.workers as i32)
+        .gpus_per_worker(job.gpus as i32)
+        .command(&["/bin/sleep", "infinity"])
+        .build()
 }
 
 /// Submits `jobs` as TrainingJobs into `ns` and counts their placements (and starts).

@@ -8,13 +8,13 @@
 //! replace the replica, rollout duration.
 
 use flotilla_operator::controller::inference_service::PROGRESSING;
-use flotilla_operator::crd::inference_service::{
-    InferenceServiceSpec, ModelSource, ReplicaState, RolloutSpec, ServingOptions,
-};
+use flotilla_operator::crd::inference_service::ReplicaState;
 use flotilla_operator::crd::{InferenceService, JobPhase, TrainingJob};
 use flotilla_operator::endpoints::{SERVICE_NAME_LABEL, dial_addr};
 use flotilla_tests::serving::{Client, Window, ready_endpoints};
-use flotilla_tests::{ServingRig, WAIT, eventually, install_crds, tiny_engine_job};
+use flotilla_tests::{
+    ServingRig, WAIT, eventually, inference_service, install_crds, tiny_engine_job,
+};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -25,19 +25,7 @@ const NAME: &str = "chat";
 const STREAMS: usize = 2;
 
 fn service(checkpoint: &str, port: u16) -> InferenceService {
-    InferenceService::new(
-        NAME,
-        InferenceServiceSpec {
-            replicas: 3,
-            workers_per_replica: 1,
-            gpus_per_worker: 1,
-            model: ModelSource { checkpoint_path: checkpoint.into(), ..Default::default() },
-            serving: ServingOptions { port: i32::from(port), max_batch_size: 8, max_new_tokens: 8 },
-            priority: 0,
-            scheduling: Default::default(),
-            rollout: RolloutSpec { drain_seconds: 3, ..Default::default() },
-        },
-    )
+    inference_service(NAME, checkpoint, port).replicas(3).drain_seconds(3).build()
 }
 
 /// The service serves `want` replicas of its current spec, all listed ready in the slices.

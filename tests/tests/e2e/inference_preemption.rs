@@ -4,12 +4,12 @@
 //! replica serves the job's own checkpoint and becomes ready. Scaled to zero, the service gives
 //! the GPUs back and the job resumes from its checkpoint and finishes with exactly its steps.
 
-use flotilla_operator::crd::inference_service::{
-    InferenceServiceSpec, ModelSource, RolloutSpec, ServingOptions,
-};
+use flotilla_operator::crd::training_job::PlacementStrategy;
 use flotilla_operator::crd::{InferenceService, JobPhase, RestartCause, TrainingJob};
 use flotilla_tests::serving::ready_endpoints;
-use flotilla_tests::{ServingRig, WAIT, eventually, install_crds, tiny_engine_job, walk};
+use flotilla_tests::{
+    ServingRig, WAIT, eventually, inference_service, install_crds, training_job, walk,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use std::time::Duration;
@@ -26,8 +26,12 @@ async fn a_service_below_its_replicas_preempts_lower_priority_training_which_res
 
     // 1. The low-priority job takes all 8 GPUs (one 4-GPU worker per node).
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    let mut low = tiny_engine_job("low", STEPS as u64, 20);
-    low.spec.gpus_per_worker = 4;
+    let low = training_job("low")
+        .workers(2)
+        .gpus_per_worker(4)
+        .tiny_engine(STEPS as u64, 20)
+        .placement(PlacementStrategy::Spread)
+        .build();
     let low = jobs.create(&PostParams::default(), &low).await.expect("create the job");
     let checkpoints = rig
         .dir
@@ -45,26 +49,12 @@ async fn a_service_below_its_replicas_preempts_lower_priority_training_which_res
     // 2. A priority-10 service of one 1-GPU replica serving that checkpoint.
     let services: Api<InferenceService> = Api::namespaced(client.clone(), &ns);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
-    let svc = InferenceService::new(
-        "urgent",
-        InferenceServiceSpec {
-            replicas: 1,
-            workers_per_replica: 1,
-            gpus_per_worker: 1,
-            model: ModelSource {
-                checkpoint_path: checkpoints.display().to_string(),
-                ..Default::default()
-            },
-            serving: ServingOptions {
-                port: i32::from(flotilla_tests::serving_port_base()),
-                max_batch_size: 4,
-                max_new_tokens: 8,
-            },
-            priority: 10,
-            scheduling: Default::default(),
-            rollout: RolloutSpec { drain_seconds: 1, ..Default::default() },
-        },
-    );
+    let port = flotilla_tests::serving_port_base();
+    let svc = inference_service("urgent", &checkpoints.display().to_string(), port)
+        .max_batch_size(4)
+        .priority(10)
+        .drain_seconds(1)
+        .build();
     services.create(&PostParams::default(), &svc).await.expect("create the service");
     let served = eventually(WAIT, "the replica ready and listed", || async {
         let s = services.get("urgent").await.ok()?.status?;

@@ -3,7 +3,7 @@
 
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNodeStatus, GpuState};
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
-use flotilla_tests::{Operator, eventually, install_crds};
+use flotilla_tests::{Operator, eventually, install_crds, training_job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
@@ -16,15 +16,6 @@ const WAIT: Duration = Duration::from_secs(60);
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
     leases.get_opt("flotilla-operator").await.ok()??.spec?.holder_identity
-}
-
-fn job(name: &str) -> TrainingJob {
-    serde_json::from_value(json!({
-        "apiVersion": "flotilla.dev/v1alpha1", "kind": "TrainingJob",
-        "metadata": {"name": name},
-        "spec": {"workers": 1, "gpusPerWorker": 1, "command": {"command": ["/bin/true"]}, "restartPolicy": {"maxRestarts": 0}}
-    }))
-    .expect("job")
 }
 
 async fn scheduled_events(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
@@ -87,7 +78,7 @@ async fn standby_takes_over_without_double_action_and_a_deposed_leader_stops() {
     let mut b = Operator::start(&cp, "op-b", &ns, logs.path()).expect("b starts");
 
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job("first")).await.expect("first");
+    jobs.create(&PostParams::default(), &training_job("first").build()).await.expect("first");
     let first = eventually(WAIT, "first Scheduled", || async {
         let s = jobs.get("first").await.ok()?.status?;
         (s.phase == JobPhase::Scheduled).then_some(s)
@@ -105,7 +96,7 @@ async fn standby_takes_over_without_double_action_and_a_deposed_leader_stops() {
     eventually(WAIT, "op-b leads", || async { (holder(&leases).await? == "op-b").then_some(()) })
         .await
         .unwrap_or_else(|e| panic!("{e}\nop-b:\n{}", b.log()));
-    jobs.create(&PostParams::default(), &job("second")).await.expect("second");
+    jobs.create(&PostParams::default(), &training_job("second").build()).await.expect("second");
     let second = eventually(WAIT, "second Scheduled by op-b", || async {
         let s = jobs.get("second").await.ok()?.status?;
         (s.phase == JobPhase::Scheduled).then_some(s)

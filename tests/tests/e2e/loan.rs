@@ -5,16 +5,19 @@
 //! budget, `big` runs to success on both agents, then `small` resumes from its checkpoint and
 //! succeeds. The three never share a GPU.
 
+use flotilla_operator::crd::training_job::PlacementStrategy;
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
-use flotilla_tests::{Rig, WAIT, eventually, install_crds, tiny_engine_job};
+use flotilla_tests::{Rig, WAIT, eventually, install_crds, training_job};
 use kube::api::{Api, DeleteParams, PostParams};
 use std::time::Duration;
 
 fn one_node_job(name: &str, steps: u64, workers: i32) -> TrainingJob {
-    let mut j = tiny_engine_job(name, steps, 20);
-    j.spec.workers = workers;
-    j.spec.gpus_per_worker = 4;
-    j
+    training_job(name)
+        .workers(workers)
+        .gpus_per_worker(4)
+        .tiny_engine(steps, 20)
+        .placement(PlacementStrategy::Spread)
+        .build()
 }
 
 #[tokio::test]

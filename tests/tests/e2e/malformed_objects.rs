@@ -3,7 +3,7 @@
 
 use flotilla_operator::crd::gpu_node::{GpuHealth, GpuNodeStatus, GpuState};
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
-use flotilla_tests::{Operator, eventually, install_crds};
+use flotilla_tests::{Operator, eventually, install_crds, training_job};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -14,15 +14,6 @@ use serde_json::json;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn job(name: &str) -> TrainingJob {
-    serde_json::from_value(json!({
-        "apiVersion": "flotilla.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
-        "spec": {"workers": 1, "gpusPerWorker": 1, "command": {"command": ["/bin/true"]},
-                 "restartPolicy": {"maxRestarts": 0}}
-    }))
-    .expect("job")
-}
 
 /// The committed TrainingJob CRD with its schema opened up (anything goes).
 fn loose_crd() -> CustomResourceDefinition {
@@ -61,7 +52,7 @@ async fn a_malformed_object_is_reported_and_the_watch_goes_on() {
         .expect("status");
     let operator = Operator::start(&cp, "op-m", &ns, logs.path()).expect("operator starts");
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job("before")).await.expect("before");
+    jobs.create(&PostParams::default(), &training_job("before").build()).await.expect("before");
 
     // Loosen the schema, store an object without `spec.workers`, restore the schema.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -98,7 +89,7 @@ async fn a_malformed_object_is_reported_and_the_watch_goes_on() {
     assert!(note.contains("workers"), "the event names the field: {note}");
 
     // The watch is intact: objects before and after the broken one are handled.
-    jobs.create(&PostParams::default(), &job("after")).await.expect("after");
+    jobs.create(&PostParams::default(), &training_job("after").build()).await.expect("after");
     for name in ["before", "after"] {
         eventually(WAIT, &format!("{name} Scheduled"), || async {
             (jobs.get(name).await.ok()?.status?.phase == JobPhase::Scheduled).then_some(())

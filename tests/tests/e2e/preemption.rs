@@ -3,8 +3,9 @@
 //! budget, the high one runs to success on the freed GPUs, and the low one then resumes from its
 //! checkpoint and succeeds.
 
+use flotilla_operator::crd::training_job::PlacementStrategy;
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
-use flotilla_tests::{Rig, WAIT, eventually, install_crds, tiny_engine_job};
+use flotilla_tests::{Rig, WAIT, eventually, install_crds, training_job};
 use kube::api::{Api, PostParams};
 
 #[tokio::test]
@@ -17,17 +18,24 @@ async fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
 
     // 2 workers × 4 GPUs: every GPU of both agents.
-    let mut low = tiny_engine_job("low", 600, 20);
-    low.spec.gpus_per_worker = 4;
-    low.spec.priority = 0;
+    let low = training_job("low")
+        .workers(2)
+        .gpus_per_worker(4)
+        .tiny_engine(600, 20)
+        .placement(PlacementStrategy::Spread)
+        .priority(0)
+        .build();
     jobs.create(&PostParams::default(), &low).await.expect("create low");
     rig.running_with_checkpoint(&jobs, "low").await;
 
     // 1 worker × 4 GPUs at priority 10: fits only if low stops.
-    let mut high = tiny_engine_job("high", 40, 20);
-    high.spec.workers = 1;
-    high.spec.gpus_per_worker = 4;
-    high.spec.priority = 10;
+    let high = training_job("high")
+        .workers(1)
+        .gpus_per_worker(4)
+        .tiny_engine(40, 20)
+        .placement(PlacementStrategy::Spread)
+        .priority(10)
+        .build();
     jobs.create(&PostParams::default(), &high).await.expect("create high");
 
     let preempted = eventually(WAIT, "low preempted", || async {

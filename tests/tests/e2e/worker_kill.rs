@@ -3,11 +3,9 @@
 //! checkpoint and finishes with exactly the requested number of steps, its attempts never
 //! overlapping.
 
-use flotilla_operator::crd::training_job::{CheckpointSpec, RestartPolicy};
+use flotilla_operator::crd::training_job::{CheckpointSpec, PlacementStrategy, RestartPolicy};
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
-use flotilla_tests::{
-    Rig, WAIT, assert_no_overlap, eventually, install_crds, tiny_engine_job, walk,
-};
+use flotilla_tests::{Rig, WAIT, assert_no_overlap, eventually, install_crds, training_job, walk};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
 use std::time::Duration;
@@ -22,20 +20,25 @@ async fn a_sigkilled_worker_restarts_the_job_from_its_checkpoint_spending_one_re
     let ns = flotilla_tests::namespace(&client, "wkill").await.expect("namespace");
     let rig = Rig::start(&cp, &ns, &client).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    let mut spec = tiny_engine_job("wkill-e2e", STEPS as u64, 20);
-    spec.spec.restart_policy = RestartPolicy {
-        max_restarts: 2,
-        backoff_seconds: 1,
-        max_backoff_seconds: 1,
-        ..Default::default()
-    };
     // A restart budget needs a checkpoint spec; the directory stays under the rig's.
     let path = rig.dir.path().join("checkpoints").join(&ns).join("wkill-e2e-ckpt");
-    spec.spec.checkpoint = Some(CheckpointSpec {
-        path: path.display().to_string(),
-        interval_seconds: Some(60),
-        keep: 3,
-    });
+    let spec = training_job("wkill-e2e")
+        .workers(2)
+        .gpus_per_worker(2)
+        .tiny_engine(STEPS as u64, 20)
+        .placement(PlacementStrategy::Spread)
+        .restart_policy(RestartPolicy {
+            max_restarts: 2,
+            backoff_seconds: 1,
+            max_backoff_seconds: 1,
+            ..Default::default()
+        })
+        .checkpoint(CheckpointSpec {
+            path: path.display().to_string(),
+            interval_seconds: Some(60),
+            keep: 3,
+        })
+        .build();
     jobs.create(&PostParams::default(), &spec).await.expect("create job");
     eventually(WAIT, "wkill-e2e Running past its first checkpoint", || async {
         let s = jobs.get("wkill-e2e").await.ok()?.status?;
