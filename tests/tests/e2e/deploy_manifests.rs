@@ -5,7 +5,7 @@
 
 use flotilla_tests::ControlPlane;
 use serde_json::Value as Json;
-use serde_yaml::Value as Yaml;
+use serde_yaml_ng::Value as Yaml;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -282,7 +282,7 @@ fn yaml_documents(text: &str) -> Vec<Yaml> {
     for line in text.lines().chain(std::iter::once("---")) {
         if line == "---" {
             if !current.trim().is_empty() {
-                let doc: Yaml = serde_yaml::from_str(&current)
+                let doc: Yaml = serde_yaml_ng::from_str(&current)
                     .unwrap_or_else(|e| panic!("YAML document does not parse: {e}\n{current}"));
                 docs.push(doc);
             }
@@ -699,7 +699,7 @@ fn promtool(args: &[&str], path: &Path) -> Output {
 }
 
 fn rule_groups(path: &Path) -> Yaml {
-    let doc: Yaml = serde_yaml::from_str(&read(path))
+    let doc: Yaml = serde_yaml_ng::from_str(&read(path))
         .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
     doc["groups"].clone()
 }
@@ -743,7 +743,7 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
 #[test]
 fn prometheus_rule_holds_the_same_groups_as_the_rules_file() {
     let plain = rule_groups(&deploy("prometheus/flotilla-rules.yaml"));
-    let object: Yaml = serde_yaml::from_str(&read(&deploy("monitoring/prometheusrule.yaml")))
+    let object: Yaml = serde_yaml_ng::from_str(&read(&deploy("monitoring/prometheusrule.yaml")))
         .expect("PrometheusRule parses");
     assert_eq!(object["kind"].as_str(), Some("PrometheusRule"));
     assert!(plain.as_sequence().is_some_and(|g| !g.is_empty()), "no rule groups");

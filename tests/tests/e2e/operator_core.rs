@@ -158,7 +158,7 @@ async fn samples_move_through_their_phases() {
     assert_eq!(status.gpus_per_replica, 1);
 
     // A spec only the operator can judge: a malformed nodeSelector key.
-    let mut bad: TrainingJob = serde_yaml::from_str(
+    let mut bad: TrainingJob = serde_yaml_ng::from_str(
         &std::fs::read_to_string(examples.join("trainingjob-command.yaml")).unwrap(),
     )
     .unwrap();
@@ -179,7 +179,7 @@ async fn samples_move_through_their_phases() {
     );
 
     // The engine's own cross-field rules, which no schema expresses, also give Valid=False.
-    let mut bad: TrainingJob = serde_yaml::from_str(
+    let mut bad: TrainingJob = serde_yaml_ng::from_str(
         &std::fs::read_to_string(examples.join("trainingjob-engine.yaml")).unwrap(),
     )
     .unwrap();

@@ -54,7 +54,7 @@ async fn the_operator_runs_a_job_to_success_with_only_its_shipped_rbac() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = dir.path().join("operator.kubeconfig");
     let config = kubeconfig_with_token(&cp, token);
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&config).expect("kubeconfig YAML"))
+    std::fs::write(&kubeconfig, serde_yaml_ng::to_string(&config).expect("kubeconfig YAML"))
         .expect("writing the kubeconfig");
     // The token really is the ServiceAccount and not admin.
     let whoami = Command::new(cp.bin_dir().join("kubectl"))
