@@ -8,12 +8,12 @@ use std::time::Duration;
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
 use kube::api::Api;
 
+use crate::ControlPlane;
 use crate::binaries::{binary, operator_binary};
 use crate::operator::Operator;
 use crate::ports::{free_port, master_port_base};
 use crate::process::{Process, append_worker_logs, inject_xid_at, start_agent, walk};
 use crate::wait::{WAIT, eventually};
-use crate::{ControlPlane, RigTurn};
 
 /// The operator and its agents (4 simulated GPUs each, admin servers on known ports).
 pub struct Rig {

@@ -2,27 +2,16 @@
 
 use crate::GPUS;
 use crate::jobs::node_name;
-use anyhow::{Context as _, bail};
-use flotilla_operator::crd::training_job::{RestartPolicy, WorkerCommand};
-use flotilla_operator::crd::{GpuNode, TrainingJob, TrainingJobSpec};
+use anyhow::bail;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
 use pb::agent_message::Body as Up;
 use pb::operator_message::Body as Down;
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub(crate) fn gpu_uuid(i: usize, g: u32) -> String {

@@ -1,28 +1,8 @@
 //! Command-line arguments: which systems and workloads to run, and their sizes.
 
-use crate::jobs::workload;
 use anyhow::{Context as _, bail};
-use flotilla_operator::crd::training_job::{RestartPolicy, WorkerCommand};
-use flotilla_operator::crd::{GpuNode, TrainingJob, TrainingJobSpec};
-use flotilla_proto::v1 as pb;
-use flotilla_proto::v1::agent_service_client::AgentServiceClient;
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
-use pb::agent_message::Body as Up;
-use pb::operator_message::Body as Down;
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum System {
@@ -31,21 +11,21 @@ pub(crate) enum System {
 }
 
 impl System {
-    fn arg(self) -> &'static str {
+    pub(crate) fn arg(self) -> &'static str {
         match self {
             System::Kube => "kube",
             System::Flotilla => "flotilla",
         }
     }
 
-    fn title(self) -> &'static str {
+    pub(crate) fn title(self) -> &'static str {
         match self {
             System::Kube => "kube-scheduler",
             System::Flotilla => "Flotilla",
         }
     }
 
-    fn parse(s: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
         match s {
             "kube" => Ok(System::Kube),
             "flotilla" => Ok(System::Flotilla),
@@ -61,14 +41,14 @@ pub(crate) enum Variant {
 }
 
 impl Variant {
-    fn arg(self) -> &'static str {
+    pub(crate) fn arg(self) -> &'static str {
         match self {
             Variant::Mixed => "mixed",
             Variant::Single => "single",
         }
     }
 
-    fn parse(s: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
         match s {
             "mixed" => Ok(Variant::Mixed),
             "single" => Ok(Variant::Single),
@@ -80,25 +60,25 @@ impl Variant {
 #[derive(Clone, Debug)]
 pub(crate) struct Args {
     /// Nodes in the fleet (8 GPUs each).
-    nodes: usize,
+    pub(crate) nodes: usize,
     /// At most this many jobs per workload.
-    jobs: Option<usize>,
+    pub(crate) jobs: Option<usize>,
     /// Share of the fleet's GPUs the workload asks for in all.
-    fill: f64,
+    pub(crate) fill: f64,
     /// Seed of the job stream.
-    seed: u64,
+    pub(crate) seed: u64,
     /// Once everything is submitted, a run ends after this long without a new placement.
-    settle: Duration,
+    pub(crate) settle: Duration,
     /// Creates in flight while submitting.
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Only this workload (default both).
-    variant: Option<Variant>,
+    pub(crate) variant: Option<Variant>,
     /// Only this scheduler (default both).
-    only: Option<System>,
+    pub(crate) only: Option<System>,
     /// Keep the logs (operator, kube-scheduler) under this directory instead of a temporary one.
-    log_dir: Option<PathBuf>,
+    pub(crate) log_dir: Option<PathBuf>,
     /// Child mode: run this scheduler alone and print its figures.
-    run: Option<System>,
+    pub(crate) run: Option<System>,
 }
 
 pub(crate) const USAGE: &str = "kube_scheduler_bench [--nodes N] [--jobs J] [--fill F] [--seed S] \

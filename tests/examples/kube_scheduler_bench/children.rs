@@ -1,38 +1,18 @@
 //! Child processes: tethered to this one, their logs, the operator binary.
 
 use crate::args::{Args, Variant};
-use crate::report::n;
 use anyhow::{Context as _, bail};
-use flotilla_operator::crd::training_job::{RestartPolicy, WorkerCommand};
-use flotilla_operator::crd::{GpuNode, TrainingJob, TrainingJobSpec};
-use flotilla_proto::v1 as pb;
-use flotilla_proto::v1::agent_service_client::AgentServiceClient;
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
-use pb::agent_message::Body as Up;
-use pb::operator_message::Body as Down;
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 
 /// A child process that dies with this one: it runs under a `bash` that holds a pipe from this
 /// process and kills the child when the pipe closes — on drop, or when this process ends however
 /// it ends (the kernel closes the pipe after a panic or a SIGKILL too).
 pub(crate) struct Tethered {
-    stdin: Option<ChildStdin>,
-    child: Child,
-    name: String,
-    log: PathBuf,
+    pub(crate) stdin: Option<ChildStdin>,
+    pub(crate) child: Child,
+    pub(crate) name: String,
+    pub(crate) log: PathBuf,
 }
 
 /// The tether: SIGINT is left to this process (its exit closes the pipe); on EOF the command
@@ -49,7 +29,7 @@ kill "$killer" 2>/dev/null
 exit 0"#;
 
 impl Tethered {
-    fn spawn(name: &str, command: Command, log: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(name: &str, command: Command, log: &Path) -> anyhow::Result<Self> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let program = command.get_program().to_owned();
@@ -72,14 +52,14 @@ impl Tethered {
     }
 
     /// Fails, with the end of its log, when the process has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited ({status}); end of its log:\n{}", self.name, self.log_tail(40));
         }
         Ok(())
     }
 
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")

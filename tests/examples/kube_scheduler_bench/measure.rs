@@ -2,32 +2,17 @@
 
 use crate::RUN_TIMEOUT;
 use crate::SETUP_TIMEOUT;
-use crate::agents::{Running, answer};
-use crate::jobs::{Job, node_name};
-use crate::kube_scheduler::pod;
-use crate::report::n;
+use crate::jobs::Job;
 use anyhow::{Context as _, bail};
-use flotilla_operator::crd::training_job::{RestartPolicy, WorkerCommand};
-use flotilla_operator::crd::{GpuNode, TrainingJob, TrainingJobSpec};
-use flotilla_proto::v1 as pb;
-use flotilla_proto::v1::agent_service_client::AgentServiceClient;
+use flotilla_operator::crd::TrainingJob;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
-use pb::agent_message::Body as Up;
-use pb::operator_message::Body as Down;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 
 /// How far an object has come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,9 +25,9 @@ pub(crate) enum Stage {
 /// An object reached a stage.
 #[derive(Debug)]
 pub(crate) struct Seen {
-    name: String,
-    stage: Stage,
-    at: Instant,
+    pub(crate) name: String,
+    pub(crate) stage: Stage,
+    pub(crate) at: Instant,
 }
 
 /// Watches `api` and reports each object's stage as it first reaches it. The receiver of the
@@ -123,35 +108,35 @@ pub(crate) fn job_stage(job: &TrainingJob) -> Stage {
 /// A watched object and the share of a job it stands for.
 #[derive(Clone, Debug)]
 pub(crate) struct Unit {
-    job: usize,
-    workers: u32,
-    gpus_per_worker: u32,
+    pub(crate) job: usize,
+    pub(crate) workers: u32,
+    pub(crate) gpus_per_worker: u32,
 }
 
 /// Figures of one measured run.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    jobs: usize,
-    workers: u64,
-    gpus: u64,
+    pub(crate) jobs: usize,
+    pub(crate) workers: u64,
+    pub(crate) gpus: u64,
     /// Time from the first create to the last create's answer.
-    submitted: Option<Duration>,
-    placed_jobs: usize,
-    placed_workers: u64,
-    placed_gpus: u64,
+    pub(crate) submitted: Option<Duration>,
+    pub(crate) placed_jobs: usize,
+    pub(crate) placed_workers: u64,
+    pub(crate) placed_gpus: u64,
     /// Time from the first create to the last placement seen.
-    last_placed: Option<Duration>,
-    running_jobs: usize,
-    last_running: Option<Duration>,
+    pub(crate) last_placed: Option<Duration>,
+    pub(crate) running_jobs: usize,
+    pub(crate) last_running: Option<Duration>,
     /// Most jobs partly placed at once, and at the end.
-    peak_partial: usize,
-    partial_end: usize,
+    pub(crate) peak_partial: usize,
+    pub(crate) partial_end: usize,
     /// GPUs held at the end by jobs that are only partly placed.
-    stranded_gpus: u64,
+    pub(crate) stranded_gpus: u64,
 }
 
 impl Tally {
-    fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
         json!({
             "jobs": self.jobs,

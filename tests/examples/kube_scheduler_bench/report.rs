@@ -4,29 +4,11 @@ use crate::GPUS;
 use crate::RESULT_PREFIX;
 use crate::args::{Args, System, Variant};
 use crate::jobs::workload;
-use crate::measure::submit;
 use anyhow::{Context as _, bail};
-use flotilla_operator::crd::training_job::{RestartPolicy, WorkerCommand};
-use flotilla_operator::crd::{GpuNode, TrainingJob, TrainingJobSpec};
-use flotilla_proto::v1 as pb;
-use flotilla_proto::v1::agent_service_client::AgentServiceClient;
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
-use pb::agent_message::Body as Up;
-use pb::operator_message::Body as Down;
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 pub(crate) fn run_child(
     args: &[String],

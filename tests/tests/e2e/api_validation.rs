@@ -280,11 +280,10 @@ fn edit_cases() -> Vec<BadEdit> {
 }
 
 fn names(cp: &ControlPlane, ns: &str) -> String {
-    let out =
-        kubectl(&cp, &["get", "-n", ns, "trainingjobs,inferenceservices", "-o", "name"], None);
+    let out = kubectl(cp, &["get", "-n", ns, "trainingjobs,inferenceservices", "-o", "name"], None);
     // Only this test creates GpuNodes named bad-node; other tests may create other nodes.
     let nodes =
-        kubectl(&cp, &["get", "gpunode", "bad-node", "--ignore-not-found", "-o", "name"], None);
+        kubectl(cp, &["get", "gpunode", "bad-node", "--ignore-not-found", "-o", "name"], None);
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&nodes.stdout))
 }
 
@@ -329,7 +328,7 @@ async fn invalid_manifests_are_rejected_at_admission_naming_the_field() {
         let name = case.base["metadata"]["name"].as_str().expect("name");
         let get = || {
             kubectl(
-                cp,
+                &cp,
                 &[
                     "get",
                     "-n",
@@ -345,7 +344,7 @@ async fn invalid_manifests_are_rejected_at_admission_naming_the_field() {
         };
         let stored = get();
         let out = kubectl(
-            cp,
+            &cp,
             &["patch", "-n", &ns, case.kind, name, "--type=merge", "-p", &case.patch.to_string()],
             None,
         );
@@ -389,7 +388,7 @@ async fn valid_samples_and_mutable_edits_are_accepted() {
         json!({"spec": {"activeDeadlineSeconds": 7200}}),
     ] {
         let out = kubectl(
-            cp,
+            &cp,
             &["patch", "-n", &ns, "tj", "moe-tiny", "--type=merge", "-p", &patch.to_string()],
             None,
         );

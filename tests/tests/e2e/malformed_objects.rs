@@ -19,7 +19,8 @@ const WAIT: Duration = Duration::from_secs(60);
 fn loose_crd() -> CustomResourceDefinition {
     let path = flotilla_tests::workspace().join("deploy/crds/trainingjobs.flotilla.dev.yaml");
     let mut crd: CustomResourceDefinition =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("CRD file")).expect("CRD YAML");
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("CRD file"))
+            .expect("CRD YAML");
     let schema = json!({"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}});
     crd.spec.versions[0].schema = Some(serde_json::from_value(schema).expect("schema"));
     crd.metadata.managed_fields = None;

@@ -71,7 +71,7 @@ async fn samples_move_through_their_phases() {
     let examples = flotilla_tests::workspace().join("deploy/examples");
     for file in ["trainingjob-engine.yaml", "trainingjob-command.yaml", "inferenceservice.yaml"] {
         let out = kubectl(
-            cp,
+            &cp,
             &["apply", "-n", &ns, "-f", examples.join(file).to_str().expect("utf-8")],
             None,
         );

@@ -148,7 +148,8 @@ fn panel_queries() -> Vec<(String, String, String)> {
 fn alert_rules() -> Vec<(String, String)> {
     let path = workspace().join("deploy/prometheus/flotilla-rules.yaml");
     let doc: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("rules")).expect("rules YAML");
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("rules"))
+            .expect("rules YAML");
     let mut out = Vec::new();
     for group in doc["groups"].as_sequence().expect("groups") {
         for rule in group["rules"].as_sequence().expect("rules") {

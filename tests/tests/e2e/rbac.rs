@@ -40,13 +40,13 @@ async fn the_operator_runs_a_job_to_success_with_only_its_shipped_rbac() {
     install_crds(&cp).expect("CRDs install");
     let deploy = workspace().join("deploy");
     kubectl_ok(
-        cp,
+        &cp,
         &["apply", "--server-side", "-f", &deploy.join("namespace.yaml").to_string_lossy()],
     );
     kubectl_ok(&cp, &["apply", "--server-side", "-f", &deploy.join("rbac").to_string_lossy()]);
     // A token for the ServiceAccount through the TokenRequest API.
     let token = kubectl_ok(
-        cp,
+        &cp,
         &["create", "token", "flotilla-operator", "-n", "flotilla-system", "--duration=1h"],
     );
     let token = token.trim();
