@@ -17,17 +17,11 @@
 //! Run: `cargo run -p flotilla-tests --example recovery -- [--trials N]` (default 10; about
 //! 5 minutes on the 2-core VM). Needs what the tests need (`scripts/setup.sh`).
 
-#[path = "../tests/e2e_support/mod.rs"]
-mod e2e_support;
-#[path = "../tests/operator_support/mod.rs"]
-mod operator_support;
-
 use anyhow::{Context, Result, bail};
-use e2e_support::{Rig, binary, job, walk};
 use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
+use flotilla_tests::{Rig, binary, eventually, install_crds, tiny_engine_job, walk};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use operator_support::{eventually, install_crds};
 use std::process::Command;
 use std::time::Duration;
 
@@ -71,7 +65,7 @@ async fn main() -> Result<()> {
     ];
     let mut rig = Rig::start_with(cp, &ns, &client, 3, &env).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job(JOB, 10_000_000, 10)).await?;
+    jobs.create(&PostParams::default(), &tiny_engine_job(JOB, 10_000_000, 10)).await?;
 
     let mut results: Vec<(Fault, Vec<Trial>)> = Vec::new();
     for fault in [Fault::Gpu, Fault::LostNode] {

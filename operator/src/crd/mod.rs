@@ -68,8 +68,8 @@ fn tidy(crd: CustomResourceDefinition) -> CustomResourceDefinition {
 }
 
 /// One CRD as the YAML file committed under `deploy/crds/`, header included.
-pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
-    Ok(format!("{GENERATED_HEADER}{}", serde_yaml::to_string(crd)?))
+pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml_ng::Error> {
+    Ok(format!("{GENERATED_HEADER}{}", serde_yaml_ng::to_string(crd)?))
 }
 
 /// The file name for a CRD under `deploy/crds/`: `<plural>.<group>.yaml`.
