@@ -18,7 +18,7 @@ use std::time::Duration;
 /// A `flotilla-agent run --backend nvml` process on the stand-in library.
 struct NvmlAgent {
     mock: MockNode,
-    child: tokio::process::Child,
+    _child: tokio::process::Child,
     admin: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -66,7 +66,7 @@ impl NvmlAgent {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         let child = cmd.spawn().expect("agent starts");
-        Self { mock, child, admin, dir }
+        Self { mock, _child: child, admin, dir }
     }
 
     fn log(&self) -> String {
