@@ -1,8 +1,10 @@
-//! Agent footprint: the real `flotilla-agent` binary with 8 simulated GPUs at 1 Hz, connected to
-//! an in-process operator on 127.0.0.1 (plaintext). Prints RSS and CPU share over a window.
+//! Agent footprint: the real `flotilla-agent` binary with 8 GPUs at 1 Hz, connected to an
+//! in-process operator on 127.0.0.1 (plaintext). Prints RSS and CPU share over a window.
 //!
-//! Run: `cargo build -p flotilla-agent && cargo run -p flotilla-agent --example footprint -- [seconds]`
-//! (default 30 s after a 5 s warm-up).
+//! Run: `cargo build -p flotilla-agent && cargo run -p flotilla-agent --example footprint --
+//! [seconds] [simulated|nvml|nvml-driver]` (default 30 s after a 5 s warm-up, simulated GPUs).
+//! `nvml` runs the NVML backend on the stand-in library (`flotilla-nvml-mock`, 8 H100s);
+//! `nvml-driver` on the machine's own `libnvidia-ml.so.1` (a GPU node).
 
 use flotilla_operator::agents::{self, AgentServer, AgentServerConfig, NodeRegistry, ServingGate};
 use std::time::{Duration, Instant};
@@ -27,6 +29,16 @@ fn proc_stat(pid: u32) -> anyhow::Result<(u64, u64)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let backend = std::env::args().nth(2).unwrap_or_else(|| "simulated".to_owned());
+    let scratch = tempfile::tempdir()?;
+    let mock = match backend.as_str() {
+        "simulated" | "nvml-driver" => None,
+        "nvml" => Some(
+            flotilla_nvml_mock::MockNode::new(scratch.path(), "gpus 8\nmodel H100\n")
+                .map_err(anyhow::Error::msg)?,
+        ),
+        other => anyhow::bail!("backend: expected simulated, nvml or nvml-driver, got {other:?}"),
+    };
     let exe = std::env::current_exe()?;
     let bin = exe
         .parent()
@@ -47,22 +59,21 @@ async fn main() -> anyhow::Result<()> {
     let server = AgentServer::new(fleet.clone(), config, ServingGate::new(true));
     tokio::spawn(agents::serve(server, listener, None, std::future::pending()));
 
-    let mut child = tokio::process::Command::new(&bin)
-        .args([
-            "run",
-            "--node",
-            "node-a",
-            "--backend",
-            "simulated",
-            "--gpus",
-            "8",
-            "--sample-interval-ms",
-            "1000",
-        ])
+    let mut command = tokio::process::Command::new(&bin);
+    command
+        .args(["run", "--node", "node-a", "--gpus", "8", "--sample-interval-ms", "1000"])
+        .args(["--backend", if backend == "simulated" { "simulated" } else { "nvml" }])
         .args(["--operator", &format!("http://{addr}"), "--admin-addr", "127.0.0.1:0"])
+        .arg("--worker-log-dir")
+        .arg(scratch.path().join("logs"))
+        .arg("--worker-socket-dir")
+        .arg(scratch.path().join("s"))
         .env("FLOTILLA_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    if let Some(mock) = &mock {
+        command.envs(mock.env());
+    }
+    let mut child = command.spawn()?;
     let pid = child.id().ok_or_else(|| anyhow::anyhow!("agent exited at once"))?;
     anyhow::ensure!(
         fleet
@@ -82,10 +93,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let (t1, rss) = proc_stat(pid)?;
     let cpu = (t1 - t0) as f64 / hz / start.elapsed().as_secs_f64() * 100.0;
-    println!(
-        "agent footprint: 8 simulated GPUs, 1 Hz telemetry, {seconds} s window ({})",
-        bin.display()
-    );
+    let gpus = match backend.as_str() {
+        "simulated" => "8 simulated GPUs",
+        "nvml" => "NVML backend on the stand-in library, 8 H100s",
+        _ => "NVML backend on the machine's driver",
+    };
+    println!("agent footprint: {gpus}, 1 Hz telemetry, {seconds} s window ({})", bin.display());
     println!(
         "  RSS now {:.1} MB, peak {:.1} MB; CPU {cpu:.2}% of one core",
         rss as f64 / 1024.0,

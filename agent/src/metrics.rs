@@ -58,7 +58,7 @@ impl std::fmt::Debug for AgentMetrics {
 }
 
 /// DCGM field names with their help text.
-const DCGM_GAUGES: [(&str, &str); 16] = [
+const DCGM_GAUGES: [(&str, &str); 20] = [
     ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C)."),
     ("DCGM_FI_DEV_MEMORY_TEMP", "Memory temperature (in C)."),
     ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
@@ -78,6 +78,13 @@ const DCGM_GAUGES: [(&str, &str); 16] = [
     ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors."),
     ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed."),
     ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "Total number of single-bit volatile ECC errors."),
+    (
+        "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+        "Total number of NVLink flow-control CRC errors.",
+    ),
+    ("DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", "Total number of NVLink data CRC errors."),
+    ("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "Total number of NVLink retries."),
+    ("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "Total number of NVLink recovery errors."),
 ];
 
 /// The value of `gauge`'s series with `labels`, if that series exists (without creating it, as
@@ -242,6 +249,10 @@ impl AgentMetrics {
             s.remapped_rows_correctable as f64,
             if s.row_remap_failure { 1.0 } else { 0.0 },
             s.ecc_corrected_volatile as f64,
+            s.nvlink_errors.crc_flit as f64,
+            s.nvlink_errors.crc_data as f64,
+            s.nvlink_errors.replay as f64,
+            s.nvlink_errors.recovery as f64,
         ];
         for ((name, gauge), value) in self.gauges.iter().zip(values) {
             if *name == "DCGM_FI_DEV_XID_ERRORS" {

@@ -89,6 +89,21 @@ pub struct GpuSample {
     pub throttle_reasons: u64,
     pub pcie_replay_count: u64,
     pub slowdown_temperature_c: f32,
+    pub nvlink_errors: NvLinkErrors,
+}
+
+/// NVLink error counters of one GPU, summed over its links (NVML's `*_ERROR_COUNT_TOTAL` fields,
+/// DCGM's `DCGM_FI_DEV_NVLINK_*_ERROR_COUNT_TOTAL`); zeros where the GPU has no NVLink.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NvLinkErrors {
+    /// Flow-control digit CRC errors.
+    pub crc_flit: u64,
+    /// Data CRC errors.
+    pub crc_data: u64,
+    /// Replays after a CRC error.
+    pub replay: u64,
+    /// Link recoveries (the link retrained).
+    pub recovery: u64,
 }
 
 impl GpuSample {

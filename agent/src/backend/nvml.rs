@@ -3,7 +3,7 @@
 //! Polling gives telemetry; a blocking thread waits on the NVML event set for XID and ECC events,
 //! as NVIDIA's device plugin does (5 s wait, then again).
 
-use super::{BackendError, GpuBackend, GpuDevice, GpuEvent, GpuSample};
+use super::{BackendError, GpuBackend, GpuDevice, GpuEvent, GpuSample, NvLinkErrors};
 use crate::health::Fault;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
@@ -14,10 +14,13 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id::{
-    NVML_FI_DEV_REMAPPED_COR, NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_UNC,
+    NVML_FI_DEV_MEMORY_TEMP, NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL,
+    NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL, NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL,
+    NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL, NVML_FI_DEV_REMAPPED_COR,
+    NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_UNC,
 };
-use nvml_wrapper::{Device, Nvml};
-use std::collections::HashSet;
+use nvml_wrapper::{Device, EventSet, Nvml};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -46,12 +49,24 @@ fn nvml_err(call: &'static str, gpu: impl ToString) -> impl FnOnce(NvmlError) ->
     move |e| BackendError::Nvml { call, gpu, detail: e.to_string() }
 }
 
+/// Why NVML could not start, in words an operator of the node acts on.
+fn unavailable(e: NvmlError) -> BackendError {
+    let detail = match e {
+        NvmlError::LibloadingError(e) => format!("the library could not be loaded: {e}"),
+        NvmlError::DriverNotLoaded => {
+            "the library loaded, but the NVIDIA kernel driver is not loaded".to_owned()
+        }
+        NvmlError::NoPermission => "no permission to open the NVIDIA devices".to_owned(),
+        e => e.to_string(),
+    };
+    BackendError::NvmlUnavailable { detail }
+}
+
 impl NvmlBackend {
     /// Loads NVML. Fails with [`BackendError::NvmlUnavailable`] when the library is missing or the
     /// driver is not loaded.
     pub fn new(node: &str) -> Result<Self, BackendError> {
-        let nvml =
-            Nvml::init().map_err(|e| BackendError::NvmlUnavailable { detail: e.to_string() })?;
+        let nvml = Nvml::init().map_err(unavailable)?;
         let count = nvml.device_count().map_err(nvml_err("device_count", "-"))?;
         Ok(Self {
             nvml: Arc::new(nvml),
@@ -79,11 +94,11 @@ impl NvmlBackend {
         let temperature = dev.temperature(TemperatureSensor::Gpu)?;
         let memory = dev.memory_info()?;
         let util = dev.utilization_rates()?;
-        let remap = remapped_rows(&dev);
+        let fields = FieldReadings::read(&dev);
         Ok(GpuSample {
             index,
             temperature_c: temperature as f32,
-            memory_temperature_c: 0.0,
+            memory_temperature_c: fields.memory_temperature_c,
             power_w: dev.power_usage().map(|mw| mw as f32 / 1000.0).unwrap_or(0.0),
             energy_mj: dev.total_energy_consumption().unwrap_or(0),
             gpu_util_pct: util.gpu as f32,
@@ -106,38 +121,76 @@ impl NvmlBackend {
             .map(|c| dev.retired_pages(c).map(|p| p.len() as u64).unwrap_or(0))
             .sum(),
             retired_pages_pending: dev.are_pages_pending_retired().unwrap_or(false),
-            remapped_rows_correctable: remap.0,
-            remapped_rows_uncorrectable: remap.1,
-            row_remap_failure: remap.2,
+            remapped_rows_correctable: fields.remapped_rows_correctable,
+            remapped_rows_uncorrectable: fields.remapped_rows_uncorrectable,
+            row_remap_failure: fields.row_remap_failure,
             throttle_reasons: dev.current_throttle_reasons().map(|r| r.bits()).unwrap_or(0),
             pcie_replay_count: dev.pcie_replay_counter().map(u64::from).unwrap_or(0),
             slowdown_temperature_c: dev
                 .temperature_threshold(TemperatureThreshold::Slowdown)
                 .map(|t| t as f32)
                 .unwrap_or(0.0),
+            nvlink_errors: fields.nvlink_errors,
         })
     }
 }
 
-/// (correctable, uncorrectable, failure) remapped-row counters; zeros where unsupported.
-fn remapped_rows(dev: &Device<'_>) -> (u64, u64, bool) {
-    let ids = [
-        FieldId(NVML_FI_DEV_REMAPPED_COR),
-        FieldId(NVML_FI_DEV_REMAPPED_UNC),
-        FieldId(NVML_FI_DEV_REMAPPED_FAILURE),
-    ];
-    let Ok(values) = dev.field_values_for(&ids) else { return (0, 0, false) };
-    let mut out = [0u64; 3];
-    for (slot, value) in out.iter_mut().zip(values) {
-        *slot = match value.map(|s| s.value) {
-            Ok(Ok(SampleValue::U32(v))) => u64::from(v),
-            Ok(Ok(SampleValue::U64(v))) => v,
-            Ok(Ok(SampleValue::I64(v))) => u64::try_from(v).unwrap_or(0),
-            Ok(Ok(SampleValue::F64(v))) => v as u64,
-            _ => 0,
-        };
+/// The readings that come as NVML field values, in one `nvmlDeviceGetFieldValues` call (what
+/// DCGM does): HBM temperature, remapped rows, NVLink error totals. A field the GPU does not
+/// support (NVLink on a PCIe board, say) reads zero.
+#[derive(Debug, Default, PartialEq)]
+struct FieldReadings {
+    memory_temperature_c: f32,
+    remapped_rows_correctable: u64,
+    remapped_rows_uncorrectable: u64,
+    row_remap_failure: bool,
+    nvlink_errors: NvLinkErrors,
+}
+
+/// The fields asked for, in the order [`FieldReadings::from_values`] reads them.
+const FIELDS: [u32; 8] = [
+    NVML_FI_DEV_MEMORY_TEMP,
+    NVML_FI_DEV_REMAPPED_COR,
+    NVML_FI_DEV_REMAPPED_UNC,
+    NVML_FI_DEV_REMAPPED_FAILURE,
+    NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL,
+    NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL,
+    NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL,
+    NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL,
+];
+
+impl FieldReadings {
+    fn read(dev: &Device<'_>) -> Self {
+        let ids = FIELDS.map(FieldId);
+        let Ok(values) = dev.field_values_for(&ids) else { return Self::default() };
+        let values: Vec<u64> = values
+            .into_iter()
+            .map(|value| match value.map(|s| s.value) {
+                Ok(Ok(SampleValue::U32(v))) => u64::from(v),
+                Ok(Ok(SampleValue::U64(v))) => v,
+                Ok(Ok(SampleValue::I64(v))) => u64::try_from(v).unwrap_or(0),
+                Ok(Ok(SampleValue::F64(v))) => v as u64,
+                _ => 0,
+            })
+            .collect();
+        Self::from_values(&values)
     }
-    (out[0], out[1], out[2] != 0)
+
+    fn from_values(v: &[u64]) -> Self {
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        Self {
+            memory_temperature_c: at(0) as f32,
+            remapped_rows_correctable: at(1),
+            remapped_rows_uncorrectable: at(2),
+            row_remap_failure: at(3) != 0,
+            nvlink_errors: NvLinkErrors {
+                crc_flit: at(4),
+                crc_data: at(5),
+                replay: at(6),
+                recovery: at(7),
+            },
+        }
+    }
 }
 
 impl GpuBackend for NvmlBackend {
@@ -147,7 +200,7 @@ impl GpuBackend for NvmlBackend {
 
     fn inventory(&self) -> Result<Vec<GpuDevice>, BackendError> {
         let mut devices = Vec::with_capacity(self.count as usize);
-        let mut bus_to_index = std::collections::HashMap::new();
+        let mut bus_to_index = HashMap::new();
         for index in 0..self.count {
             let dev = self.device(index)?;
             let pci = dev.pci_info().map_err(nvml_err("pci_info", index))?;
@@ -249,48 +302,88 @@ impl GpuBackend for NvmlBackend {
     }
 }
 
-fn event_loop(nvml: &Nvml, count: u32, events: &mpsc::UnboundedSender<GpuEvent>) {
-    let Ok(mut set) = nvml.create_event_set() else {
-        tracing::error!("NVML event set unavailable; XID events will not be seen");
-        return;
-    };
-    let mut uuid_to_index = std::collections::HashMap::new();
+/// Events the loop listens for.
+fn wanted_events() -> EventTypes {
+    EventTypes::CRITICAL_XID_ERROR
+        | EventTypes::DOUBLE_BIT_ECC_ERROR
+        | EventTypes::SINGLE_BIT_ECC_ERROR
+}
+
+/// An event set with every GPU that answers registered for the wanted events it supports, and
+/// the registered GPUs by UUID. `nvml-wrapper` frees the set when a registration fails, so a GPU
+/// that fails is left out and the set built again without it: one lost GPU must not blind the
+/// loop to the others.
+fn event_set(nvml: &Nvml, count: u32) -> Result<(EventSet<'_>, HashMap<String, u32>), NvmlError> {
+    let mut plan = Vec::new();
     for index in 0..count {
-        let Ok(dev) = nvml.device_by_index(index) else { continue };
-        if let Ok(uuid) = dev.uuid() {
-            uuid_to_index.insert(uuid, index);
+        let answer = nvml.device_by_index(index).and_then(|dev| {
+            let supported = dev.supported_event_types()? & wanted_events();
+            Ok((dev.uuid()?, supported))
+        });
+        match answer {
+            Ok((uuid, types)) if !types.is_empty() => plan.push((index, uuid, types)),
+            Ok(_) => tracing::warn!(gpu = index, "GPU supports none of the XID/ECC events"),
+            Err(e) => tracing::warn!(gpu = index, error = %e, "no NVML events from this GPU"),
         }
-        let wanted = EventTypes::CRITICAL_XID_ERROR
-            | EventTypes::DOUBLE_BIT_ECC_ERROR
-            | EventTypes::SINGLE_BIT_ECC_ERROR;
-        let supported = dev.supported_event_types().map(|s| s & wanted).unwrap_or(wanted);
-        set = match dev.register_events(supported, set) {
-            Ok(set) => set,
-            Err(e) => {
-                tracing::error!(gpu = index, error = %e.error, "NVML event registration failed");
-                return;
-            }
-        };
     }
+    'build: loop {
+        let mut set = nvml.create_event_set()?;
+        for (i, (index, _, types)) in plan.iter().enumerate() {
+            let registered = nvml
+                .device_by_index(*index)
+                .map_err(Into::into)
+                .and_then(|dev| dev.register_events(*types, set));
+            match registered {
+                Ok(next) => set = next,
+                Err(e) => {
+                    tracing::warn!(gpu = index, error = %e.error, "NVML event registration failed");
+                    plan.remove(i);
+                    continue 'build;
+                }
+            }
+        }
+        for (index, uuid, types) in &plan {
+            tracing::info!(gpu = index, %uuid, ?types, "NVML events registered");
+        }
+        return Ok((set, plan.into_iter().map(|(index, uuid, _)| (uuid, index)).collect()));
+    }
+}
+
+/// The fault an NVML event means, if any. Single-bit errors are judged by rate in the samples,
+/// not one by one.
+fn fault_of(event_type: EventTypes, data: Option<XidError>) -> Option<Fault> {
+    if event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+        Some(match data {
+            Some(XidError::Value(xid)) => Fault::Xid(u32::try_from(xid).unwrap_or(u32::MAX)),
+            _ => Fault::Xid(0),
+        })
+    } else if event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
+        Some(Fault::DoubleBitEcc)
+    } else {
+        None
+    }
+}
+
+fn event_loop(nvml: &Nvml, count: u32, events: &mpsc::UnboundedSender<GpuEvent>) {
+    let (set, uuid_to_index) = match event_set(nvml, count) {
+        Ok(built) => built,
+        Err(e) => {
+            tracing::error!(error = %e, "NVML event set unavailable; XID events will not be seen");
+            return;
+        }
+    };
     loop {
         match set.wait(EVENT_WAIT_MS) {
             Ok(data) => {
-                let Some(&index) =
-                    data.device.uuid().ok().as_ref().and_then(|u| uuid_to_index.get(u))
-                else {
-                    continue;
+                let Some(fault) = fault_of(data.event_type, data.event_data) else { continue };
+                // The UUID names the GPU; a GPU that just fell off the bus (XID 79) may no longer
+                // answer it, so its index is asked next.
+                let index = match data.device.uuid() {
+                    Ok(uuid) => uuid_to_index.get(&uuid).copied(),
+                    Err(_) => data.device.index().ok(),
                 };
-                let fault = if data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
-                    match data.event_data {
-                        Some(XidError::Value(xid)) => {
-                            Fault::Xid(u32::try_from(xid).unwrap_or(u32::MAX))
-                        }
-                        _ => Fault::Xid(0),
-                    }
-                } else if data.event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
-                    Fault::DoubleBitEcc
-                } else {
-                    // Single-bit errors are judged by rate in the samples, not one by one.
+                let Some(index) = index else {
+                    tracing::error!(?fault, "NVML event from a GPU that cannot be identified");
                     continue;
                 };
                 if events.send(GpuEvent { index, fault }).is_err() {
@@ -313,6 +406,26 @@ fn event_loop(nvml: &Nvml, count: u32, events: &mpsc::UnboundedSender<GpuEvent>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xid_and_double_bit_events_are_faults_single_bit_ones_are_not() {
+        let xid = EventTypes::CRITICAL_XID_ERROR;
+        assert_eq!(fault_of(xid, Some(XidError::Value(79))), Some(Fault::Xid(79)));
+        assert_eq!(fault_of(xid, Some(XidError::Unknown)), Some(Fault::Xid(0)));
+        assert_eq!(fault_of(EventTypes::DOUBLE_BIT_ECC_ERROR, None), Some(Fault::DoubleBitEcc));
+        assert_eq!(fault_of(EventTypes::SINGLE_BIT_ECC_ERROR, None), None);
+    }
+
+    #[test]
+    fn field_values_land_in_their_readings_and_missing_ones_read_zero() {
+        let r = FieldReadings::from_values(&[71, 2, 3, 1, 10, 11, 12, 13]);
+        assert_eq!(r.memory_temperature_c, 71.0);
+        assert_eq!((r.remapped_rows_correctable, r.remapped_rows_uncorrectable), (2, 3));
+        assert!(r.row_remap_failure);
+        let nvlink = NvLinkErrors { crc_flit: 10, crc_data: 11, replay: 12, recovery: 13 };
+        assert_eq!(r.nvlink_errors, nvlink);
+        assert_eq!(FieldReadings::from_values(&[]), FieldReadings::default());
+    }
 
     /// On machines without the NVIDIA driver, start-up fails with one clear sentence.
     #[test]

@@ -302,6 +302,7 @@ impl GpuBackend for SimulatedBackend {
                 throttle_reasons: if gpu.overheating { 0x20 } else { 0 },
                 pcie_replay_count: gpu.pcie_replays,
                 slowdown_temperature_c: model.slowdown_c,
+                nvlink_errors: Default::default(),
             });
         }
         Ok(samples)
