@@ -9,7 +9,7 @@ use common::*;
 use flotilla_agent::backend::simulated::Injection;
 use flotilla_nvml_mock::{Command, MockNode, NvLinkCounter};
 use flotilla_operator::agents::state::{GpuHealth, GpuRecord};
-use flotilla_operator::agents::{FleetState, GpuAction};
+use flotilla_operator::agents::{GpuAction, NodeRegistry};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -95,12 +95,12 @@ impl NvmlAgent {
     }
 }
 
-async fn registered_or_log(fleet: &FleetState, node: &str, agent: &NvmlAgent) {
+async fn registered_or_log(fleet: &NodeRegistry, node: &str, agent: &NvmlAgent) {
     let ok = fleet.wait_for(PATIENCE, |f| f.node(node).is_some_and(|n| n.connected)).await;
     assert!(ok, "{node} did not register; agent log:\n{}", agent.log());
 }
 
-fn gpu(fleet: &FleetState, node: &str, index: usize) -> Option<GpuRecord> {
+fn gpu(fleet: &NodeRegistry, node: &str, index: usize) -> Option<GpuRecord> {
     fleet.node(node).and_then(|n| n.gpus.get(index).cloned())
 }
 
@@ -115,7 +115,7 @@ fn metric(page: &str, name: &str, gpu: u32) -> Option<f64> {
 #[tokio::test]
 async fn inventory_samples_and_dcgm_metrics_come_through_nvml() {
     let certs = Certs::new(&["nv-a"]);
-    let fleet = FleetState::new();
+    let fleet = NodeRegistry::new();
     let op = operator("127.0.0.1:0", fleet.clone(), Some(&certs), fast_config()).await;
     let agent = NvmlAgent::start("nv-a", op.addr, &certs, "gpus 8\nmodel H100\nseed nv-a\n").await;
     registered_or_log(&fleet, "nv-a", &agent).await;
@@ -262,12 +262,12 @@ const CASES: &[Case] = &[
 ];
 
 /// (health, reason, message, last XID) of every GPU of `node`.
-fn verdicts(fleet: &FleetState, node: &str) -> Vec<(GpuHealth, String, String, u32)> {
+fn verdicts(fleet: &NodeRegistry, node: &str) -> Vec<(GpuHealth, String, String, u32)> {
     let gpus = fleet.node(node).map(|n| n.gpus).unwrap_or_default();
     gpus.into_iter().map(|g| (g.health, g.reason, g.message, g.last_xid)).collect()
 }
 
-async fn same_verdicts(fleet: &FleetState, nvml: &NvmlAgent, what: &str) {
+async fn same_verdicts(fleet: &NodeRegistry, nvml: &NvmlAgent, what: &str) {
     let same = eventually(|| {
         let (n, s) = (verdicts(fleet, "nv-b"), verdicts(fleet, "sim-b"));
         n.len() == 8 && n == s
@@ -285,7 +285,7 @@ async fn same_verdicts(fleet: &FleetState, nvml: &NvmlAgent, what: &str) {
 #[tokio::test]
 async fn every_fault_class_through_nvml_gives_the_simulated_backends_verdict_and_event() {
     let certs = Certs::new(&["nv-b", "sim-b"]);
-    let fleet = FleetState::new();
+    let fleet = NodeRegistry::new();
     let op = operator("127.0.0.1:0", fleet.clone(), Some(&certs), fast_config()).await;
     let nvml = NvmlAgent::start("nv-b", op.addr, &certs, "gpus 8\nseed nv-b\n").await;
     let mut options = agent_options("sim-b", op.addr, Some(certs.client("sim-b")), 8);
