@@ -327,12 +327,12 @@ fn train_from_env(config: &str, no_progress_bar: &str, rank: &str, dir: &Path) -
 fn train_takes_its_configuration_as_json_from_the_environment() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = flotilla_engine::config::EngineConfig::preset("tiny").expect("tiny");
-    config.training.steps = 3;
+    config.training.steps = 12;
     let json = serde_json::to_string(&config).expect("config serialises");
 
     let (code, out) = train_from_env(&json, "1", "0", dir.path());
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("finished 3 steps"), "{out}");
+    assert!(out.contains("finished 12 steps"), "{out}");
     assert!(dir.path().join("latest").exists(), "checkpoint written: {out}");
 
     // The flag's variable takes the usual spellings; the group check after it is what fails.
