@@ -45,10 +45,12 @@ async fn main() -> anyhow::Result<()> {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(1),
             fence_timeout: Duration::from_secs(60),
+            advertise: Default::default(),
         },
         sample_interval: Duration::from_secs(1),
         admin_addr: None,
         state_file: None,
+        worker_logs: None,
     };
     let agent =
         flotilla_agent::start(options, Arc::new(flotilla_agent::supervisor::NoWorkers)).await?;

@@ -5,7 +5,7 @@
 use crate::backend::simulated::{Injection, SimulatedBackend};
 use crate::core::AgentCore;
 use crate::supervisor::{WorkerId, WorkerSupervisor};
-use crate::workers::ProcessSupervisor;
+use crate::workers::{ProcessSupervisor, rotated_path};
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -40,8 +40,12 @@ pub struct ClearRequest {
     pub gpu: u32,
 }
 
-/// The admin router; `sim` enables injection.
-pub fn router(core: Arc<AgentCore>, sim: Option<Arc<SimulatedBackend>>) -> axum::Router {
+/// The admin router; `sim` enables injection, `worker_logs` serves `GET /v1/logs`.
+pub fn router(
+    core: Arc<AgentCore>,
+    sim: Option<Arc<SimulatedBackend>>,
+    worker_logs: Option<Arc<dyn WorkerLogSource>>,
+) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/live", get(|| async { "ok" }))
@@ -50,7 +54,7 @@ pub fn router(core: Arc<AgentCore>, sim: Option<Arc<SimulatedBackend>>) -> axum:
         .route("/inject", post(inject))
         .route("/clear", post(clear))
         .with_state(AdminState { core, sim })
-        .merge(logs_router(WORKER_LOGS.get().cloned()))
+        .merge(logs_router(worker_logs))
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
@@ -90,42 +94,40 @@ async fn clear(State(s): State<AdminState>, Json(req): Json<ClearRequest>) -> Re
 
 /// Sends one JSON POST to an agent's admin server (used by `flotilla-agent inject` / `clear`).
 pub async fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> Result<String, String> {
-    use hyper_util::rt::TokioIo;
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    tokio::spawn(conn);
-    let request = hyper::Request::post(path)
-        .header("host", addr)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| format!("POST {path}: {e}"))?;
+    let request = http_client(addr)?.post(format!("http://{addr}{path}")).json(body);
+    let response = send(request, addr, "POST", path).await?;
     let status = response.status();
-    let bytes = http_body_util_collect(response.into_body()).await?;
+    let bytes = response.bytes().await.map_err(|e| format!("POST {path}: {e}"))?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
     if status.is_success() { Ok(text) } else { Err(format!("{status}: {text}")) }
 }
 
-async fn http_body_util_collect(mut body: hyper::body::Incoming) -> Result<Vec<u8>, String> {
-    use hyper::body::Body;
-    let mut out = Vec::new();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Ok(data) = frame.into_data() {
-            out.extend_from_slice(&data);
+/// The one HTTP client of the agent's admin calls: plain HTTP to `addr`, no proxy (an admin
+/// server is reached directly, as before, whatever `HTTP_PROXY` says).
+fn http_client(addr: &str) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("HTTP client for {addr}: {e}"))
+}
+
+async fn send(
+    request: reqwest::RequestBuilder,
+    addr: &str,
+    method: &str,
+    path: &str,
+) -> Result<reqwest::Response, String> {
+    request.send().await.map_err(|e| {
+        if e.is_connect() {
+            format!("connecting to {addr}: {e}")
+        } else {
+            format!("{method} {path}: {e}")
         }
-    }
-    Ok(out)
+    })
 }
 
 /// Where a worker's log file is and whether the worker still runs: what `GET /v1/logs` needs.
-pub trait WorkerLogSource: Send + Sync {
+pub trait WorkerLogSource: Send + Sync + std::fmt::Debug {
     /// The worker's current log file (the rotated earlier chunk is `<file>.1`).
     fn log_path(&self, id: &WorkerId) -> PathBuf;
     /// Whether the worker is still running (its output may still grow).
@@ -140,14 +142,6 @@ impl WorkerLogSource for ProcessSupervisor {
     fn is_running(&self, id: &WorkerId) -> bool {
         self.running().iter().any(|w| &w.id == id)
     }
-}
-
-static WORKER_LOGS: OnceLock<Arc<dyn WorkerLogSource>> = OnceLock::new();
-
-/// Makes this process's admin server serve `GET /v1/logs` from `source` (set once, before the
-/// agent starts; `flotilla-agent run` does it with its worker supervisor).
-pub fn serve_worker_logs(source: Arc<dyn WorkerLogSource>) {
-    let _ = WORKER_LOGS.set(source);
 }
 
 /// How often a followed log is polled for new bytes.
@@ -218,7 +212,7 @@ async fn logs(
     };
     let path = source.log_path(&query.id);
     let exists = tokio::fs::metadata(&path).await.is_ok()
-        || tokio::fs::metadata(rotated(&path)).await.is_ok();
+        || tokio::fs::metadata(rotated_path(&path)).await.is_ok();
     let wait_for_it = query.follow && source.is_running(&query.id);
     if !(exists || wait_for_it) {
         let LogQuery { id, .. } = &query;
@@ -246,12 +240,6 @@ async fn logs(
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
         .into_response()
-}
-
-fn rotated(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".1");
-    PathBuf::from(name)
 }
 
 type Chunks = tokio::sync::mpsc::Sender<std::io::Result<Bytes>>;
@@ -285,7 +273,7 @@ async fn pump(
     tx: Chunks,
 ) -> std::io::Result<()> {
     let mut current: Option<(tokio::fs::File, u64)> = None;
-    if let Ok(mut old) = tokio::fs::File::open(rotated(&path)).await {
+    if let Ok(mut old) = tokio::fs::File::open(rotated_path(&path)).await {
         drain(&mut old, &tx).await?;
     }
     loop {
@@ -319,33 +307,15 @@ pub async fn get_streaming(
     path: &str,
     mut on_chunk: impl FnMut(&[u8]),
 ) -> Result<(), String> {
-    use hyper::body::Body as _;
-    use hyper_util::rt::TokioIo;
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    tokio::spawn(conn);
-    let request = hyper::Request::get(path)
-        .header("host", addr)
-        .body(String::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| format!("GET {path}: {e}"))?;
+    let request = http_client(addr)?.get(format!("http://{addr}{path}"));
+    let mut response = send(request, addr, "GET", path).await?;
     let status = response.status();
-    let mut body = response.into_body();
     if !status.is_success() {
-        let bytes = http_body_util_collect(body).await?;
+        let bytes = response.bytes().await.map_err(|e| format!("GET {path}: {e}"))?;
         return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes).trim_end()));
     }
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        let frame = frame.map_err(|e| format!("reading {path}: {e}"))?;
-        if let Ok(data) = frame.into_data() {
-            on_chunk(&data);
-        }
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("reading {path}: {e}"))? {
+        on_chunk(&chunk);
     }
     Ok(())
 }
@@ -362,6 +332,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    #[derive(Debug)]
     struct FakeSource {
         dir: PathBuf,
         running: Mutex<bool>,
@@ -416,7 +387,7 @@ mod tests {
             Arc::new(FakeSource { dir: dir.path().to_owned(), running: Mutex::new(false) });
         let id = WorkerId { job_uid: "j1".into(), attempt: 3, rank: 1 };
         let path = source.log_path(&id);
-        std::fs::write(rotated(&path), "old line\n").unwrap();
+        std::fs::write(rotated_path(&path), "old line\n").unwrap();
         std::fs::write(&path, "new line\n").unwrap();
         let addr = serve(Some(source)).await;
         let body = get_text(&addr, "/v1/logs?job=j1&attempt=3&rank=1").await.unwrap();
@@ -468,7 +439,7 @@ mod tests {
         }
         wait_for("second\n", &mut seen).await;
         // Rotation: the file moves to .1 and a fresh one starts.
-        std::fs::rename(&path, rotated(&path)).unwrap();
+        std::fs::rename(&path, rotated_path(&path)).unwrap();
         std::fs::write(&path, "third\n").unwrap();
         wait_for("third\n", &mut seen).await;
         assert!(!reader.is_finished(), "a running worker's log stream must stay open");

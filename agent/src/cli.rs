@@ -1,7 +1,7 @@
 //! Command line: `run` (the agent), `certs` (development certificates), `inject` and `clear`
 //! (drive a running agent's admin endpoint). Every flag also reads an environment variable.
 
-use crate::link::{ClientTlsFiles, LinkConfig};
+use crate::link::{Advertise, ClientTlsFiles, LinkConfig};
 use crate::{AgentOptions, BackendChoice};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -157,7 +157,8 @@ impl RunArgs {
         }
     }
 
-    /// Agent options; TLS needs all three files or none (plaintext only for `http://`).
+    /// Agent options; TLS needs all three files or none (plaintext only for `http://`). No
+    /// worker logs are served until the caller gives the options its supervisor's.
     pub fn options(&self) -> anyhow::Result<AgentOptions> {
         let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
             (Some(ca), Some(cert), Some(key)) => Some(ClientTlsFiles {
@@ -193,10 +194,15 @@ impl RunArgs {
                 backoff_min: Duration::from_millis(200),
                 backoff_max: Duration::from_secs(10),
                 fence_timeout: Duration::from_secs(self.fence_timeout_s),
+                advertise: Advertise {
+                    admin_url: self.admin_url()?,
+                    node_address: self.advertise_address.map(|a| a.to_string()).unwrap_or_default(),
+                },
             },
             sample_interval: Duration::from_millis(self.sample_interval_ms.max(50)),
             admin_addr: Some(self.admin_addr),
             state_file: self.state_file.clone(),
+            worker_logs: None,
         })
     }
 }
@@ -248,12 +254,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let supervisor = crate::workers::ProcessSupervisor::new(args.worker_files())?;
-            crate::link::set_admin_url(args.admin_url()?);
-            crate::link::set_node_address(
-                args.advertise_address.map(|a| a.to_string()).unwrap_or_default(),
-            );
-            crate::admin::serve_worker_logs(supervisor.clone());
-            let handle = crate::start(args.options()?, supervisor.clone()).await?;
+            let options = AgentOptions { worker_logs: Some(supervisor.clone()), ..args.options()? };
+            let handle = crate::start(options, supervisor.clone()).await?;
             supervisor.attach(handle.worker_updates.clone());
             tracing::info!(node = %args.node, admin = ?handle.admin_addr, "agent started");
             stop_signal().await?;

@@ -1,36 +1,12 @@
 //! GPU health classification: pure functions and a small per-GPU state machine.
 //!
-//! XID classes follow `REFERENCE.md`. Application XIDs never condemn a GPU; a Failed GPU stays
-//! Failed until validation passes or an admin clears it (the NVIDIA device plugin never heals,
-//! which operators complain about; Flotilla does).
+//! XID classes are the fleet's one table, [`flotilla_contract::xid`]. Application XIDs never
+//! condemn a GPU; a Failed GPU stays Failed until validation passes or an admin clears it (the
+//! NVIDIA device plugin never heals, which operators complain about; Flotilla does).
 
 use serde::{Deserialize, Serialize};
 
-/// What an XID says about the GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum XidClass {
-    /// The job's fault (13, 31, 43, 45, 68, 109); the GPU stays healthy.
-    Application,
-    /// Fatal hardware fault; the GPU is Failed.
-    HardwareFatal,
-    /// The GPU needs a reset or reboot; Failed until reset and validated.
-    ResetRequired,
-    /// Usable but worn: drain and validate.
-    Degraded,
-    /// Not in our table; treated as Failed, conservatively.
-    Unknown,
-}
-
-/// Classifies an XID code.
-pub fn classify_xid(xid: u32) -> XidClass {
-    match xid {
-        13 | 31 | 43 | 45 | 68 | 109 => XidClass::Application,
-        48 | 62 | 64 | 74 | 79 | 95 | 119 | 120 | 140 => XidClass::HardwareFatal,
-        44 | 61 | 65 | 154 => XidClass::ResetRequired,
-        63 | 92 | 94 => XidClass::Degraded,
-        _ => XidClass::Unknown,
-    }
-}
+pub use flotilla_contract::xid::{XidClass, classify_xid};
 
 /// Health of one GPU, ordered by severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -55,6 +55,8 @@ pub struct AgentOptions {
     pub admin_addr: Option<SocketAddr>,
     /// Where health verdicts and unacknowledged events survive restarts (`None`: memory only).
     pub state_file: Option<std::path::PathBuf>,
+    /// Where the admin server's `GET /v1/logs` finds workers' logs (`None`: it answers 503).
+    pub worker_logs: Option<Arc<dyn admin::WorkerLogSource>>,
 }
 
 /// A running agent.
@@ -117,7 +119,7 @@ pub async fn start(
                 .map_err(|source| StartError::Admin { addr, source })?;
             let bound =
                 listener.local_addr().map_err(|source| StartError::Admin { addr, source })?;
-            let app = admin::router(core.clone(), sim.clone());
+            let app = admin::router(core.clone(), sim.clone(), options.worker_logs.clone());
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
                     tracing::error!(error = %e, "admin server stopped");

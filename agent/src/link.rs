@@ -79,6 +79,18 @@ pub struct LinkConfig {
     /// Kill workers after this long without reaching the operator (the operator's value from
     /// `Registered` replaces it once connected).
     pub fence_timeout: Duration,
+    /// What the agent tells the operator about its node when it registers.
+    pub advertise: Advertise,
+}
+
+/// Addresses the agent reports when it registers; empty ones are left to the operator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Advertise {
+    /// The admin server's URL as others reach it (the GpuNode's `status.adminUrl`).
+    pub admin_url: String,
+    /// The IP address workers on this node are reached at (the GpuNode's `status.address`);
+    /// empty: the operator uses the address the agent's connection comes from.
+    pub node_address: String,
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, LinkError> {
@@ -160,8 +172,17 @@ pub async fn run(
         let started = Instant::now();
         let result = match endpoint.connect().await {
             Ok(channel) => {
-                session(&core, &supervisor, channel, &contact, &mut worker_updates, &mut shutdown)
-                    .await
+                let advertise = &config.advertise;
+                session(
+                    &core,
+                    &supervisor,
+                    channel,
+                    &contact,
+                    advertise,
+                    &mut worker_updates,
+                    &mut shutdown,
+                )
+                .await
             }
             Err(e) => Err(LinkError::Connect {
                 endpoint: config.endpoint.clone(),
@@ -211,27 +232,11 @@ async fn fence_watchdog(
     }
 }
 
-static ADMIN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Sets the admin URL this process's agent reports when it registers (once per process: the
-/// `flotilla-agent run` command sets it before the link starts).
-pub fn set_admin_url(url: String) {
-    let _ = ADMIN_URL.set(url);
-}
-
-fn admin_url() -> String {
-    ADMIN_URL.get().cloned().unwrap_or_default()
-}
-
-static NODE_ADDRESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Sets the address this process's agent reports for its node's workers (once per process; empty
-/// leaves it to the operator, which then uses the address the connection comes from).
-pub fn set_node_address(address: String) {
-    let _ = NODE_ADDRESS.set(address);
-}
-
-fn registration(core: &AgentCore, supervisor: &dyn WorkerSupervisor) -> pb::AgentMessage {
+fn registration(
+    core: &AgentCore,
+    supervisor: &dyn WorkerSupervisor,
+    advertise: &Advertise,
+) -> pb::AgentMessage {
     let health = core.health();
     let (last_seq, _) = core.seqs();
     let register = pb::Register {
@@ -248,8 +253,8 @@ fn registration(core: &AgentCore, supervisor: &dyn WorkerSupervisor) -> pb::Agen
             .collect(),
         workers: supervisor.running().iter().map(convert::running_worker).collect(),
         last_critical_seq: last_seq,
-        admin_url: admin_url(),
-        address: NODE_ADDRESS.get().cloned().unwrap_or_default(),
+        admin_url: advertise.admin_url.clone(),
+        address: advertise.node_address.clone(),
     };
     pb::AgentMessage { body: Some(Up::Register(register)) }
 }
@@ -259,6 +264,7 @@ async fn session(
     supervisor: &Arc<dyn WorkerSupervisor>,
     channel: Channel,
     contact: &Contact,
+    advertise: &Advertise,
     worker_updates: &mut mpsc::UnboundedReceiver<WorkerUpdate>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
@@ -270,7 +276,7 @@ async fn session(
         let tx = tx.clone();
         async move { tx.send(m).await.map_err(|_| LinkError::Protocol("outbound stream closed".into())) }
     };
-    send(registration(core, supervisor.as_ref())).await?;
+    send(registration(core, supervisor.as_ref(), advertise)).await?;
     let mut inbound = client.link(ReceiverStream::new(rx)).await?.into_inner();
     let registered = match inbound.message().await? {
         Some(pb::OperatorMessage { body: Some(Down::Registered(r)) }) => r,

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use flotilla_agent::backend::simulated::Injection;
+use flotilla_agent::link::Advertise;
 use flotilla_operator::agents::{GpuAction, GpuHealth, NodeRegistry, WorkerPhase};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
@@ -23,12 +24,20 @@ async fn several_agents_register_with_their_inventory() {
     let certs = Certs::new(&nodes);
     let op = operator("127.0.0.1:0", NodeRegistry::new(), Some(&certs), fast_config()).await;
     let mut agents = Vec::new();
-    for node in nodes {
-        agents.push(agent(agent_options(node, op.addr, Some(certs.client(node)), 4)).await);
+    for (i, node) in nodes.into_iter().enumerate() {
+        let mut options = agent_options(node, op.addr, Some(certs.client(node)), 4);
+        // Each agent in this one process advertises its own addresses.
+        options.link.advertise = Advertise {
+            admin_url: format!("http://{node}:9400"),
+            node_address: format!("10.0.0.{i}"),
+        };
+        agents.push(agent(options).await);
     }
-    for (node, agent) in nodes.iter().zip(&agents) {
+    for (i, (node, agent)) in nodes.iter().zip(&agents).enumerate() {
         registered(op.registry(), node).await;
         let rec = op.registry().node(node).expect("registered");
+        assert_eq!(op.registry().admin_url(node), Some(format!("http://{node}:9400")));
+        assert_eq!(rec.address, Some(format!("10.0.0.{i}")));
         let uuids: Vec<&str> = rec.gpus.iter().map(|g| g.uuid.as_str()).collect();
         let expected: Vec<&str> = agent.core.devices().iter().map(|d| d.uuid.as_str()).collect();
         assert_eq!(uuids, expected, "{node}");

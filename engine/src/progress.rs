@@ -2,39 +2,26 @@
 //!
 //! # Agent protocol
 //!
-//! When `FLOTILLA_PROGRESS_SOCKET` names a Unix stream socket, the worker connects to it and
-//! writes one JSON object per line after every optimizer step:
-//!
-//! ```json
-//! {"step":12,"totalSteps":200,"loss":2.31,"tokensPerSecond":5120.5,"lastCheckpointStep":10}
-//! ```
-//!
-//! `step` counts completed steps, `loss` is the global mean next-token loss (nats),
-//! `tokensPerSecond` is the global rate of the last step, and `lastCheckpointStep` is `null`
-//! until a checkpoint exists. Only rank 0 reports. A socket that is missing or closes is retried
-//! on the next step; reporting never stops training.
+//! When `FLOTILLA_PROGRESS_SOCKET` names a Unix stream socket, rank 0 connects to it and writes
+//! one [`ProgressLine`] per optimizer step, in the format `flotilla_contract::progress` defines
+//! for the agent. A socket that is missing or closes is retried on the next step; reporting
+//! never stops training.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 
-/// One progress line for the agent.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProgressLine {
-    /// Steps completed.
-    pub step: u64,
-    /// Steps in the whole run.
-    pub total_steps: u64,
-    /// Global mean loss of the last step.
-    pub loss: f32,
-    /// Global tokens per second of the last step.
-    pub tokens_per_second: f64,
-    /// Step of the newest checkpoint, if any.
-    pub last_checkpoint_step: Option<u64>,
+pub use flotilla_contract::progress::ProgressLine;
+
+/// A training loss as the progress line carries it: the `f64` with the shortest decimal of the
+/// `f32` (2.31, not 2.309999942779541), which is what the line carried when it held an `f32`.
+pub fn loss_for_report(loss: f32) -> f64 {
+    if !loss.is_finite() {
+        return f64::from(loss);
+    }
+    loss.to_string().parse().unwrap_or_else(|_| f64::from(loss))
 }
 
 /// Where progress goes.
@@ -95,9 +82,7 @@ impl ProgressReporter {
             self.socket = UnixStream::connect(path).ok();
         }
         let Some(socket) = self.socket.as_mut() else { return };
-        let mut json = serde_json::to_vec(line).unwrap_or_default();
-        json.push(b'\n');
-        if socket.write_all(&json).is_err() {
+        if socket.write_all(&line.encode()).is_err() {
             self.socket = None;
         }
     }
@@ -107,5 +92,26 @@ impl ProgressReporter {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reported_loss_keeps_the_f32_decimal() {
+        assert_eq!(loss_for_report(2.31), 2.31);
+        assert_eq!(loss_for_report(0.1), 0.1);
+        assert!(loss_for_report(f32::NAN).is_nan());
+        assert_eq!(loss_for_report(f32::INFINITY), f64::INFINITY);
+        let line = ProgressLine {
+            step: 1,
+            total_steps: 2,
+            loss: loss_for_report(2.31),
+            tokens_per_second: 10.0,
+            last_checkpoint_step: None,
+        };
+        assert!(String::from_utf8(line.encode()).unwrap().contains("\"loss\":2.31,"));
     }
 }

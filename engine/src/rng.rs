@@ -13,8 +13,7 @@ pub fn mix64(mut z: u64) -> u64 {
 
 /// FNV-1a hash of a name, used to key a parameter's initialisation stream.
 pub fn name_hash(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
+    flotilla_contract::fnv::fnv1a_64(name.as_bytes())
 }
 
 /// A deterministic stream of random numbers keyed by `(seed, stream)`, positioned at `counter`.

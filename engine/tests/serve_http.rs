@@ -1,8 +1,6 @@
 //! The OpenAI-compatible server over real HTTP on loopback.
 #![cfg(feature = "runtime")]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -34,36 +32,20 @@ fn start_server() -> String {
     rx.recv().expect("address")
 }
 
-/// One HTTP/1.1 request; returns (status, body).
+/// One HTTP request; returns (status, body).
 fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(body) } else { body.to_owned() })
-}
-
-/// Removes HTTP chunked framing (sizes on their own lines).
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_owned() };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let response = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .request(method, format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().expect("body"))
 }
 
 #[test]

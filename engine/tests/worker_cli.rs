@@ -207,21 +207,18 @@ fn serve_on_a_taken_port_exits_with_the_port_unavailable_code() {
 }
 
 /// `POST /v1/completions` on loopback; returns (status, body).
-fn complete(http_port: u16, prompt: &str, max_tokens: u32) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", http_port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+fn complete(http_port: u16, prompt: &str, max_tokens: u32) -> reqwest::Result<(u16, String)> {
     let body = format!(r#"{{"prompt":"{prompt}","max_tokens":{max_tokens},"temperature":0}}"#);
-    write!(
-        stream,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    let response = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()?
+        .post(format!("http://127.0.0.1:{http_port}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .timeout(Duration::from_secs(30))
+        .send()?;
+    let status = response.status().as_u16();
+    Ok((status, response.text()?))
 }
 
 #[test]
@@ -303,4 +300,52 @@ fn the_portable_kernels_train_to_the_same_loss_as_the_default_ones() {
     // Different kernels sum in a different order, so the losses agree closely, not bitwise.
     let gap = (portable - default).abs() / default;
     assert!(portable.is_finite() && gap < 0.01, "portable {portable} vs default {default}");
+}
+
+/// `flotilla-worker train` with only the environment an agent gives a TrainingJob's worker: the
+/// configuration as JSON in `FLOTILLA_ENGINE_CONFIG`, `FLOTILLA_NO_PROGRESS_BAR=1`.
+fn train_from_env(config: &str, no_progress_bar: &str, rank: &str, dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla-worker"))
+        .arg("train")
+        .env_remove("FLOTILLA_CONFIG")
+        .env_remove("FLOTILLA_PRESET")
+        .env("FLOTILLA_ENGINE_CONFIG", config)
+        .env("FLOTILLA_NO_PROGRESS_BAR", no_progress_bar)
+        .env("FLOTILLA_CHECKPOINT_DIR", dir)
+        .env("RANK", rank)
+        .env("WORLD_SIZE", "1")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .expect("running flotilla-worker train");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn train_takes_its_configuration_as_json_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = flotilla_engine::config::EngineConfig::preset("tiny").expect("tiny");
+    config.training.steps = 12;
+    let json = serde_json::to_string(&config).expect("config serialises");
+
+    let (code, out) = train_from_env(&json, "1", "0", dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("finished 12 steps"), "{out}");
+    assert!(dir.path().join("latest").exists(), "checkpoint written: {out}");
+
+    // The flag's variable takes the usual spellings; the group check after it is what fails.
+    for value in ["0", "true", "false", "yes"] {
+        let (code, out) = train_from_env(&json, value, "5", dir.path());
+        assert_eq!(code, i32::from(flotilla_engine::exit::INVALID_CONFIG), "{value}: {out}");
+        assert!(out.contains("RANK must be below WORLD_SIZE"), "{value}: {out}");
+    }
+    let (code, out) = train_from_env(&json, "maybe", "0", dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("maybe"), "{out}");
+
+    let (code, out) = train_from_env("{\"model\": 3}", "1", "0", dir.path());
+    assert_eq!(code, i32::from(flotilla_engine::exit::INVALID_CONFIG), "{out}");
+    assert!(out.contains("FLOTILLA_ENGINE_CONFIG"), "{out}");
 }

@@ -27,15 +27,10 @@ const JOB_PHASES: [&str; 8] =
     ["Pending", "Queued", "Scheduled", "Running", "Restarting", "Suspended", "Succeeded", "Failed"];
 const SERVICE_PHASES: [&str; 6] = ["Pending", "Queued", "Starting", "Ready", "Degraded", "Failed"];
 
-/// The class of an NVIDIA XID, as the fleet treats it (see REFERENCE.md's table).
+/// The class of an NVIDIA XID, as the fleet treats it: the label of the table the agent
+/// classifies with (`flotilla_contract::xid`).
 pub fn xid_class(xid: u32) -> &'static str {
-    match xid {
-        13 | 31 | 43 | 45 | 68 | 109 => "application",
-        48 | 62 | 64 | 74 | 79 | 95 | 119 | 120 | 140 => "hardware-fatal",
-        44 | 61 | 65 | 154 => "hardware-reset",
-        63 | 92 | 94 => "degraded",
-        _ => "unknown",
-    }
+    flotilla_contract::xid::classify_xid(xid).metric_label()
 }
 
 fn reason_label(cause: RestartCause) -> &'static str {

@@ -213,18 +213,37 @@ impl Rig {
         drop(old);
     }
 
-    /// Pids of the `flotilla-worker` processes of rank `rank` of the job `name` in this rig
-    /// (their command line names the rank's engine configuration in the job's checkpoint
-    /// directory, which lies in this rig's temporary directory).
+    /// Pids of the `flotilla-worker` processes of rank `rank` of the job `name` in this rig:
+    /// the processes whose environment (as the agent set it) has `RANK=<rank>` and a
+    /// checkpoint directory `<rig>/checkpoints/<namespace>/<name>-<uid>`.
     pub fn worker_pids(&self, name: &str, rank: u32) -> Vec<i32> {
-        let config = format!("/{name}-[^/]*/engine-config.rank{rank}.json");
-        let pattern = format!("{}/checkpoints/.*{config}", self.dir.path().display());
-        let out = Command::new("pgrep").args(["-f", &pattern]).output().expect("running pgrep");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .filter(|&pid: &i32| pid != std::process::id() as i32)
-            .collect()
+        let root = format!("{}/checkpoints/", self.dir.path().display());
+        let rank_var = format!("RANK={rank}");
+        let mut pids = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+            let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+            let has = |want: &str| vars.contains(&want.as_bytes());
+            let checkpoint = vars.iter().find_map(|v| {
+                std::str::from_utf8(v).ok()?.strip_prefix("FLOTILLA_CHECKPOINT_DIR=")
+            });
+            let ours = checkpoint.is_some_and(|dir| {
+                dir.strip_prefix(&root).and_then(|rest| rest.split('/').nth(1)).is_some_and(
+                    |leaf| leaf.strip_prefix(name).is_some_and(|uid| uid.starts_with('-')),
+                )
+            });
+            if ours && has(&rank_var) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     /// The agents' node names.

@@ -5,6 +5,7 @@
 
 use super::{BackendError, GpuBackend, GpuDevice, GpuEvent, GpuSample};
 use crate::health::Fault;
+use flotilla_contract::fnv;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -138,9 +139,7 @@ pub struct SimulatedBackend {
 impl SimulatedBackend {
     /// `count` GPUs of `model` on `node`, telemetry seeded by `seed`.
     pub fn new(node: &str, count: u32, model: SimModel, seed: u64) -> Self {
-        let node_seed = node.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let node_seed = fnv::fnv1a_64_from(seed ^ fnv::OFFSET_BASIS_64, node.as_bytes());
         let mut rng = StdRng::seed_from_u64(node_seed);
         let gpus = (0..count)
             .map(|index| {

@@ -127,10 +127,12 @@ pub fn agent_options(
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
             fence_timeout: Duration::from_secs(30),
+            advertise: Default::default(),
         },
         sample_interval: Duration::from_millis(200),
         admin_addr: None,
         state_file: None,
+        worker_logs: None,
     }
 }
 

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use flotilla_contract::worker_env;
 use flotilla_engine::config::{EngineConfig, PRESETS};
 
 /// Exit code for a run stopped by a signal after checkpointing.
@@ -50,12 +51,17 @@ enum Command {
     Schema,
 }
 
-/// Where the engine configuration comes from.
+/// Where the engine configuration comes from: a file, the configuration itself as JSON, or a
+/// preset (at most one).
 #[derive(Args, Clone, Debug)]
 pub struct ConfigSource {
     /// Configuration file (YAML or JSON).
-    #[arg(long, env = "FLOTILLA_CONFIG", conflicts_with = "preset")]
+    #[arg(long, env = "FLOTILLA_CONFIG", conflicts_with_all = ["preset", "config_json"])]
     pub config: Option<PathBuf>,
+    /// The configuration itself, as JSON (how the operator hands a TrainingJob's `spec.engine`
+    /// to its workers).
+    #[arg(long, env = worker_env::ENGINE_CONFIG, hide_env_values = true, conflicts_with = "preset")]
+    pub config_json: Option<String>,
     /// Built-in preset: tiny, small or base.
     #[arg(long, env = "FLOTILLA_PRESET")]
     pub preset: Option<String>,
@@ -74,17 +80,28 @@ impl std::fmt::Display for InvalidConfig {
 impl std::error::Error for InvalidConfig {}
 
 impl ConfigSource {
+    /// Whether a configuration was given at all.
+    pub fn is_given(&self) -> bool {
+        self.config.is_some() || self.config_json.is_some() || self.preset.is_some()
+    }
+
     /// Loads and validates the configuration (`tiny` when nothing is given).
     pub fn load(&self) -> anyhow::Result<EngineConfig> {
-        let config = match (&self.config, &self.preset) {
-            (Some(path), _) => read_config(path)?,
-            (None, Some(name)) => EngineConfig::preset(name).ok_or_else(|| {
+        let config = match (&self.config, &self.config_json, &self.preset) {
+            (Some(path), _, _) => read_config(path)?,
+            (None, Some(json), _) => serde_json::from_str(json).map_err(|e| {
+                InvalidConfig(format!(
+                    "--config-json ({}): expected the engine configuration as JSON: {e}",
+                    worker_env::ENGINE_CONFIG
+                ))
+            })?,
+            (None, None, Some(name)) => EngineConfig::preset(name).ok_or_else(|| {
                 InvalidConfig(format!(
                     "unknown preset {name:?}; expected one of {}",
                     PRESETS.join(", ")
                 ))
             })?,
-            (None, None) => EngineConfig::preset("tiny").context("tiny preset")?,
+            (None, None, None) => EngineConfig::preset("tiny").context("tiny preset")?,
         };
         config.validate().map_err(|e| InvalidConfig(e.to_string()))?;
         Ok(config)
@@ -98,7 +115,7 @@ fn read_config(path: &Path) -> anyhow::Result<EngineConfig> {
     let parsed = if is_json {
         serde_json::from_str(&text).map_err(|e| e.to_string())
     } else {
-        serde_yaml::from_str(&text).map_err(|e| e.to_string())
+        serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
     };
     parsed.map_err(|e| InvalidConfig(format!("config {}: {e}", path.display())).into())
 }
@@ -143,7 +160,7 @@ pub fn main() -> ExitCode {
 
 fn print_config(source: &ConfigSource) -> anyhow::Result<ExitCode> {
     let config = source.load()?;
-    print!("{}", serde_yaml::to_string(&config)?);
+    print!("{}", serde_yaml_ng::to_string(&config)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -160,16 +177,16 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 #[derive(clap::Args)]
 pub struct GroupArgs {
     /// Address rank 0 listens on for rendezvous.
-    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    #[arg(long, env = worker_env::MASTER_ADDR, default_value = "127.0.0.1")]
     pub master_addr: String,
     /// Port rank 0 listens on for rendezvous.
-    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    #[arg(long, env = worker_env::MASTER_PORT, default_value_t = 29500)]
     pub master_port: u16,
     /// This worker's rank.
-    #[arg(long, env = "RANK", default_value_t = 0)]
+    #[arg(long, env = worker_env::RANK, default_value_t = 0)]
     pub rank: usize,
     /// Number of workers.
-    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    #[arg(long, env = worker_env::WORLD_SIZE, default_value_t = 1)]
     pub world_size: usize,
 }
 

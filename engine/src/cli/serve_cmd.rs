@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
+use flotilla_contract::worker_env;
 use flotilla_engine::checkpoint;
 use flotilla_engine::metrics::{Metrics, ServeMetrics};
 use flotilla_engine::model::Model;
@@ -27,7 +28,7 @@ const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct ServeArgs {
     /// Checkpoint directory (with `latest`) or one `step-…` directory; without it a preset or
     /// config is served with freshly initialised weights.
-    #[arg(long, env = "FLOTILLA_CHECKPOINT_DIR")]
+    #[arg(long, env = worker_env::CHECKPOINT_DIR)]
     checkpoint: Option<PathBuf>,
     #[command(flatten)]
     source: ConfigSource,
@@ -64,7 +65,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("no checkpoint in {} (no `latest`)", dir.display()))?
             };
             let mut config = snapshot.trainer.config.clone();
-            if args.source.config.is_some() || args.source.preset.is_some() {
+            if args.source.is_given() {
                 config.serving = args.source.load()?.serving;
             }
             let mut model = Model::new(&config.model, config.training.seed, &device)?;

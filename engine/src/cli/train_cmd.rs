@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use flotilla_contract::worker_env;
 use flotilla_engine::metrics::{Metrics, TrainMetrics};
-use flotilla_engine::progress::{ProgressLine, ProgressReporter};
+use flotilla_engine::progress::{ProgressLine, ProgressReporter, loss_for_report};
 use flotilla_engine::train::{LedgerEntry, Trainer};
 
 use super::{ConfigSource, EXIT_TERMINATED, check_group, runtime};
@@ -19,7 +20,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     source: ConfigSource,
     /// Directory for checkpoints; the run resumes from the newest complete one found there.
-    #[arg(long, env = "FLOTILLA_CHECKPOINT_DIR")]
+    #[arg(long, env = worker_env::CHECKPOINT_DIR)]
     checkpoint_dir: Option<PathBuf>,
     /// Override `training.checkpointInterval` (steps; 0 = only at the end and on SIGTERM).
     #[arg(long, env = "FLOTILLA_CHECKPOINT_INTERVAL")]
@@ -33,16 +34,17 @@ pub struct TrainArgs {
     #[command(flatten)]
     group: super::GroupArgs,
     /// Restart attempt number, recorded in checkpoints.
-    #[arg(long, env = "FLOTILLA_ATTEMPT", default_value_t = 0)]
+    #[arg(long, env = worker_env::ATTEMPT, default_value_t = 0)]
     attempt: u64,
     /// The job this worker belongs to, for the attempt ledger in the checkpoint directory.
-    #[arg(long, env = "FLOTILLA_JOB_UID", default_value = "")]
+    #[arg(long, env = worker_env::JOB_UID, default_value = "")]
     job_uid: String,
     /// Unix socket of the agent, which receives one JSON progress line per step.
-    #[arg(long, env = "FLOTILLA_PROGRESS_SOCKET")]
+    #[arg(long, env = worker_env::PROGRESS_SOCKET)]
     progress_socket: Option<PathBuf>,
-    /// Log lines instead of a progress bar even on a terminal.
-    #[arg(long, env = "FLOTILLA_NO_PROGRESS_BAR")]
+    /// Log lines instead of a progress bar even on a terminal (the variable takes 1/0,
+    /// true/false, yes/no or on/off).
+    #[arg(long, env = worker_env::NO_PROGRESS_BAR, value_parser = clap::builder::BoolishValueParser::new())]
     no_progress_bar: bool,
 }
 
@@ -126,7 +128,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         progress.report(&ProgressLine {
             step: report.step,
             total_steps: total,
-            loss: report.loss,
+            loss: loss_for_report(report.loss),
             tokens_per_second: report.tokens as f64 / report.seconds.max(1e-9),
             last_checkpoint_step: trainer.last_checkpoint_step,
         });

@@ -2,14 +2,11 @@
 //! final RMSNorm and the LM head. Parameter names follow the Hugging Face DeepSeek-V3 checkpoints.
 
 mod expert_mix;
-mod fused;
-mod gemm_f32;
+mod kernels;
 pub mod layers;
 pub mod moe;
 pub mod routing;
 mod scratch;
-#[cfg(target_arch = "x86_64")]
-mod sgemm_avx512;
 
 use std::collections::HashMap;
 

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use super::ReplicaLaunch;
+use flotilla_contract::fnv::fnv1a_32;
+use flotilla_contract::worker_env;
 
 /// The exit code recorded for a worker its agent could not start (as a shell's "not found").
 pub const FAILED_TO_START_CODE: i32 = 127;
@@ -76,10 +78,8 @@ struct Program {
     env: BTreeMap<String, String>,
 }
 
-/// The program every worker runs: the custom command, or `flotilla-worker train` with the
-/// job's engine configuration. The engine reads its configuration from a file, so a shell
-/// writes the JSON (passed in the environment) next to the checkpoints first. The agent sets
-/// `FLOTILLA_NO_PROGRESS_BAR=1`, which the engine's flag refuses (it takes true or false).
+/// The program every worker runs: the custom command, or `flotilla-worker train` reading the
+/// job's engine configuration (JSON) from its environment.
 fn worker_program(job: &TrainingJob, args: &WorkerLaunchArgs) -> Result<Program, String> {
     if let Some(cmd) = &job.spec.command {
         let (program, leading) = cmd
@@ -92,21 +92,17 @@ fn worker_program(job: &TrainingJob, args: &WorkerLaunchArgs) -> Result<Program,
     }
     let engine = job.spec.engine.as_ref().ok_or("spec: expected engine or command, got neither")?;
     let config = serde_json::to_string(engine).map_err(|e| format!("spec.engine: {e}"))?;
-    let script = r#"mkdir -p "$FLOTILLA_CHECKPOINT_DIR" && f="$FLOTILLA_CHECKPOINT_DIR/engine-config.rank$RANK.json" && printf '%s' "$FLOTILLA_ENGINE_CONFIG" > "$f" && FLOTILLA_NO_PROGRESS_BAR=true exec "$0" train --config "$f""#;
     Ok(Program {
-        command: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into(), args.worker_binary.clone()],
-        env: BTreeMap::from([("FLOTILLA_ENGINE_CONFIG".to_string(), config)]),
+        command: args.worker_binary.clone(),
+        args: vec!["train".into()],
+        env: BTreeMap::from([(worker_env::ENGINE_CONFIG.to_string(), config)]),
     })
 }
 
 /// A rendezvous port offset from the job and attempt (FNV-1a), so attempts and jobs sharing a
 /// node rarely collide and a new attempt never reuses the previous one's port.
 pub(super) fn port_offset(uid: &str, attempt: i32) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in uid.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
+    let h = fnv1a_32(uid.as_bytes());
     (h % MASTER_PORT_SPAN + attempt.max(0) as u32) % MASTER_PORT_SPAN
 }
 

@@ -9,6 +9,7 @@ use crate::crd::inference_service::{
 use crate::ids::{HolderId, ReplicaId, object_key};
 use crate::lifecycle::AttemptReport;
 use crate::placement::{self, Holding, RACK_LABEL};
+use flotilla_contract::fnv::fnv1a_64;
 use flotilla_scheduler as sched;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -16,15 +17,6 @@ use kube::ResourceExt;
 use std::collections::BTreeSet;
 
 use super::plan::Observed;
-
-/// FNV-1a, 64 bits: a short, stable digest of a spec (not for security).
-fn fnv1a_64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
 
 /// The id of one launch of a replica on the agents, and of its readiness verdict
 /// ([`ReplicaId::on_agents`]).

@@ -4,7 +4,6 @@
 //!
 //! Scalar `f32::exp` is a libm call per element and kept these passes at ~15% of a training step;
 //! [`exp`] is a branch-free polynomial that vectorises, accurate to a few ulp.
-#![allow(unsafe_code)]
 
 /// Runs `$body` (a call to an `#[inline(always)]` function) in a copy compiled for AVX-512F when
 /// the CPU has it, else as compiled for the baseline.
@@ -17,7 +16,7 @@ macro_rules! dispatch {
                 fn wide($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
-                if super::avx512_kernels() {
+                if crate::model::avx512_kernels() {
                     // SAFETY: `wide` only needs AVX-512F, which `avx512_kernels` checked the CPU
                     // has.
                     return unsafe { wide($($arg),*) };

@@ -5,7 +5,6 @@
 //! crate's (the kernel candle uses, which stops at AVX2 on a stable compiler). The crate's entry
 //! point takes raw pointers and strides; every call is preceded by checks that each view stays
 //! inside its slice.
-#![allow(unsafe_code)]
 
 /// A read-only `rows × cols` view of a slice with arbitrary (non-negative) strides.
 #[derive(Clone, Copy)]

@@ -16,14 +16,19 @@
 //! mix's backward leaves every weight gradient in shared slots, and each tap's backward (candle
 //! runs it after the mix's, as the tap is upstream) hands them to its weights.
 
-use std::cmp::Reverse;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused;
-use super::gemm_f32::{MatRef, matmul};
+use super::kernels::fused;
+use super::kernels::gemm_f32::{MatRef, matmul};
 use super::scratch::Scratch;
+
+mod weight_tap;
+mod work;
+
+use weight_tap::{GradSlots, WeightTap};
+use work::{cpu_f32, gather, in_parallel, split_mut, split_ref, storage_f32};
 
 /// One expert: its weights are entries `3·index .. 3·index + 3` of the mix's weight list (gate
 /// `[inner, width]`, up `[inner, width]`, down `[width, inner]`).
@@ -38,9 +43,6 @@ impl ExpertWeights {
         [weights[3 * self.index], weights[3 * self.index + 1], weights[3 * self.index + 2]]
     }
 }
-
-/// Weight gradients left by the mix's backward for the taps, one slot per weight.
-type GradSlots = Arc<Mutex<Vec<Option<Tensor>>>>;
 
 /// One expert's share of the work: the tokens it sees (`None`: all of them, the shared expert).
 #[derive(Clone, Copy)]
@@ -419,84 +421,6 @@ impl CustomOp3 for ExpertMix {
     }
 }
 
-/// Puts one or two expert weights into the graph upstream of the mix (see the module docs):
-/// forward passes a one-value carrier on, backward hands the weights their gradients from the
-/// mix's slots `first` and `first + 1`.
-struct WeightTap {
-    grads: GradSlots,
-    first: usize,
-}
-
-impl WeightTap {
-    fn carrier() -> (CpuStorage, Shape) {
-        (CpuStorage::F32(vec![0.0]), Shape::from(1))
-    }
-
-    fn take(&self, offset: usize) -> Result<Option<Tensor>> {
-        let mut slots =
-            self.grads.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        match slots.get_mut(self.first + offset).and_then(Option::take) {
-            Some(grad) => Ok(Some(grad)),
-            None => candle_core::bail!("moe-weight-tap: no gradient left by the expert mix"),
-        }
-    }
-}
-
-impl CustomOp2 for WeightTap {
-    fn name(&self) -> &'static str {
-        "moe-weight-tap"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok(Self::carrier())
-    }
-
-    fn bwd(
-        &self,
-        carrier: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(carrier.zeros_like()?), self.take(0)?))
-    }
-}
-
-impl CustomOp3 for WeightTap {
-    fn name(&self) -> &'static str {
-        "moe-weight-tap"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok(Self::carrier())
-    }
-
-    fn bwd(
-        &self,
-        carrier: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(carrier.zeros_like()?), self.take(0)?, self.take(1)?))
-    }
-}
-
 impl ExpertMix {
     fn check(&self, x: &[f32], w: &[f32], params: &[&[f32]]) -> Result<()> {
         let d = self.width;
@@ -518,79 +442,6 @@ impl ExpertMix {
         }
         Ok(())
     }
-}
-
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("moe-expert-mix: {what} must be contiguous f32"),
-    }
-}
-
-fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(s) => cpu_f32(s, l, what),
-        _ => candle_core::bail!("moe-expert-mix: {what} must be on the CPU"),
-    }
-}
-
-fn gather(x: &[f32], rows: &[u32], width: usize) -> Scratch {
-    let mut out = Scratch::reuse(rows.len() * width);
-    for (dst, &r) in out.chunks_exact_mut(width).zip(rows) {
-        dst.copy_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
-    }
-    out
-}
-
-fn split_mut(buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
-    let mut parts = Vec::new();
-    let mut rest = buf;
-    for len in lens {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
-        parts.push(head);
-        rest = tail;
-    }
-    parts
-}
-
-fn split_ref(buf: &[f32], lens: impl Iterator<Item = usize>) -> Vec<&[f32]> {
-    let mut parts = Vec::new();
-    let mut rest = buf;
-    for len in lens {
-        let (head, tail) = rest.split_at(len);
-        parts.push(head);
-        rest = tail;
-    }
-    parts
-}
-
-/// Runs `(cost, task)` pairs on up to `threads` threads, costliest first, each thread taking the
-/// next task when it finishes one: on a shared machine a descheduled thread then delays the step
-/// by one task at most, where a fixed split would wait for its whole share.
-fn in_parallel<T: Send>(mut tasks: Vec<(usize, T)>, threads: usize, run: impl Fn(T) + Sync) {
-    tasks.retain(|(cost, _)| *cost > 0);
-    tasks.sort_by_key(|(cost, _)| Reverse(*cost));
-    let workers = threads.min(tasks.len());
-    if workers <= 1 {
-        tasks.into_iter().for_each(|(_, t)| run(t));
-        return;
-    }
-    let queue = Mutex::new(tasks.into_iter().map(|(_, t)| t));
-    let work = || {
-        loop {
-            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
-            match next {
-                Some(task) => run(task),
-                None => break,
-            }
-        }
-    };
-    std::thread::scope(|scope| {
-        for _ in 1..workers {
-            scope.spawn(work);
-        }
-        work();
-    });
 }
 
 #[cfg(test)]

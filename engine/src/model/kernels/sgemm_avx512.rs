@@ -20,10 +20,9 @@
 //! (`torch.mm`, one thread) and 1.8× the `gemm` crate's AVX2 kernel (see the `gemm_throughput`
 //! test in `gemm_f32`).
 //!
-//! `unsafe` is confined to this module: the intrinsics that touch memory take raw pointers, and
+//! `unsafe` is needed here because the intrinsics that touch memory take raw pointers, and
 //! calling `#[target_feature]` functions needs the feature checked first; each block says why
 //! its accesses stay in bounds.
-#![allow(unsafe_code)]
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd, _mm512_fmadd_ps,
@@ -56,7 +55,7 @@ static BUFFERS: Mutex<Vec<(Vec<Line>, Vec<Line>)>> = Mutex::new(Vec::new());
 
 /// Whether this CPU can run [`matmul`].
 pub(super) fn available() -> bool {
-    super::avx512_kernels()
+    crate::model::avx512_kernels()
 }
 
 /// A strided `rows × cols` operand: element `(r, c)` is `data[r · rs + c · cs]`.
