@@ -163,6 +163,9 @@ impl ControlPlane {
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.bin_dir.join("kubectl"));
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        // Discovery is cached per server address; control planes of one test run may reuse a
+        // port, so each keeps its own cache instead of reading another's resource list.
+        cmd.arg("--cache-dir").arg(self.dir.join("kubectl-cache"));
         cmd
     }
 

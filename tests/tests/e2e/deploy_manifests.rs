@@ -9,7 +9,7 @@ use serde_yaml_ng::Value as Yaml;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 // === the metrics the code exports ===
 
@@ -327,8 +327,11 @@ fn expect_success(what: &str, out: &Output) -> String {
 /// Applies the CRDs and the namespace for real, once per test binary, so that a server-side
 /// dry run of everything else can resolve the custom kinds and the namespace.
 fn install_crds_and_namespace(cp: &ControlPlane) {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
+    // Once per control plane: the module's control plane stops when its last running test lets
+    // go of it, and a later test gets a fresh one without the CRDs.
+    static DONE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.insert(cp.kubeconfig().to_path_buf()) {
         let crds = deploy("crds");
         let out = run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(&crds));
         expect_success("applying deploy/crds", &out);
@@ -344,7 +347,7 @@ fn install_crds_and_namespace(cp: &ControlPlane) {
         let out =
             run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(deploy("namespace.yaml")));
         expect_success("applying deploy/namespace.yaml", &out);
-    });
+    }
 }
 
 #[tokio::test]
