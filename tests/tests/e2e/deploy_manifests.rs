@@ -463,38 +463,28 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
         &["create", "leases.coordination.k8s.io", "-n", "kube-system"],
         &["delete", "customresourcedefinitions.apiextensions.k8s.io"],
     ];
-    // The API server's authorizer learns of new RBAC objects through its own watch: a check
-    // right after the apply may still see the old rules (more so on a loaded machine), so the
-    // answers are read until they agree with the manifests or a deadline passes.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let wrong = loop {
-        let wrong: Vec<String> = allowed
-            .iter()
-            .filter(|a| !can_i(&cp, "flotilla-operator", a))
-            .map(|a| format!("operator may not {a:?}"))
-            .chain(
-                denied
-                    .iter()
-                    .filter(|a| can_i(&cp, "flotilla-operator", a))
-                    .map(|a| format!("operator may {a:?}")),
-            )
-            .chain(
-                [
-                    &["get", "gpunodes.flotilla.dev"][..],
-                    &["list", "pods", "--all-namespaces"],
-                    &["get", "secrets", "-n", "flotilla-system"],
-                    &["create", "events.events.k8s.io", "-n", "default"],
-                ]
+    let wrong: Vec<String> = allowed
+        .iter()
+        .filter(|a| !can_i(&cp, "flotilla-operator", a))
+        .map(|a| format!("operator may not {a:?}"))
+        .chain(
+            denied
                 .iter()
-                .filter(|a| can_i(&cp, "flotilla-agent", a))
-                .map(|a| format!("agent may {a:?}")),
-            )
-            .collect();
-        if wrong.is_empty() || std::time::Instant::now() > deadline {
-            break wrong;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    };
+                .filter(|a| can_i(&cp, "flotilla-operator", a))
+                .map(|a| format!("operator may {a:?}")),
+        )
+        .chain(
+            [
+                &["get", "gpunodes.flotilla.dev"][..],
+                &["list", "pods", "--all-namespaces"],
+                &["get", "secrets", "-n", "flotilla-system"],
+                &["create", "events.events.k8s.io", "-n", "default"],
+            ]
+            .iter()
+            .filter(|a| can_i(&cp, "flotilla-agent", a))
+            .map(|a| format!("agent may {a:?}")),
+        )
+        .collect();
     assert!(wrong.is_empty(), "RBAC differs from what the code needs:\n{}", wrong.join("\n"));
 }
 
