@@ -80,6 +80,7 @@ for node in demo-node-a demo-node-b; do
   FLOTILLA_TLS_CA="$state/certs/ca.pem" FLOTILLA_TLS_CERT="$state/certs/$node.pem" \
   FLOTILLA_TLS_KEY="$state/certs/$node-key.pem" \
   FLOTILLA_WORKER_LOG_DIR="$state/workers/$node" FLOTILLA_WORKER_SOCKET_DIR="$state/s/$node" \
+  KUBECONFIG="$kubeconfig" \
     "$target/flotilla-agent" run >"$state/agent-$node.log" 2>&1 &
   pids+=($!)
   port=$((port + 1))

@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             backoff_max: Duration::from_secs(1),
             fence_timeout: Duration::from_secs(60),
             advertise: Default::default(),
+            lease: None,
         },
         sample_interval: Duration::from_secs(1),
         admin_addr: None,

@@ -105,6 +105,12 @@ pub struct RunArgs {
     /// Kill workers after this long without the operator, seconds (until the operator says).
     #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_S", default_value_t = 30)]
     pub fence_timeout_s: u64,
+    /// Namespace of the node's Lease on the API server (the operator's lease namespace); the agent
+    /// renews it so that an operator outage does not stop its workers. Credentials come from
+    /// KUBECONFIG or the pod's ServiceAccount. Empty: no Lease (an operator outage longer than
+    /// the fence timeout then stops the node's workers).
+    #[arg(long, env = "FLOTILLA_AGENT_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
     /// Workers' stdout and stderr go to `<dir>/<job_uid>/attempt-<n>/rank-<r>.log`.
     #[arg(long, env = "FLOTILLA_WORKER_LOG_DIR", default_value = "/var/log/flotilla/workers")]
     pub worker_log_dir: PathBuf,
@@ -192,8 +198,11 @@ impl RunArgs {
                 endpoint: self.operator.clone(),
                 tls,
                 backoff_min: Duration::from_millis(200),
-                backoff_max: Duration::from_secs(10),
+                backoff_max: Duration::from_secs(flotilla_contract::node_lease::RECONNECT_MAX_DELAY_S),
                 fence_timeout: Duration::from_secs(self.fence_timeout_s),
+                lease: (!self.lease_namespace.is_empty()).then(|| crate::lease::LeaseConfig {
+                    namespace: self.lease_namespace.clone(),
+                }),
                 advertise: Advertise {
                     admin_url: self.admin_url()?,
                     node_address: self.advertise_address.map(|a| a.to_string()).unwrap_or_default(),

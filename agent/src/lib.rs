@@ -9,6 +9,7 @@ pub mod cli;
 mod convert;
 pub mod core;
 pub mod health;
+pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod outbox;

@@ -9,6 +9,7 @@ use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
 use pb::agent_message::Body as Up;
 use pb::operator_message::Body as Down;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -81,6 +82,9 @@ pub struct LinkConfig {
     pub fence_timeout: Duration,
     /// What the agent tells the operator about its node when it registers.
     pub advertise: Advertise,
+    /// The node's Lease on the API server ([`crate::lease`]); `None`: the operator is the only
+    /// contact, and its outage fences the node.
+    pub lease: Option<crate::lease::LeaseConfig>,
 }
 
 /// Addresses the agent reports when it registers; empty ones are left to the operator.
@@ -125,16 +129,28 @@ pub fn endpoint(config: &LinkConfig) -> Result<Endpoint, LinkError> {
     Ok(ep)
 }
 
-/// Time of the last message from the operator, shared with the fence watchdog.
+/// When this agent last knew it was in contact — an acknowledged heartbeat to the operator or a
+/// renewed Lease on the API server, counted from when it *sent* that heartbeat or renewal (never
+/// later than when the other side saw it) — and the fence timeout now in force. Shared by the
+/// link, the Lease renewer and the fence watchdog.
 #[derive(Debug, Clone)]
-struct Contact(Arc<Mutex<(Instant, Duration)>>);
+pub struct Contact(Arc<Mutex<(Instant, Duration)>>);
 
 impl Contact {
-    fn touch(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).0 = Instant::now();
+    fn new(fence: Duration) -> Self {
+        Contact(Arc::new(Mutex::new((Instant::now(), fence))))
+    }
+    /// Records contact proven by something sent at `sent` (keeps the latest).
+    pub fn touch_at(&self, sent: Instant) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = g.0.max(sent);
     }
     fn set_fence(&self, fence: Duration) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).1 = fence;
+    }
+    /// The fence timeout in force.
+    pub fn fence(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1
     }
     fn silent_for(&self) -> (Duration, Duration) {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -151,7 +167,30 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let endpoint = endpoint(&config)?;
-    let contact = Contact(Arc::new(Mutex::new((Instant::now(), config.fence_timeout))));
+    let contact = Contact::new(config.fence_timeout);
+    match &config.lease {
+        Some(lease) => match kube::Client::try_default().await {
+            Ok(client) => {
+                tokio::spawn(crate::lease::run(
+                    client,
+                    lease.clone(),
+                    core.clone(),
+                    supervisor.clone(),
+                    contact.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no API server access for the node's Lease: an operator outage longer than the \
+                 fence timeout will stop this node's workers"
+            ),
+        },
+        None => tracing::warn!(
+            "the node's Lease is off: an operator outage longer than the fence timeout will \
+             stop this node's workers"
+        ),
+    }
     tokio::spawn(fence_watchdog(
         core.clone(),
         supervisor.clone(),
@@ -225,8 +264,8 @@ async fn fence_watchdog(
             fenced = true;
             core.metrics.fence_kills.inc();
             let reason =
-                format!("operator unreachable for {silent:?}, past the fence timeout {fence:?}");
-            tracing::error!(%reason, "killing every worker (safety rule 1)");
+                format!("no contact for {silent:?}, past the fence timeout {fence:?}");
+            tracing::error!(%reason, "reached neither the operator nor the API server: killing every worker (safety rule 1)");
             supervisor.kill_all(&reason);
         }
     }
@@ -276,6 +315,7 @@ async fn session(
         let tx = tx.clone();
         async move { tx.send(m).await.map_err(|_| LinkError::Protocol("outbound stream closed".into())) }
     };
+    let registering = Instant::now();
     send(registration(core, supervisor.as_ref(), advertise)).await?;
     let mut inbound = client.link(ReceiverStream::new(rx)).await?.into_inner();
     let registered = match inbound.message().await? {
@@ -284,7 +324,7 @@ async fn session(
             return Err(LinkError::Protocol(format!("expected Registered first, got {other:?}")));
         }
     };
-    contact.touch();
+    contact.touch_at(registering);
     if registered.fence_timeout_ms > 0 {
         contact.set_fence(Duration::from_millis(registered.fence_timeout_ms));
     }
@@ -297,6 +337,8 @@ async fn session(
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     let mut samples = core.subscribe_samples();
     samples.mark_unchanged();
+    // Heartbeats sent and not yet acknowledged: their stamp, and when they were sent.
+    let mut unacked: VecDeque<(i64, Instant)> = VecDeque::new();
     loop {
         // Everything raised and not yet sent on this stream goes first, in order.
         let (pending, _) = core.critical_after(sent_upto);
@@ -310,17 +352,28 @@ async fn session(
             _ = core.critical_raised.notified() => {}
             msg = inbound.message() => {
                 let msg = msg?.ok_or_else(|| LinkError::Protocol("operator closed the stream".into()))?;
-                contact.touch();
+                if let Some(Down::Ack(ack)) = &msg.body
+                    && let Some(sent) = take_acked(&mut unacked, ack.heartbeat_sent_at_unix_nanos)
+                {
+                    contact.touch_at(sent);
+                }
                 if let Some(reply) = handle_command(core, supervisor, msg).await {
                     send(reply).await?;
                 }
             }
+            // Ahead of worker events: a chatty worker must not delay the heartbeats that keep
+            // its node out of the fence.
+            _ = heartbeat.tick() => {
+                let stamp = flotilla_proto::now_unix_nanos();
+                let hb = pb::Heartbeat { sent_at_unix_nanos: stamp, last_critical_seq: core.seqs().0 };
+                if unacked.len() == MAX_UNACKED_HEARTBEATS {
+                    unacked.pop_front();
+                }
+                unacked.push_back((stamp, Instant::now()));
+                send(pb::AgentMessage { body: Some(Up::Heartbeat(hb)) }).await?;
+            }
             Some(u) = worker_updates.recv() => {
                 send(pb::AgentMessage { body: Some(Up::Worker(convert::worker_event(&u))) }).await?;
-            }
-            _ = heartbeat.tick() => {
-                let hb = pb::Heartbeat { sent_at_unix_nanos: flotilla_proto::now_unix_nanos(), last_critical_seq: core.seqs().0 };
-                send(pb::AgentMessage { body: Some(Up::Heartbeat(hb)) }).await?;
             }
             Ok(()) = samples.changed() => {
                 let latest = samples.borrow_and_update().clone();
@@ -328,6 +381,21 @@ async fn session(
             }
         }
     }
+}
+
+/// Heartbeats remembered while unacknowledged (older ones cannot prove more recent contact).
+const MAX_UNACKED_HEARTBEATS: usize = 64;
+
+/// When the heartbeat stamped `stamp` was sent, if it is one of `unacked`; forgets it and every
+/// older one (acknowledgements come in order).
+fn take_acked(unacked: &mut VecDeque<(i64, Instant)>, stamp: i64) -> Option<Instant> {
+    if stamp == 0 {
+        return None;
+    }
+    let at = unacked.iter().position(|(s, _)| *s == stamp)?;
+    let sent = unacked[at].1;
+    unacked.drain(..=at);
+    Some(sent)
 }
 
 fn health_report(core: &AgentCore, samples: &[crate::backend::GpuSample]) -> pb::HealthReport {

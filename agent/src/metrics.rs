@@ -47,8 +47,10 @@ pub struct AgentMetrics {
     pub unacked_events: IntGauge,
     /// Telemetry rounds taken.
     pub samples: IntCounter,
-    /// Times the fence timeout fired and workers were killed.
+    /// Times the fence timeout fired, or a verdict arrived, and workers were killed.
     pub fence_kills: IntCounter,
+    /// Renewals of the node's Lease, by `result` (`ok`, `error`).
+    pub lease_renewals: IntCounterVec,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -131,8 +133,17 @@ impl AgentMetrics {
         let samples = IntCounter::new("flotilla_agent_samples_total", "Telemetry rounds taken.")?;
         let fence_kills = IntCounter::new(
             "flotilla_agent_fence_kills_total",
-            "Times workers were killed because the operator was unreachable past the fence timeout.",
+            "Times workers were killed: neither the operator nor the API server reached past the \
+             fence timeout, or the operator declared the node lost.",
         )?;
+        let lease_renewals = IntCounterVec::new(
+            Opts::new(
+                "flotilla_agent_lease_renewals_total",
+                "Renewals of the node's Lease on the API server, by result (ok, error).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(lease_renewals.clone()))?;
         for c in [&connected, &unacked_events] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -156,6 +167,7 @@ impl AgentMetrics {
             unacked_events,
             samples,
             fence_kills,
+            lease_renewals,
         })
     }
 

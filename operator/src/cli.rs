@@ -63,9 +63,16 @@ pub struct RunArgs {
     /// Log as JSON lines instead of plain text.
     #[arg(long, env = "FLOTILLA_LOG_JSON")]
     pub log_json: bool,
-    /// Seconds an agent may be silent before its node counts as lost.
+    /// Seconds an agent keeps its workers while it reaches neither the operator nor the API
+    /// server (its fence); its node's jobs restart elsewhere only after this plus a margin.
     #[arg(long, env = "FLOTILLA_FENCE_TIMEOUT_SECONDS", default_value_t = 30)]
     pub fence_timeout_seconds: u64,
+    /// Seconds the leader keeps leading while it cannot renew its lease because the API server
+    /// does not answer (agents stay connected and keep their workers). A replica that takes
+    /// over a lease its holder did not release waits this long, on top of the fence, before it
+    /// takes unheard nodes for fenced.
+    #[arg(long, env = "FLOTILLA_API_OUTAGE_TOLERANCE_SECONDS", default_value_t = 300)]
+    pub api_outage_tolerance_seconds: u64,
     /// Lend GPUs held for the job first in line to queued jobs behind it that checkpoint, until
     /// it can start; the loans are then taken back (the borrowers checkpoint and requeue).
     #[arg(long, env = "FLOTILLA_LEND_RESERVED_GPUS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -186,6 +193,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let workers = AgentWorkers::start(link.server.clone(), args.workers.clone(), fence);
     let leading = Leading {
         gate: link.gate.clone(),
+        heartbeat_timeout: Duration::from_secs(args.agents.agent_heartbeat_timeout_seconds.max(1)),
         state,
         telemetry_every: Duration::from_secs(args.agents.gpunode_telemetry_seconds.max(1)),
     };
@@ -195,6 +203,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// What starts once this replica leads: agents are served and mirrored into `GpuNode`s.
 struct Leading {
     gate: ServingGate,
+    /// Silent this long, an agent is lost (and gets a verdict on its Lease).
+    heartbeat_timeout: Duration,
     state: Arc<NodeRegistry>,
     telemetry_every: Duration,
 }
@@ -283,9 +293,30 @@ async fn run_until(
             _ = tokio::time::sleep(renew) => {}
         }
     }
+    let outage_tolerance = Duration::from_secs(args.api_outage_tolerance_seconds);
+    let grace = match elector.took_over_from() {
+        Some(previous) => {
+            tracing::warn!(%previous, grace = ?outage_tolerance, "took over a lease that was not released: unheard agents count as fenced only after the outage tolerance too");
+            outage_tolerance
+        }
+        None => Duration::ZERO,
+    };
+    leading.state.leases.set_grace(grace);
     tracing::info!(%identity, "became leader");
     leading.gate.set(true);
     tokio::spawn(crate::metrics_collect::nodes(leading.state.clone(), metrics.clone()));
+    tokio::spawn(crate::agents::node_leases::watch(
+        client.clone(),
+        args.lease.lease_namespace.clone(),
+        leading.state.clone(),
+    ));
+    tokio::spawn(crate::agents::node_leases::verdicts(
+        client.clone(),
+        args.lease.lease_namespace.clone(),
+        leading.state.clone(),
+        leading.heartbeat_timeout,
+        identity.clone(),
+    ));
     tokio::spawn(crate::agents::mirror::run(
         client.clone(),
         leading.state,
@@ -304,8 +335,13 @@ async fn run_until(
         controllers_stop.clone(),
     ));
 
-    // Stop acting well before another replica may take the lease.
-    let renew_deadline = Duration::from_secs((args.lease.lease_duration_seconds * 2 / 3).max(1));
+    // An API server that does not answer is no reason to stop: no replica can take the lease
+    // through it, the agents keep their workers while they reach this one, and controllers
+    // cannot act without it anyway. Another replica that reaches it takes the lease once it
+    // expires, and then waits out this tolerance before it relies on unheard agents having
+    // fenced themselves (the grace above); so lead on without renewing for that long at most.
+    let renew_deadline = outage_tolerance
+        .max(Duration::from_secs((args.lease.lease_duration_seconds * 2 / 3).max(1)));
     let mut last_renewed = tokio::time::Instant::now();
     let outcome = loop {
         tokio::select! {

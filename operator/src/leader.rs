@@ -119,6 +119,8 @@ pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaseSettings,
     observed: Observation,
+    /// The holder this replica took the lease from without it being released, if it did.
+    taken_from: std::sync::Mutex<Option<String>>,
 }
 
 impl LeaderElector {
@@ -128,7 +130,14 @@ impl LeaderElector {
             api: Api::namespaced(client, &settings.namespace),
             settings,
             observed: Observation::default(),
+            taken_from: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The other replica this one took the lease from when it expired unreleased (that replica
+    /// may still be running, cut off from the API server), if it did.
+    pub fn took_over_from(&self) -> Option<String> {
+        self.taken_from.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// This replica's identity.
@@ -152,6 +161,10 @@ impl LeaderElector {
                 let unchanged_for = self.observed.unchanged_for(record, Instant::now());
                 if !may_hold(lease.spec.as_ref(), &s.identity, unchanged_for) {
                     return Ok(false);
+                }
+                let holder = lease.spec.as_ref().and_then(|l| l.holder_identity.clone());
+                if let Some(other) = holder.filter(|h| !h.is_empty() && *h != s.identity) {
+                    *self.taken_from.lock().unwrap_or_else(|e| e.into_inner()) = Some(other);
                 }
                 lease.spec = Some(claimed(lease.spec.as_ref(), &s.identity, s.duration, now));
                 lease

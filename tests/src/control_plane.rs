@@ -169,6 +169,27 @@ impl ControlPlane {
         cmd
     }
 
+    /// Freezes the whole control plane (etcd and the API server) with SIGSTOP, as an outage that
+    /// answers nothing; [`ControlPlane::resume`] ends it. Every test of the scope sees it.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Ends a [`ControlPlane::freeze`] (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("a running control plane").id();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} {pid}: {status}");
+    }
+
     /// The directory holding `controlplane`, `kubectl`, `kube-scheduler` and
     /// `kube-controller-manager`.
     pub fn bin_dir(&self) -> &Path {

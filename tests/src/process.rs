@@ -29,9 +29,26 @@ impl Drop for Process {
     }
 }
 
+/// Where an agent renews its node's Lease, as installed agents do: the API server (the control
+/// plane's kubeconfig) and the operator's namespace.
+#[derive(Clone, Debug)]
+pub struct LeaseAccess {
+    /// Kubeconfig of the control plane.
+    pub kubeconfig: std::path::PathBuf,
+    /// The operator's (lease) namespace.
+    pub namespace: String,
+}
+
 /// Starts `flotilla-agent run` for `node` with 4 simulated GPUs, reporting to the operator on
-/// `operator_port`, its admin server on `admin_port`, its files under `dir`.
-pub fn start_agent(node: &str, operator_port: u16, admin_port: u16, dir: &Path) -> Process {
+/// `operator_port`, its admin server on `admin_port`, its files under `dir`, renewing its node
+/// Lease through `lease`.
+pub fn start_agent(
+    node: &str,
+    operator_port: u16,
+    admin_port: u16,
+    dir: &Path,
+    lease: &LeaseAccess,
+) -> Process {
     let log = dir.join(format!("agent-{node}.log"));
     // Appended to: a restarted agent keeps its predecessor's lines.
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
@@ -40,6 +57,8 @@ pub fn start_agent(node: &str, operator_port: u16, admin_port: u16, dir: &Path) 
         .env("FLOTILLA_NODE_NAME", node)
         .env("FLOTILLA_OPERATOR_URL", format!("http://127.0.0.1:{operator_port}"))
         .env("FLOTILLA_SIM_GPUS", "4")
+        .env("KUBECONFIG", &lease.kubeconfig)
+        .env("FLOTILLA_AGENT_LEASE_NAMESPACE", &lease.namespace)
         .env("FLOTILLA_AGENT_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
         .env("FLOTILLA_WORKER_LOG_DIR", dir.join(format!("logs-{node}")))
         .env("FLOTILLA_WORKER_SOCKET_DIR", dir.join(format!("s-{node}")))

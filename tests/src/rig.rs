@@ -12,7 +12,7 @@ use crate::ControlPlane;
 use crate::binaries::{binary, operator_binary};
 use crate::operator::Operator;
 use crate::ports::{free_port, master_port_base};
-use crate::process::{Process, append_worker_logs, inject_xid_at, start_agent, walk};
+use crate::process::{LeaseAccess, Process, append_worker_logs, inject_xid_at, start_agent, walk};
 use crate::wait::{WAIT, eventually};
 
 /// The operator and its agents (4 simulated GPUs each, admin servers on known ports).
@@ -108,6 +108,13 @@ struct OperatorSettings {
     env: Vec<(String, String)>,
 }
 
+impl OperatorSettings {
+    /// Where the rig's agents renew their Leases: the operator's namespace.
+    fn lease(&self) -> LeaseAccess {
+        LeaseAccess { kubeconfig: self.kubeconfig.clone(), namespace: self.namespace.clone() }
+    }
+}
+
 fn start_operator(s: &OperatorSettings, dir: &Path, log_name: &str) -> Operator {
     let worker = binary("flotilla-worker", "flotilla-engine");
     let log = dir.join(log_name);
@@ -165,7 +172,8 @@ impl Rig {
             .iter()
             .map(|n| {
                 let admin = free_port();
-                (start_agent(&format!("{ns}-{n}"), agent_port, admin, dir.path()), admin)
+                let node = format!("{ns}-{n}");
+                (start_agent(&node, agent_port, admin, dir.path(), &settings.lease()), admin)
             })
             .collect();
         let rig =
@@ -198,10 +206,21 @@ impl Rig {
 
     /// Start the agent of `node` again (after [`Rig::kill_agent`]), on the same admin port.
     pub fn restart_agent(&mut self, node: &str) {
-        let agent_port = self.settings.agent_port;
+        self.restart_agent_via(node, self.settings.agent_port);
+    }
+
+    /// Start the agent of `node` again, dialling the operator at `127.0.0.1:operator_port`
+    /// (a [`crate::Proxy`] in front of [`Rig::agent_port`]).
+    pub fn restart_agent_via(&mut self, node: &str, operator_port: u16) {
         let dir = self.dir.path().to_path_buf();
+        let lease = self.settings.lease();
         let (agent, admin) = self.agents.iter_mut().find(|(p, _)| p.node == node).expect("agent");
-        *agent = start_agent(node, agent_port, *admin, &dir);
+        *agent = start_agent(node, operator_port, *admin, &dir, &lease);
+    }
+
+    /// The port the operator serves agents on.
+    pub fn agent_port(&self) -> u16 {
+        self.settings.agent_port
     }
 
     /// Start a new operator with the same settings (identity, agent port, checkpoint root).

@@ -5,7 +5,7 @@
 use crate::binaries::{binary, operator_binary};
 use crate::operator::Operator;
 use crate::ports::{free_port, master_port_base};
-use crate::process::{Process, append_worker_logs, inject_xid_at, start_agent};
+use crate::process::{LeaseAccess, Process, append_worker_logs, inject_xid_at, start_agent};
 use crate::wait::{WAIT, eventually};
 use crate::{ControlPlane, RigTurn};
 use flotilla_operator::crd::GpuNode;
@@ -71,7 +71,11 @@ impl ServingRig {
             .map(|i| {
                 let admin = free_port();
                 let name = format!("{ns}-{}", (b'a' + i as u8) as char);
-                (start_agent(&name, agent_port, admin, dir.path()), admin)
+                let lease = LeaseAccess {
+                    kubeconfig: cp.kubeconfig().into(),
+                    namespace: ns.to_owned(),
+                };
+                (start_agent(&name, agent_port, admin, dir.path(), &lease), admin)
             })
             .collect();
         let rig = ServingRig { operator, agents, dir, _turn: turn };

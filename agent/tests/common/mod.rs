@@ -128,6 +128,7 @@ pub fn agent_options(
             backoff_max: Duration::from_millis(200),
             fence_timeout: Duration::from_secs(30),
             advertise: Default::default(),
+            lease: None,
         },
         sample_interval: Duration::from_millis(200),
         admin_addr: None,

@@ -8,6 +8,8 @@ pub mod args;
 pub mod commands;
 mod convert;
 pub mod identity;
+pub mod liveness;
+pub mod node_leases;
 pub mod mirror;
 pub mod server;
 pub mod state;

@@ -396,7 +396,7 @@ impl AgentServer {
                             "agent_message.register: expected once, at the start of the stream",
                         ));
                     }
-                    Up::Heartbeat(_) => Some(rec.applied_seq),
+                    Up::Heartbeat(hb) => Some((rec.applied_seq, hb.sent_at_unix_nanos)),
                     Up::Health(report) => {
                         convert::apply_health(&mut rec, &report);
                         None
@@ -414,7 +414,7 @@ impl AgentServer {
                                 rec.applied_seq = rec.applied_seq.max(event.seq);
                             }
                         }
-                        Some(rec.applied_seq)
+                        Some((rec.applied_seq, 0))
                     }
                     Up::Worker(w) => {
                         let r = w.worker.unwrap_or_default();
@@ -454,10 +454,13 @@ impl AgentServer {
                     }
                 }
             };
-            if let Some(seq) = ack
+            if let Some((critical_seq, heartbeat_sent_at_unix_nanos)) = ack
                 && tx
                     .send(Ok(pb::OperatorMessage {
-                        body: Some(Down::Ack(pb::Ack { critical_seq: seq })),
+                        body: Some(Down::Ack(pb::Ack {
+                            critical_seq,
+                            heartbeat_sent_at_unix_nanos,
+                        })),
                     }))
                     .await
                     .is_err()

@@ -116,6 +116,26 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// A record of `node` with nothing known yet (for tests).
+    #[cfg(test)]
+    pub fn named(node: &str) -> Self {
+        NodeRecord {
+            node: node.to_owned(),
+            agent_version: String::new(),
+            instance_id: String::new(),
+            backend: String::new(),
+            gpus: Vec::new(),
+            applied_seq: 0,
+            connected: false,
+            lost: false,
+            last_heard: Instant::now(),
+            last_fault: None,
+            workers: Vec::new(),
+            session: 0,
+            address: None,
+        }
+    }
+
     /// GPUs that may be scheduled: healthy, on an agent that is not lost.
     pub fn schedulable_gpus(&self) -> impl Iterator<Item = &GpuRecord> {
         self.gpus.iter().filter(move |g| !self.lost && g.health == GpuHealth::Healthy)
@@ -134,6 +154,8 @@ pub type NodeCell = Arc<Mutex<NodeRecord>>;
 #[derive(Debug)]
 pub struct NodeRegistry {
     nodes: RwLock<HashMap<String, NodeCell>>,
+    /// What this process has seen of the nodes' Leases on the API server.
+    pub leases: super::liveness::Leases,
     version: watch::Sender<u64>,
     next_session: Mutex<u64>,
     admin_urls: RwLock<HashMap<String, String>>,
@@ -143,6 +165,7 @@ impl Default for NodeRegistry {
     fn default() -> Self {
         Self {
             nodes: RwLock::default(),
+            leases: Default::default(),
             version: watch::channel(0).0,
             next_session: Mutex::new(0),
             admin_urls: RwLock::default(),
@@ -266,6 +289,30 @@ impl NodeRegistry {
             self.bump();
         }
         lost
+    }
+
+    /// Whether the workers of `node` are certainly gone ([`super::liveness::fenced`]): its agent
+    /// acknowledged a verdict, or has been quiet on its stream and its Lease for `quiet`.
+    pub fn fenced(&self, node: &str, quiet: Duration) -> bool {
+        let last_heard = self.cell(node).map(|c| lock(&c).last_heard);
+        super::liveness::fenced(&self.leases, node, last_heard, quiet)
+    }
+
+    /// Whether every node that may run workers unknown to this process is accounted for: the
+    /// Leases have been watched for `quiet` (an agent without one has fenced itself by then if
+    /// it could not register), and every node with a Lease has registered here or is fenced.
+    /// Until then, an attempt this process did not launch may have workers it has not heard of.
+    pub fn all_accounted(&self, quiet: Duration) -> bool {
+        self.unaccounted(quiet).is_empty() && self.leases.watched_past(quiet)
+    }
+
+    /// Nodes with a Lease that never registered with this process and are not fenced.
+    pub fn unaccounted(&self, quiet: Duration) -> Vec<String> {
+        self.leases
+            .nodes()
+            .into_iter()
+            .filter(|n| self.cell(n).is_none() && !self.fenced(n, quiet))
+            .collect()
     }
 
     /// The shared record of one node.

@@ -6,15 +6,17 @@
 //! [`AttemptReport`] the lifecycle decides on ([`super::report`]).
 //!
 //! Safety rule 1 (never two attempts at once): an attempt counts as stopped only when every
-//! worker known to this process has exited or its agent has been silent past the fence timeout,
-//! and — unless this process launched the attempt itself — only once the process has run for a
-//! fence timeout, by when every agent has either re-registered (listing its workers) or killed
-//! its workers on its own.
+//! worker known to this process has exited or its node is fenced (quiet on its stream and its
+//! Lease past the fence timeout and margin, or its agent confirmed the operator's verdict:
+//! [`crate::agents::liveness`]), and — unless this process launched the attempt itself — only
+//! once every node that may run workers is accounted for (re-registered, listing its workers, or
+//! fenced).
 
 use super::fold::{AttemptId, AttemptSeen, Folded, RankSeen, RankState, fold};
 use super::launch::{FAILED_TO_START_CODE, WorkerLaunchArgs, launch_specs, replica_specs};
 use super::report::{attempt_report, stale_attempts};
 use super::{Launch, Workers};
+use crate::agents::liveness::quiet_period;
 use crate::agents::{AgentServer, NodeRecord, WorkerLaunchSpec};
 use crate::crd::Placement;
 use crate::ids::WorkloadKey;
@@ -45,9 +47,6 @@ struct Inner {
     server: AgentServer,
     args: WorkerLaunchArgs,
     fence_timeout: Duration,
-    /// When this process began to lead: before a fence timeout has passed since, agents that
-    /// ran workers may not have re-registered yet.
-    started: Instant,
     attempts: Mutex<HashMap<AttemptId, AttemptSeen>>,
     /// The workloads launched or stopped here, by their id on the agents, to announce changes.
     keys: Mutex<HashMap<String, WorkloadKey>>,
@@ -155,7 +154,6 @@ impl AgentWorkers {
             server,
             args,
             fence_timeout,
-            started: Instant::now(),
             attempts: Mutex::default(),
             keys: Mutex::default(),
             progress_woken: Mutex::default(),
@@ -337,7 +335,8 @@ impl AgentWorkers {
             async move {
                 let connected = inner.server.registry().node(node).is_some_and(|n| n.connected);
                 if !connected {
-                    // Its agent kills its workers itself once the fence timeout passes.
+                    // Its workers stop on the verdict on its Lease, or by its own fence
+                    // (crate::agents::liveness).
                     return Ok(());
                 }
                 inner
@@ -359,6 +358,10 @@ impl AgentWorkers {
 }
 
 impl Workers for AgentWorkers {
+    fn reachable(&self, node: &str) -> bool {
+        self.0.server.registry().node(node).is_some_and(|n| !n.lost)
+    }
+
     fn report(&self, key: &WorkloadKey, attempt: i32) -> AttemptReport {
         let inner = &self.0;
         let id: AttemptId = (key.on_agents(), attempt as u64);
@@ -389,8 +392,18 @@ impl Workers for AgentWorkers {
                 });
             }
         }
-        let complete = seen.launched_here || inner.started.elapsed() > inner.fence_timeout;
-        let mut report = attempt_report(&seen.ranks, complete, &nodes, inner.fence_timeout);
+        let registry = inner.server.registry();
+        let quiet = quiet_period(inner.fence_timeout);
+        let complete = seen.launched_here || registry.all_accounted(quiet);
+        let fenced: HashSet<String> = seen
+            .ranks
+            .values()
+            .map(|r| r.node.as_str())
+            .filter(|n| registry.fenced(n, quiet))
+            .map(str::to_owned)
+            .collect();
+        let mut report =
+            attempt_report(&seen.ranks, complete, &nodes, &fenced, inner.fence_timeout);
         report.progress = seen.progress;
         report
     }

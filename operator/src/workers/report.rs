@@ -4,7 +4,7 @@
 use super::fold::{RankSeen, RankState};
 use crate::agents::{GpuHealth, NodeRecord};
 use crate::lifecycle::{AttemptReport, HardwareFault, WorkerExit};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 /// Attempts of the job `uid` other than `current` whose workers agents listed as running.
@@ -20,16 +20,18 @@ pub fn stale_attempts(uid: &str, current: i32, nodes: &HashMap<String, NodeRecor
     stale
 }
 
-/// `complete`: the known workers are all the attempt has.
+/// `complete`: the known workers are all the attempt has. `fenced`: the nodes whose workers are
+/// certainly gone although nobody heard them exit (their agents fenced themselves or confirmed a
+/// verdict, [`crate::agents::liveness`]).
 pub fn attempt_report(
     ranks: &BTreeMap<u32, RankSeen>,
     complete: bool,
     nodes: &HashMap<String, NodeRecord>,
+    fenced: &HashSet<String>,
     fence_timeout: Duration,
 ) -> AttemptReport {
     let mut report = AttemptReport::default();
-    let silent =
-        |node: &str| nodes.get(node).is_some_and(|n| n.last_heard.elapsed() > fence_timeout);
+    let silent = |node: &str| fenced.contains(node);
     let mut stopped = true;
     for (&rank, seen) in ranks {
         match seen.state {
@@ -46,7 +48,7 @@ pub fn attempt_report(
                 gpu: None,
                 xid: None,
                 message: format!(
-                    "node {} stopped reporting for longer than the fence timeout ({}s)",
+                    "node {} stopped reporting and its workers are fenced (fence timeout {}s)",
                     seen.node,
                     fence_timeout.as_secs()
                 ),

@@ -10,7 +10,7 @@ use crate::crd::training_job::{TrainingJobSpec, TrainingJobStatus, WorkerCommand
 use crate::crd::{Attempt, JobPhase, Placement, WorkerPlacement};
 use crate::crd::{Progress, TrainingJob};
 use crate::lifecycle::WorkerExit;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 fn args() -> WorkerLaunchArgs {
@@ -90,6 +90,11 @@ fn progress(rank: u32, step: i64, loss: f64, checkpoint: Option<i64>) -> WorkerR
 
 const FENCE: Duration = Duration::from_secs(30);
 
+/// No node fenced.
+fn none() -> HashSet<String> {
+    HashSet::new()
+}
+
 #[test]
 fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
     let mut attempts = HashMap::new();
@@ -104,7 +109,7 @@ fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
     assert!(fold(&mut attempts, &report(1, WorkerPhase::Progress, None)));
     let nodes = HashMap::from([node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO)]);
     let seen = &attempts[&("u".to_string(), 1)];
-    let r = attempt_report(&seen.ranks, true, &nodes, FENCE);
+    let r = attempt_report(&seen.ranks, true, &nodes, &none(), FENCE);
     assert_eq!((r.running, r.all_stopped), (2, false));
     fold(&mut attempts, &report(0, WorkerPhase::Exited, Some(0)));
     assert!(
@@ -113,7 +118,7 @@ fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
     );
     fold(&mut attempts, &report(1, WorkerPhase::FailedToStart, None));
     let seen = &attempts[&("u".to_string(), 1)];
-    let r = attempt_report(&seen.ranks, true, &nodes, FENCE);
+    let r = attempt_report(&seen.ranks, true, &nodes, &none(), FENCE);
     assert_eq!(r.running, 0);
     assert_eq!(
         r.exits,
@@ -124,9 +129,9 @@ fn reports_fold_into_running_then_exits_and_an_exit_is_final() {
     );
     assert!(r.all_stopped);
     // Not knowing every worker (a restarted operator inside the fence timeout) is not stopped.
-    assert!(!attempt_report(&seen.ranks, false, &nodes, FENCE).all_stopped);
-    assert!(!attempt_report(&BTreeMap::new(), false, &nodes, FENCE).all_stopped);
-    assert!(attempt_report(&BTreeMap::new(), true, &nodes, FENCE).all_stopped);
+    assert!(!attempt_report(&seen.ranks, false, &nodes, &none(), FENCE).all_stopped);
+    assert!(!attempt_report(&BTreeMap::new(), false, &nodes, &none(), FENCE).all_stopped);
+    assert!(attempt_report(&BTreeMap::new(), true, &nodes, &none(), FENCE).all_stopped);
 }
 
 #[test]
@@ -192,13 +197,13 @@ fn a_failed_gpu_under_a_worker_is_a_fault_and_a_silent_node_is_lost_after_the_fe
         node("a", vec![gpu(0, GpuHealth::Failed), gpu(1, GpuHealth::Healthy)], Duration::ZERO),
         node("b", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),
     ]);
-    let r = attempt_report(&ranks, true, &nodes, FENCE);
+    let r = attempt_report(&ranks, true, &nodes, &none(), FENCE);
     assert_eq!(r.fault, None, "GPU 0 of node a fails but no worker uses it");
     let nodes = HashMap::from([
         node("a", vec![gpu(0, GpuHealth::Healthy), gpu(1, GpuHealth::Failed)], Duration::ZERO),
         node("b", vec![gpu(0, GpuHealth::Healthy)], FENCE + Duration::from_secs(1)),
     ]);
-    let r = attempt_report(&ranks, true, &nodes, FENCE);
+    let r = attempt_report(&ranks, true, &nodes, &HashSet::from(["b".to_string()]), FENCE);
     let fault = r.fault.expect("fault");
     assert_eq!((fault.node.as_str(), fault.gpu, fault.xid), ("a", Some(1), Some(79)));
     assert_eq!(r.node_lost.map(|l| l.node).as_deref(), Some("b"));
@@ -220,7 +225,7 @@ fn a_restarted_agent_that_does_not_list_a_worker_means_it_is_gone_and_a_closed_s
         (name, restarted),
         node("b", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),
     ]);
-    let r = attempt_report(&ranks, true, &nodes, FENCE);
+    let r = attempt_report(&ranks, true, &nodes, &none(), FENCE);
     let lost = r.node_lost.expect("rank 0's agent restarted without it");
     assert_eq!(lost.node, "a");
     assert!(lost.message.contains("restarted"), "{}", lost.message);
@@ -234,7 +239,7 @@ fn a_restarted_agent_that_does_not_list_a_worker_means_it_is_gone_and_a_closed_s
         pid: 7,
         gpu_uuids: vec!["GPU-0".into()],
     });
-    assert_eq!(attempt_report(&ranks, true, &nodes, FENCE).node_lost, None);
+    assert_eq!(attempt_report(&ranks, true, &nodes, &none(), FENCE).node_lost, None);
 
     // A closed stream (same instance): the worker's fate is unknown until the fence.
     let nodes = HashMap::from([
@@ -243,7 +248,7 @@ fn a_restarted_agent_that_does_not_list_a_worker_means_it_is_gone_and_a_closed_s
     ]);
     let mut nodes = nodes;
     nodes.get_mut("b").unwrap().connected = false;
-    let r = attempt_report(&ranks, true, &nodes, FENCE);
+    let r = attempt_report(&ranks, true, &nodes, &none(), FENCE);
     assert_eq!((r.node_lost, r.node_unreachable.as_deref()), (None, Some("b")));
     assert!(!r.all_stopped, "an unreachable node's worker is not confirmed stopped");
 }

@@ -367,6 +367,10 @@ async fn kustomization_applies_with_a_server_side_dry_run() {
         "clusterrolebinding.rbac.authorization.k8s.io/flotilla-operator",
         "role.rbac.authorization.k8s.io/flotilla-operator-leader-election",
         "rolebinding.rbac.authorization.k8s.io/flotilla-operator-leader-election",
+        "role.rbac.authorization.k8s.io/flotilla-agent-node-lease",
+        "rolebinding.rbac.authorization.k8s.io/flotilla-agent-node-lease",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/flotilla-agent-own-node-lease",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/flotilla-agent-own-node-lease",
         "secret/flotilla-operator-tls",
         "secret/flotilla-agent-tls",
         "service/flotilla-operator-agents",
@@ -412,7 +416,7 @@ fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
 }
 
 #[tokio::test]
-async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
+async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_its_lease_only() {
     let cp = flotilla_tests::control_plane_for(module_path!()).await;
     install_crds_and_namespace(&cp);
     for file in ["rbac/operator.yaml", "rbac/agent.yaml"] {
@@ -447,6 +451,9 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
         &["create", "leases.coordination.k8s.io", "-n", "flotilla-system"],
         &["get", "leases.coordination.k8s.io/flotilla-operator", "-n", "flotilla-system"],
         &["update", "leases.coordination.k8s.io/flotilla-operator", "-n", "flotilla-system"],
+        // the agents' node Leases: watched, verdicts patched in
+        &["watch", "leases.coordination.k8s.io", "-n", "flotilla-system"],
+        &["patch", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"],
     ];
     let denied: &[&[&str]] = &[
         &["get", "secrets", "-n", "flotilla-system"],
@@ -479,13 +486,105 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_nothing() {
                 &["list", "pods", "--all-namespaces"],
                 &["get", "secrets", "-n", "flotilla-system"],
                 &["create", "events.events.k8s.io", "-n", "default"],
+                &["list", "leases.coordination.k8s.io", "-n", "flotilla-system"],
+                &["delete", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"],
+                &["create", "leases.coordination.k8s.io", "-n", "kube-system"],
             ]
             .iter()
             .filter(|a| can_i(&cp, "flotilla-agent", a))
             .map(|a| format!("agent may {a:?}")),
         )
+        .chain(
+            // Its node's Lease (which node's, RBAC cannot say: the admission policy does).
+            [
+                &["get", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"][..],
+                &["create", "leases.coordination.k8s.io", "-n", "flotilla-system"],
+                &["update", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"],
+            ]
+            .iter()
+            .filter(|a| !can_i(&cp, "flotilla-agent", a))
+            .map(|a| format!("agent may not {a:?}")),
+        )
         .collect();
     assert!(wrong.is_empty(), "RBAC differs from what the code needs:\n{}", wrong.join("\n"));
+}
+
+/// `kubectl` as whoever holds `token` (no client certificate, which would win over the token).
+fn kubectl_as(cp: &ControlPlane, token: &str) -> Command {
+    let mut cmd = Command::new(cp.bin_dir().join("kubectl"));
+    cmd.args(["--kubeconfig", "/dev/null", "--insecure-skip-tls-verify", "--server", cp.server()]);
+    cmd.args(["--token", token]);
+    cmd
+}
+
+/// `cmd` with `input` on its standard input.
+fn run_with_input(cmd: &mut Command, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing stdin");
+    child.wait_with_output().expect("waiting for kubectl")
+}
+
+fn node_lease(name: &str) -> String {
+    format!(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: {name}\n  \
+         namespace: flotilla-system\nspec:\n  holderIdentity: agent\n"
+    )
+}
+
+/// The admission policy of `rbac/agent.yaml`, with a real pod-bound token: an agent on node n1
+/// may create and update the Lease of n1 and no other node's.
+#[tokio::test]
+async fn an_agent_may_write_only_its_own_nodes_lease() {
+    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    install_crds_and_namespace(&cp);
+    let out = run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(deploy("rbac/agent.yaml")));
+    expect_success("rbac/agent.yaml", &out);
+    // A node and an agent pod bound to it (nothing runs it: only its token matters here).
+    let objects = "apiVersion: v1\nkind: Node\nmetadata:\n  name: lease-n1\n---\n\
+                   apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent-lease-n1\n  \
+                   namespace: flotilla-system\nspec:\n  serviceAccountName: flotilla-agent\n  \
+                   nodeName: lease-n1\n  containers:\n    - name: agent\n      image: agent\n";
+    let out = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), objects);
+    expect_success("a node and a pod on it", &out);
+    let out = run(cp.kubectl().args([
+        "create",
+        "token",
+        "flotilla-agent",
+        "-n",
+        "flotilla-system",
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        "agent-lease-n1",
+    ]));
+    let token = expect_success("a token bound to the agent pod", &out).trim().to_owned();
+
+    let own = node_lease("flotilla-agent-lease-n1");
+    let out = run_with_input(kubectl_as(&cp, &token).args(["create", "-f", "-"]), &own);
+    expect_success("the agent creates its own node's Lease", &out);
+    let out = run_with_input(kubectl_as(&cp, &token).args(["replace", "-f", "-"]), &own);
+    expect_success("the agent renews its own node's Lease", &out);
+
+    let other = node_lease("flotilla-agent-lease-n2");
+    let out = run_with_input(kubectl_as(&cp, &token).args(["create", "-f", "-"]), &other);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent created another node's Lease");
+    assert!(
+        stderr.contains("may write only its own node's Lease")
+            && stderr.contains("expected flotilla-agent-lease-n1"),
+        "the refusal names the field and the expected value: {stderr}"
+    );
+    // Created by someone else, another node's Lease cannot be updated by this agent either.
+    let out = run_with_input(cp.kubectl().args(["create", "-f", "-"]), &other);
+    expect_success("the admin creates n2's Lease", &out);
+    let out = run_with_input(kubectl_as(&cp, &token).args(["replace", "-f", "-"]), &other);
+    assert!(!out.status.success(), "the agent updated another node's Lease");
 }
 
 // === rendered workloads against the binaries' flags ===
@@ -547,7 +646,8 @@ async fn workloads_set_only_variables_the_binaries_read() {
     let agent = find(&docs, "DaemonSet", "flotilla-agent");
     let pod = &agent["spec"]["template"]["spec"];
     assert_eq!(str_at(pod, &["nodeSelector", "nvidia.com/gpu.present"]), Some("true"));
-    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    // The token renews the node's Lease, which the ServiceAccount may write for its own node only.
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(true));
     for workload in [operator, agent] {
         for c in
             workload["spec"]["template"]["spec"]["containers"].as_sequence().expect("containers")

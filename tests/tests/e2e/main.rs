@@ -27,6 +27,7 @@ mod malformed_objects;
 mod operator_core;
 mod operator_kill;
 mod operator_kill_restart;
+mod outage;
 mod preemption;
 mod prometheus;
 mod rbac;
