@@ -35,7 +35,10 @@ fn agent_message(fault: Fault) -> String {
 
 /// A two-node job on agents of `backend`; `fault` hits a GPU of rank 0's worker mid-run.
 async fn restarts_without_the_faulty_gpu(backend: Backend, fault: Fault) {
-    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    // A control plane per test: `GpuNode`s are cluster-scoped, and the scheduler of one test's
+    // operator would place its job on the nodes another test's rig left behind.
+    let scope = format!("{}::{backend:?}::{fault:?}", module_path!());
+    let cp = flotilla_tests::control_plane_for(&scope).await;
     install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "xid").await.expect("namespace");
