@@ -41,11 +41,17 @@ pub fn install_crds(cp: &ControlPlane) -> Result<()> {
     for crd in
         ["trainingjobs.flotilla.dev", "inferenceservices.flotilla.dev", "gpunodes.flotilla.dev"]
     {
-        let out = kubectl(
-            cp,
-            &["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}")],
-            None,
-        );
+        let wait = ["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}")];
+        let mut out = kubectl(cp, &wait, None);
+        // kubectl wait fails instead of waiting while a just-created CRD has no conditions yet.
+        for _ in 0..50 {
+            let early = String::from_utf8_lossy(&out.stderr).contains("accessor error: <nil>");
+            if out.status.success() || !early {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            out = kubectl(cp, &wait, None);
+        }
         if !out.status.success() {
             bail!("waiting for {crd}: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backend;
 pub mod binaries;
 pub mod builders;
 pub mod control_plane;
@@ -27,6 +28,7 @@ pub mod rig;
 pub mod serving;
 pub mod wait;
 
+pub use backend::{AgentGpus, Backend, Fault, clear_at};
 pub use binaries::{binary, operator_binary, workspace};
 pub use builders::{inference_service, tiny_engine_job, training_job};
 pub use control_plane::{ControlPlane, control_plane, control_plane_for, controlplane_bin_dir};
@@ -36,7 +38,7 @@ pub use ledger::{LedgerLine, assert_no_overlap, parse_ledger_line};
 pub use namespace::namespace;
 pub use operator::Operator;
 pub use ports::{free_port, master_port_base, serving_port_base};
-pub use process::{LeaseAccess, Process, inject_xid_at, start_agent, walk};
+pub use process::{LeaseAccess, Process, inject_xid_at, start_agent, start_agent_on, walk};
 pub use proxy::Proxy;
 pub use rig::Rig;
 pub(crate) use rig::RigTurn;

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
+use crate::backend::AgentGpus;
 use crate::binaries::binary;
 
 /// A child process killed when dropped, with its log file.
@@ -49,6 +50,18 @@ pub fn start_agent(
     dir: &Path,
     lease: &LeaseAccess,
 ) -> Process {
+    start_agent_on(node, operator_port, admin_port, dir, lease, &AgentGpus::Simulated)
+}
+
+/// [`start_agent`] on `gpus` (4 simulated GPUs, or the NVML backend on a stand-in of 4).
+pub fn start_agent_on(
+    node: &str,
+    operator_port: u16,
+    admin_port: u16,
+    dir: &Path,
+    lease: &LeaseAccess,
+    gpus: &AgentGpus,
+) -> Process {
     let log = dir.join(format!("agent-{node}.log"));
     // Appended to: a restarted agent keeps its predecessor's lines.
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
@@ -63,6 +76,7 @@ pub fn start_agent(
         .env("FLOTILLA_WORKER_LOG_DIR", dir.join(format!("logs-{node}")))
         .env("FLOTILLA_WORKER_SOCKET_DIR", dir.join(format!("s-{node}")))
         .env("FLOTILLA_LOG", "info")
+        .envs(gpus.env())
         .stdout(file.try_clone().expect("log"))
         .stderr(file)
         .spawn()

@@ -1,5 +1,5 @@
-//! The operator and two (or more) agents with simulated GPUs as real processes: the rig of the
-//! end-to-end training tests.
+//! The operator and two (or more) agents as real processes, on simulated GPUs or on the NVML
+//! backend with the stand-in library ([`Backend`]): the rig of the end-to-end training tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,18 +9,21 @@ use flotilla_operator::crd::{GpuNode, JobPhase, TrainingJob};
 use kube::api::Api;
 
 use crate::ControlPlane;
+use crate::backend::{AgentGpus, Backend, Fault};
 use crate::binaries::{binary, operator_binary};
 use crate::operator::Operator;
 use crate::ports::{free_port, master_port_base};
-use crate::process::{LeaseAccess, Process, append_worker_logs, inject_xid_at, start_agent, walk};
+use crate::process::{LeaseAccess, Process, append_worker_logs, start_agent_on, walk};
 use crate::wait::{WAIT, eventually};
 
-/// The operator and its agents (4 simulated GPUs each, admin servers on known ports).
+/// The operator and its agents (4 GPUs each, admin servers on known ports).
 pub struct Rig {
     /// The operator.
     pub operator: Operator,
     /// Agents and their admin ports.
     pub agents: Vec<(Process, u16)>,
+    /// Each agent's GPUs, by node.
+    gpus: Vec<(String, AgentGpus)>,
     /// Logs, checkpoints, sockets.
     pub dir: tempfile::TempDir,
     /// How the operator was started, to start it again.
@@ -76,10 +79,26 @@ impl Rig {
             })
     }
 
-    /// Injects XID `xid` into GPU `gpu` of `node` through its agent's admin server.
+    /// Injects XID `xid` into GPU `gpu` of `node`: through its agent's admin server (simulated)
+    /// or the stand-in NVML library (a critical XID event from `nvmlEventSetWait`).
     pub fn inject_xid(&self, node: &str, gpu: i32, xid: u32) {
-        let admin = self.agents.iter().find(|(p, _)| p.node == node).expect("agent").1;
-        inject_xid_at(admin, gpu, xid);
+        let gpu = u32::try_from(gpu).expect("a GPU index");
+        self.inject(node, gpu, Fault::Xid(xid));
+    }
+
+    /// Injects `fault` into GPU `gpu` of `node`, in its backend's terms.
+    pub fn inject(&self, node: &str, gpu: u32, fault: Fault) {
+        self.gpus_of(node).inject(self.admin_port(node), gpu, fault);
+    }
+
+    /// The GPUs of `node`'s agent.
+    pub fn gpus_of(&self, node: &str) -> &AgentGpus {
+        self.gpus.iter().find(|(n, _)| n == node).map(|(_, g)| g).expect("agent")
+    }
+
+    /// The admin port of `node`'s agent.
+    pub fn admin_port(&self, node: &str) -> u16 {
+        self.agents.iter().find(|(p, _)| p.node == node).expect("agent").1
     }
 
     /// Waits (up to 5 minutes) until the job `name` Succeeded or Failed; returns its status.
@@ -157,6 +176,20 @@ impl Rig {
         nodes: usize,
         operator_env: &[(&str, &str)],
     ) -> Rig {
+        let backends = vec![Backend::Simulated; nodes];
+        Rig::start_on(cp, ns, client, &backends, operator_env).await
+    }
+
+    /// [`Rig::start`] with one agent per entry of `backends` (named a, b, c, …, in order), each
+    /// on that backend, and further operator environment. Returns once every `GpuNode` shows 4
+    /// healthy GPUs and every NVML agent's event loop is armed.
+    pub async fn start_on(
+        cp: &ControlPlane,
+        ns: &str,
+        client: &kube::Client,
+        backends: &[Backend],
+        operator_env: &[(&str, &str)],
+    ) -> Rig {
         let turn = RigTurn::take().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let agent_port = free_port();
@@ -168,16 +201,26 @@ impl Rig {
             env: operator_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let operator = start_operator(&settings, dir.path(), "operator.log");
-        let agents = ["a", "b", "c", "d"][..nodes]
-            .iter()
-            .map(|n| {
-                let admin = free_port();
-                let node = format!("{ns}-{n}");
-                (start_agent(&node, agent_port, admin, dir.path(), &settings.lease()), admin)
-            })
-            .collect();
-        let rig =
-            Rig { operator, agents, dir, settings, old_operator_logs: Vec::new(), _turn: turn };
+        let mut agents = Vec::new();
+        let mut gpus = Vec::new();
+        let lease = settings.lease();
+        for (n, &backend) in ["a", "b", "c", "d"][..backends.len()].iter().zip(backends) {
+            let node = format!("{ns}-{n}");
+            let admin = free_port();
+            let node_gpus = AgentGpus::new(backend, &node, 4, dir.path());
+            let agent = start_agent_on(&node, agent_port, admin, dir.path(), &lease, &node_gpus);
+            agents.push((agent, admin));
+            gpus.push((node, node_gpus));
+        }
+        let rig = Rig {
+            operator,
+            agents,
+            gpus,
+            dir,
+            settings,
+            old_operator_logs: Vec::new(),
+            _turn: turn,
+        };
         let nodes: Api<GpuNode> = Api::all(client.clone());
         for name in rig.node_names() {
             eventually(WAIT, &format!("GpuNode {name} with 4 healthy GPUs"), || async {
@@ -186,6 +229,9 @@ impl Rig {
             })
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
+        }
+        for (_, gpus) in &rig.gpus {
+            gpus.armed(4).await.unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
         }
         rig
     }
@@ -214,8 +260,9 @@ impl Rig {
     pub fn restart_agent_via(&mut self, node: &str, operator_port: u16) {
         let dir = self.dir.path().to_path_buf();
         let lease = self.settings.lease();
+        let gpus = self.gpus.iter().find(|(n, _)| n == node).map(|(_, g)| g).expect("agent");
         let (agent, admin) = self.agents.iter_mut().find(|(p, _)| p.node == node).expect("agent");
-        *agent = start_agent(node, operator_port, *admin, &dir, &lease);
+        *agent = start_agent_on(node, operator_port, *admin, &dir, &lease, gpus);
     }
 
     /// The port the operator serves agents on.
@@ -280,6 +327,11 @@ impl Rig {
         all.push_str(&format!("operator:\n{}", self.operator.log()));
         for (a, _) in &self.agents {
             all.push_str(&format!("\n{}:\n{}", a.log.display(), a.log()));
+        }
+        for (node, gpus) in &self.gpus {
+            if let Some(mock) = gpus.stand_in() {
+                all.push_str(&format!("\nstand-in NVML of {node}:\n{}", mock.log()));
+            }
         }
         append_worker_logs(&mut all, self.dir.path());
         all

@@ -339,13 +339,27 @@ fn fnv(text: &str, salt: u64) -> u64 {
     })
 }
 
+impl Config {
+    /// The UUID GPU `index` of this node reports: derived from the seed, so a test knows it.
+    pub fn uuid(&self, index: u32) -> String {
+        let h = fnv(&self.seed, u64::from(index) + 1);
+        format!(
+            "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            h >> 32,
+            (h >> 16) & 0xffff,
+            h & 0xffff,
+            index,
+            h & 0xffff_ffff_ffff
+        )
+    }
+}
+
 impl Node {
     /// GPUs as `config` describes them, idle and healthy.
     pub fn new(config: Config) -> Self {
         let m = config.model;
         let gpus = (0..config.gpus)
             .map(|index| {
-                let h = fnv(&config.seed, u64::from(index) + 1);
                 let bus = HGX_BUSES
                     .get(index as usize)
                     .copied()
@@ -353,14 +367,7 @@ impl Node {
                     & 0xff;
                 Gpu {
                     index,
-                    uuid: format!(
-                        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-                        h >> 32,
-                        (h >> 16) & 0xffff,
-                        h & 0xffff,
-                        index,
-                        h & 0xffff_ffff_ffff
-                    ),
+                    uuid: config.uuid(index),
                     bus,
                     memory_total: m.memory_gib << 30,
                     memory_used: 512 << 20,

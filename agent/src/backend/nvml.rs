@@ -259,7 +259,11 @@ impl GpuBackend for NvmlBackend {
         let mut samples = Vec::with_capacity(self.count as usize);
         for index in 0..self.count {
             match self.sample_one(index) {
-                Ok(sample) => samples.push(sample),
+                Ok(sample) => {
+                    // It answers again (reset, or back on the bus): losing it again is news.
+                    self.lost.lock().unwrap_or_else(|e| e.into_inner()).remove(&index);
+                    samples.push(sample);
+                }
                 Err(NvmlError::GpuLost) => self.report_lost(index),
                 Err(e) => tracing::warn!(gpu = index, error = %e, "NVML sample failed"),
             }

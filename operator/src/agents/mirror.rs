@@ -118,6 +118,13 @@ fn status_patch(status: &GpuNodeStatus) -> Result<serde_json::Value, serde_json:
     if let Some(fields) = value.as_object_mut() {
         fields.remove("conditions");
         fields.remove("observedGeneration");
+        // A merge patch merges objects key by key: a fault without an XID (ECC, GPU lost) must
+        // say so, or the XID of the fault before it stays on the new one.
+        if let Some(fault) = fields.get_mut("lastFault").and_then(|f| f.as_object_mut()) {
+            for key in ["time", "xid"] {
+                fault.entry(key).or_insert(serde_json::Value::Null);
+            }
+        }
     }
     Ok(serde_json::json!({ "status": value }))
 }
@@ -287,6 +294,25 @@ mod tests {
         assert_eq!(status["gpus"].as_array().map(Vec::len), Some(3));
         assert_eq!(status["healthyGpus"], 2);
         assert!(status.contains_key("lastHeartbeatTime"));
+    }
+
+    #[test]
+    fn a_fault_without_an_xid_clears_the_xid_of_the_fault_before() {
+        let mut r = record();
+        r.last_fault = Some(FaultRecord {
+            gpu: 2,
+            xid: None,
+            reason: "DoubleBitEcc".into(),
+            message: "double-bit ECC error".into(),
+            observed_at_unix_nanos: 1_700_000_002_000_000_000,
+        });
+        let s = desired_status(&r, &GpuNodeSpec::default(), None, 1);
+        let patch = status_patch(&s).expect("serialises");
+        let fault = patch["status"]["lastFault"].as_object().expect("lastFault");
+        assert_eq!(fault.get("xid"), Some(&serde_json::Value::Null), "{fault:?}");
+        assert_eq!(fault["gpu"], 2);
+        let with_xid = status_patch(&desired_status(&record(), &GpuNodeSpec::default(), None, 1));
+        assert_eq!(with_xid.expect("serialises")["status"]["lastFault"]["xid"], 79);
     }
 
     #[test]

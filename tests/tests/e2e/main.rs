@@ -24,6 +24,7 @@ mod kubectl_plugin;
 mod leader_failover;
 mod loan;
 mod malformed_objects;
+mod nvml_backend;
 mod operator_core;
 mod operator_kill;
 mod operator_kill_restart;
