@@ -160,7 +160,30 @@ def write_blob(layout, data):
     return f"sha256:{digest}", len(data)
 
 
+def input_key(spec, bin_dir, pause):
+    """What an image is built from: this script, and each input's path, size and mtime."""
+    key = hashlib.sha256()
+    with open(__file__, "rb") as f:
+        key.update(f.read())
+    for source, dest in spec["binaries"]:
+        path = pause if source == "@pause" else source if source.startswith("/") else os.path.join(bin_dir, source)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key.update(f"{dest} {path} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return key.hexdigest()
+
+
 def build_image(name, spec, bin_dir, pause, out_dir):
+    """Builds the image unless its archive was built from the same inputs (then reuses it)."""
+    archive = os.path.join(out_dir, f"{name}.tar")
+    key_file = os.path.join(out_dir, f"{name}.key")
+    key = input_key(spec, bin_dir, pause)
+    if key and os.path.exists(archive) and os.path.exists(key_file):
+        with open(key_file) as f:
+            if f.read().strip() == key:
+                return spec["ref"], archive, layer_size_of(os.path.join(out_dir, name))
     layout = os.path.join(out_dir, name)
     shutil.rmtree(layout, ignore_errors=True)
     os.makedirs(os.path.join(layout, "blobs", "sha256"))
@@ -224,7 +247,6 @@ def build_image(name, spec, bin_dir, pause, out_dir):
     with open(os.path.join(layout, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
 
-    archive = os.path.join(out_dir, f"{name}.tar")
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
     with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
         for root, _dirs, files in sorted(os.walk(layout)):
@@ -235,7 +257,17 @@ def build_image(name, spec, bin_dir, pause, out_dir):
                 with open(path, "rb") as data:
                     tar.addfile(info, data)
     os.replace(tmp, archive)
+    with open(key_file, "w") as f:
+        f.write(f"{key}\n")
     return spec["ref"], archive, layer_size
+
+
+def layer_size_of(layout):
+    """The layer size recorded in an image layout's manifest."""
+    with open(os.path.join(layout, "index.json")) as f:
+        manifest_digest = json.load(f)["manifests"][0]["digest"].split(":", 1)[1]
+    with open(os.path.join(layout, "blobs", "sha256", manifest_digest)) as f:
+        return json.load(f)["layers"][0]["size"]
 
 
 def main():
