@@ -63,6 +63,14 @@ fn final_stage(dockerfile: &str) -> FinalStage {
             "COPY" if rest.starts_with("--from=") => {
                 let words: Vec<&str> = rest.split_whitespace().skip(1).collect();
                 let (dest, sources) = words.split_last().expect("COPY has a destination");
+                // As Docker does: one source to a destination without a trailing slash is copied
+                // to that path; otherwise into that directory.
+                if let [_] = sources
+                    && !dest.ends_with('/')
+                {
+                    stage.copied.push(dest.to_string());
+                    continue;
+                }
                 for source in sources {
                     let name = Path::new(source).file_name().expect("a file").to_string_lossy();
                     stage.copied.push(format!("{}/{name}", dest.trim_end_matches('/')));
@@ -187,10 +195,10 @@ fn the_local_agent_image_matches_its_dockerfile() {
 fn a_dockerfile_stage_is_read_as_docker_reads_it() {
     let stage = final_stage(
         "FROM a AS build\nUSER 1\nFROM b\n# comment\nCOPY --from=build /out/x \\\n  /out/y /usr/bin/\n\
-         USER 7:7\nEXPOSE 80 53/udp\nSTOPSIGNAL SIGINT\nENTRYPOINT [\"/usr/bin/x\"]\nCMD [\"run\"]\n",
+         COPY --from=build /out/z /usr/bin/zz\nUSER 7:7\nEXPOSE 80 53/udp\nSTOPSIGNAL SIGINT\nENTRYPOINT [\"/usr/bin/x\"]\nCMD [\"run\"]\n",
     );
     assert_eq!(stage.user.as_deref(), Some("7:7"));
-    assert_eq!(stage.copied, ["/usr/bin/x", "/usr/bin/y"]);
+    assert_eq!(stage.copied, ["/usr/bin/x", "/usr/bin/y", "/usr/bin/zz"]);
     assert_eq!(stage.ports, BTreeSet::from(["80/tcp".to_string(), "53/udp".to_string()]));
     assert_eq!(stage.stop_signal.as_deref(), Some("SIGINT"));
     assert_eq!(stage.entrypoint, Some(vec!["/usr/bin/x".to_string()]));
