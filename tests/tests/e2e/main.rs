@@ -21,6 +21,7 @@ mod gpu_fault;
 mod images;
 mod inference;
 mod inference_preemption;
+mod install;
 mod kubectl_plugin;
 mod leader_failover;
 mod loan;
