@@ -1,9 +1,11 @@
 //! The README's install steps on a real node (issue 17, `install_e2e`), as far as this test node
 //! carries them: `kubectl apply -k` of `tests/install` (deploy/ with the images built here and
 //! simulated GPUs), the mTLS Secrets filled by `deploy/certs.sh`, the rollout restart — then the
-//! operator Deployment becomes Ready under the shipped security context and RBAC, and its leader
-//! holds the Lease. (The agent DaemonSet dials the operator through its Service's DNS name; this
-//! node has neither cluster DNS nor kube-proxy yet, so the agent's half is not asserted here.)
+//! operator Deployment becomes Ready under the shipped security context and RBAC, its leader
+//! holds the Lease, and the agent DaemonSet's pod starts under its read-only root with only the
+//! DaemonSet's volumes writable. (The agent dials the operator through its Service's DNS name;
+//! this node has neither cluster DNS nor kube-proxy yet, so its link, the `GpuNode` and the
+//! sample jobs are not asserted here.)
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, LogParams};
 
 use flotilla_tests::{Node, binary, eventually, kubectl, pod_report, workspace};
 
@@ -97,5 +99,37 @@ async fn the_shipped_operator_becomes_ready_from_kubectl_apply_k() -> anyhow::Re
         })
         .await?;
     eprintln!("install: {holder} leads");
+
+    // The agent starts: it made its worker-log and socket directories and its admin server.
+    let agent_log =
+        eventually(Duration::from_secs(120), "the agent pod's `agent started` line", || async {
+            let pod = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=flotilla-agent"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| p.metadata.deletion_timestamp.is_none())?;
+            let name = pod.metadata.name?;
+            let params = LogParams { container: Some("agent".into()), ..LogParams::default() };
+            let log = pods.logs(&name, &params).await.ok()?;
+            log.contains("agent started").then_some(log)
+        })
+        .await;
+    match agent_log {
+        Ok(log) => assert!(
+            log.contains(node.name()),
+            "the agent should name its node {}:\n{log}",
+            node.name()
+        ),
+        Err(err) => {
+            let report = pod_report(&client, NAMESPACE, 20).await;
+            anyhow::bail!("{err}\n{report}");
+        }
+    }
+    eprintln!(
+        "install: agent started {:.1} s after kubectl apply -k",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
