@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-apt_packages=(prometheus)
+# The test node (tests/src/node.rs): containerd (and ctr), runc, the CNI plugins, ip, iptables;
+# python3 and tar build its images (scripts/images.sh).
+apt_packages=(prometheus containerd runc containernetworking-plugins iproute2 iptables python3 tar)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do

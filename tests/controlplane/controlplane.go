@@ -33,6 +33,7 @@ type options struct {
 	controllers string
 	readyWithin time.Duration
 	stdinEOF    bool
+	pods        bool
 }
 
 func parseOptions(args []string) (*options, error) {
@@ -46,11 +47,13 @@ func parseOptions(args []string) (*options, error) {
 	fs.DurationVar(&o.readyWithin, "ready-timeout", 3*time.Minute, "how long to wait for /readyz")
 	fs.BoolVar(&o.stdinEOF, "exit-on-stdin-close", false,
 		"shut down cleanly when standard input closes: a parent that holds the pipe (a test binary) stops the control plane by exiting, even when it panics or is killed")
+	fs.BoolVar(&o.pods, "pods", false,
+		"admit Pods as a cluster with nodes does: turns on the ServiceAccount admission plugin (token volumes), so every namespace needs its default ServiceAccount (the serviceaccount controller, which the test node runs)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q (flags are --dir, --kubeconfig, --port, --controllers, --ready-timeout)", fs.Arg(0))
+		return nil, fmt.Errorf("unexpected argument %q (flags are --dir, --kubeconfig, --port, --controllers, --ready-timeout, --exit-on-stdin-close, --pods)", fs.Arg(0))
 	}
 	if o.port < 0 || o.port > 65535 {
 		return nil, fmt.Errorf("--port: expected 0..65535, got %d", o.port)
@@ -133,7 +136,7 @@ func runControlPlane(args []string) error {
 	apiserverDone := make(chan error, 1)
 	go func() {
 		cmd := apiserver.NewAPIServerCommand()
-		cmd.SetArgs(apiserverArgs(certs, etcdURL, port, filepath.Join(runDir, "apiserver")))
+		cmd.SetArgs(apiserverArgs(certs, etcdURL, port, filepath.Join(runDir, "apiserver"), opts.pods))
 		apiserverDone <- cmd.Execute()
 	}()
 
@@ -186,7 +189,13 @@ func runControlPlane(args []string) error {
 	return runErr
 }
 
-func apiserverArgs(certs *pki, etcdURL string, port int, certDir string) []string {
+func apiserverArgs(certs *pki, etcdURL string, port int, certDir string, pods bool) []string {
+	// Without nodes no Pod runs, and without the serviceaccount controller a namespace has no
+	// default ServiceAccount for the admission plugin to find: off unless Pods are to run.
+	admission := "--disable-admission-plugins=ServiceAccount"
+	if pods {
+		admission = "--enable-admission-plugins=ServiceAccount"
+	}
 	return []string{
 		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1",
@@ -203,7 +212,9 @@ func apiserverArgs(certs *pki, etcdURL string, port int, certDir string) []strin
 		"--service-account-key-file=" + certs.saKey,
 		"--service-account-signing-key-file=" + certs.saKey,
 		"--service-cluster-ip-range=10.0.0.0/24",
-		"--disable-admission-plugins=ServiceAccount",
+		admission,
+		// A test node is named after no resolvable host: reach its kubelet at its InternalIP.
+		"--kubelet-preferred-address-types=InternalIP",
 		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true",
 		"--profiling=false",

@@ -2,12 +2,13 @@
 // an embedded etcd and kube-apiserver (and, optionally, the garbage-collector and namespace
 // controllers of kube-controller-manager) on loopback, built from the Kubernetes Go modules.
 //
-// The same binary is also kubectl, kube-scheduler and kube-controller-manager of the same
-// version: the entry point is chosen by the name it is invoked as (a symlink named kubectl) or by
+// The same binary is also kubectl, kube-scheduler, kube-controller-manager and kubelet of the
+// same version: the entry point is chosen by the name it is invoked as (a symlink named kubectl) or by
 // its first argument (`controlplane kubectl get pods`).
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 
 	// Client auth plugins, as the real kubectl links them.
 	_ "k8s.io/client-go/plugin/pkg/client/auth"
@@ -38,6 +40,8 @@ func main() {
 		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
 	case "kube-controller-manager":
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
 	default:
 		if err := runControlPlane(os.Args[1:]); err != nil {
 			fmt.Fprintf(os.Stderr, "controlplane: %v\n", err)
@@ -48,7 +52,7 @@ func main() {
 
 func isComponent(arg string) bool {
 	switch arg {
-	case "kubectl", "kube-scheduler", "kube-controller-manager":
+	case "kubectl", "kube-scheduler", "kube-controller-manager", "kubelet":
 		return true
 	}
 	return false

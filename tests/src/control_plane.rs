@@ -68,6 +68,25 @@ pub async fn control_plane() -> &'static ControlPlane {
 /// Panics with the control plane's log when it cannot start: every test that needs it would fail
 /// the same way, and the log is what explains why.
 pub async fn control_plane_for(scope: &str) -> Arc<ControlPlane> {
+    scoped(scope, Admission::NoPods).await
+}
+
+/// The control plane of `scope`, set up for a real node ([`crate::Node`]): Pods get their
+/// ServiceAccount tokens (the ServiceAccount admission plugin is on).
+pub async fn control_plane_with_pods_for(scope: &str) -> Arc<ControlPlane> {
+    scoped(scope, Admission::Pods).await
+}
+
+/// Whether the control plane admits Pods as a cluster with nodes does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// No node runs Pods: no ServiceAccount admission (no default ServiceAccount to find).
+    NoPods,
+    /// A node runs Pods: `--pods`.
+    Pods,
+}
+
+async fn scoped(scope: &str, admission: Admission) -> Arc<ControlPlane> {
     let slot = {
         let mut scopes = SCOPES.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(scopes.entry(scope.to_owned()).or_default())
@@ -77,7 +96,7 @@ pub async fn control_plane_for(scope: &str) -> Arc<ControlPlane> {
         if let Some(cp) = held.upgrade() {
             return Ok(cp);
         }
-        let cp = Arc::new(ControlPlane::start()?);
+        let cp = Arc::new(ControlPlane::start(admission)?);
         *held = Arc::downgrade(&cp);
         Ok::<_, anyhow::Error>(cp)
     })
@@ -89,7 +108,7 @@ pub async fn control_plane_for(scope: &str) -> Arc<ControlPlane> {
 // === impl ControlPlane ===
 
 impl ControlPlane {
-    fn start() -> anyhow::Result<Self> {
+    fn start(admission: Admission) -> anyhow::Result<Self> {
         let bin_dir = controlplane_bin_dir()?;
         // A directory that does not exist yet: the control plane creates it and, having created
         // it, removes all of it at shutdown.
@@ -109,6 +128,7 @@ impl ControlPlane {
             .arg(&kubeconfig)
             .arg("--port=0")
             .arg("--exit-on-stdin-close")
+            .args((admission == Admission::Pods).then_some("--pods"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -118,7 +138,8 @@ impl ControlPlane {
         let stdout = child.stdout.take().expect("stdout is piped");
         let log = capture_lines(child.stderr.take().expect("stderr is piped"));
 
-        let server = match wait_for_ready_line(stdout) {
+        let ready = wait_for_line(stdout, "controlplane ready: ", READY_TIMEOUT);
+        let server = match ready.and_then(|line| server_field(&line)) {
             Ok(server) => server,
             Err(err) => {
                 let _ = child.kill();
@@ -190,8 +211,8 @@ impl ControlPlane {
         assert!(status.success(), "kill -{name} {pid}: {status}");
     }
 
-    /// The directory holding `controlplane`, `kubectl`, `kube-scheduler` and
-    /// `kube-controller-manager`.
+    /// The directory holding `controlplane`, `kubectl`, `kube-scheduler`,
+    /// `kube-controller-manager`, `kubelet`, `flotilla-node` and `pause`.
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
     }
@@ -233,38 +254,44 @@ pub fn controlplane_bin_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(last))
 }
 
-/// Reads the control plane's stdout until its `controlplane ready: server=URL ...` line.
-fn wait_for_ready_line(stdout: impl Read + Send + 'static) -> anyhow::Result<String> {
+/// Reads a child's stdout until a line starting with `prefix`, and returns the rest of that line;
+/// keeps draining it afterwards so the child never blocks on a full pipe.
+pub(crate) fn wait_for_line(
+    stdout: impl Read + Send + 'static,
+    prefix: &'static str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix("controlplane ready: ") {
-                let server = rest
-                    .split_whitespace()
-                    .find_map(|field| field.strip_prefix("server="))
-                    .unwrap_or_default()
-                    .to_string();
-                let _ = tx.send(server);
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let _ = tx.send(rest.to_string());
             }
         }
-        // Keep draining until the pipe closes so the child never blocks on a full pipe.
     });
     let started = Instant::now();
-    match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(server) if !server.is_empty() => Ok(server),
-        Ok(_) => bail!("the ready line carried no server= field"),
+    match rx.recv_timeout(timeout) {
+        Ok(rest) => Ok(rest),
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            bail!("no ready line within {:?}", started.elapsed())
+            bail!("no `{prefix}` line within {:?}", started.elapsed())
         }
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            bail!("the control plane exited before it was ready")
+            bail!("the process exited before its `{prefix}` line")
         }
     }
 }
 
+/// The `server=URL` field of the control plane's ready line.
+fn server_field(line: &str) -> anyhow::Result<String> {
+    match line.split_whitespace().find_map(|field| field.strip_prefix("server=")) {
+        Some(server) if !server.is_empty() => Ok(server.to_string()),
+        _ => bail!("the ready line carried no server= field: {line}"),
+    }
+}
+
 /// Keeps the last [`LOG_LINES`] lines of a child's output, draining it so the child never blocks.
-fn capture_lines(output: impl Read + Send + 'static) -> Arc<Mutex<VecDeque<String>>> {
+pub(crate) fn capture_lines(output: impl Read + Send + 'static) -> Arc<Mutex<VecDeque<String>>> {
     let lines = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_LINES)));
     let sink = Arc::clone(&lines);
     std::thread::spawn(move || {

@@ -20,6 +20,7 @@ pub mod fleet;
 pub mod kubectl;
 pub mod ledger;
 pub mod namespace;
+pub mod node;
 pub mod operator;
 pub mod ports;
 pub mod process;
@@ -31,11 +32,15 @@ pub mod wait;
 pub use backend::{AgentGpus, Backend, Fault, clear_at};
 pub use binaries::{binary, operator_binary, workspace};
 pub use builders::{inference_service, tiny_engine_job, training_job};
-pub use control_plane::{ControlPlane, control_plane, control_plane_for, controlplane_bin_dir};
+pub use control_plane::{
+    ControlPlane, control_plane, control_plane_for, control_plane_with_pods_for,
+    controlplane_bin_dir,
+};
 pub use fleet::Fleet;
 pub use kubectl::{install_crds, kubectl};
 pub use ledger::{LedgerLine, assert_no_overlap, parse_ledger_line};
 pub use namespace::namespace;
+pub use node::{Image, Node, build_images, pod_report};
 pub use operator::Operator;
 pub use ports::{free_port, master_port_base, serving_port_base};
 pub use process::{LeaseAccess, Process, inject_xid_at, start_agent, start_agent_on, walk};
