@@ -198,11 +198,12 @@ impl RunArgs {
                 endpoint: self.operator.clone(),
                 tls,
                 backoff_min: Duration::from_millis(200),
-                backoff_max: Duration::from_secs(flotilla_contract::node_lease::RECONNECT_MAX_DELAY_S),
+                backoff_max: Duration::from_secs(
+                    flotilla_contract::node_lease::RECONNECT_MAX_DELAY_S,
+                ),
                 fence_timeout: Duration::from_secs(self.fence_timeout_s),
-                lease: (!self.lease_namespace.is_empty()).then(|| crate::lease::LeaseConfig {
-                    namespace: self.lease_namespace.clone(),
-                }),
+                lease: (!self.lease_namespace.is_empty())
+                    .then(|| crate::lease::LeaseConfig { namespace: self.lease_namespace.clone() }),
                 advertise: Advertise {
                     admin_url: self.admin_url()?,
                     node_address: self.advertise_address.map(|a| a.to_string()).unwrap_or_default(),

@@ -17,9 +17,9 @@
 //! [`FENCED`]. Each verdict is acted on once.
 
 use crate::core::AgentCore;
-use flotilla_contract::node_lease::{FENCED, LABEL, VERDICT, lease_name};
 use crate::link::Contact;
 use crate::supervisor::WorkerSupervisor;
+use flotilla_contract::node_lease::{FENCED, LABEL, VERDICT, lease_name};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};

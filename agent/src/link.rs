@@ -263,8 +263,7 @@ async fn fence_watchdog(
         } else if !fenced {
             fenced = true;
             core.metrics.fence_kills.inc();
-            let reason =
-                format!("no contact for {silent:?}, past the fence timeout {fence:?}");
+            let reason = format!("no contact for {silent:?}, past the fence timeout {fence:?}");
             tracing::error!(%reason, "reached neither the operator nor the API server: killing every worker (safety rule 1)");
             supervisor.kill_all(&reason);
         }
@@ -483,5 +482,31 @@ async fn handle_command(
             };
             Some(result(c.command_id, outcome))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_acknowledgement_proves_contact_from_its_heartbeats_send_time_once() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut unacked = VecDeque::from([(10, at(0)), (20, at(100)), (30, at(200))]);
+        assert_eq!(take_acked(&mut unacked, 0), None, "an acknowledgement of a critical event");
+        assert_eq!(take_acked(&mut unacked, 99), None, "a stamp never sent");
+        assert_eq!(take_acked(&mut unacked, 20), Some(at(100)));
+        assert_eq!(unacked, VecDeque::from([(30, at(200))]), "older heartbeats are forgotten");
+        assert_eq!(take_acked(&mut unacked, 20), None, "each counts once");
+    }
+
+    #[test]
+    fn contact_keeps_the_latest_proof() {
+        let contact = Contact::new(Duration::from_secs(30));
+        let later = Instant::now() + Duration::from_secs(5);
+        contact.touch_at(later);
+        contact.touch_at(Instant::now());
+        assert_eq!(contact.0.lock().unwrap().0, later, "an older proof does not move it back");
     }
 }

@@ -71,10 +71,8 @@ impl ServingRig {
             .map(|i| {
                 let admin = free_port();
                 let name = format!("{ns}-{}", (b'a' + i as u8) as char);
-                let lease = LeaseAccess {
-                    kubeconfig: cp.kubeconfig().into(),
-                    namespace: ns.to_owned(),
-                };
+                let lease =
+                    LeaseAccess { kubeconfig: cp.kubeconfig().into(), namespace: ns.to_owned() };
                 (start_agent(&name, agent_port, admin, dir.path(), &lease), admin)
             })
             .collect();

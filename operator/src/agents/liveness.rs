@@ -72,7 +72,8 @@ impl Leases {
                 if renewed {
                     s.changed = Instant::now();
                 }
-                let acked_changed = s.last.fenced != lease.fenced || s.last.verdict != lease.verdict;
+                let acked_changed =
+                    s.last.fenced != lease.fenced || s.last.verdict != lease.verdict;
                 s.last = lease;
                 acked_changed
             }
@@ -142,7 +143,11 @@ impl Leases {
 
     /// Whether the agent of `node` acknowledged the verdict now on its Lease.
     pub fn acknowledged(&self, node: &str) -> bool {
-        self.seen.read().unwrap_or_else(|e| e.into_inner()).get(node).is_some_and(|s| acknowledged(&s.last))
+        self.seen
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .is_some_and(|s| acknowledged(&s.last))
     }
 }
 
@@ -153,12 +158,7 @@ fn acknowledged(lease: &LeaseObservation) -> bool {
 /// Whether the workers of a node are certainly gone: the agent acknowledged a verdict, or it has
 /// been quiet on both channels for `quiet` (`last_heard`: when its stream last delivered
 /// anything, `None` if it never registered with this process).
-pub fn fenced(
-    leases: &Leases,
-    node: &str,
-    last_heard: Option<Instant>,
-    quiet: Duration,
-) -> bool {
+pub fn fenced(leases: &Leases, node: &str, last_heard: Option<Instant>, quiet: Duration) -> bool {
     if leases.acknowledged(node) {
         return true;
     }

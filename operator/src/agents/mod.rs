@@ -9,8 +9,8 @@ pub mod commands;
 mod convert;
 pub mod identity;
 pub mod liveness;
-pub mod node_leases;
 pub mod mirror;
+pub mod node_leases;
 pub mod server;
 pub mod state;
 

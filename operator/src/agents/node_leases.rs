@@ -69,7 +69,9 @@ pub async fn watch(client: kube::Client, namespace: String, registry: Arc<NodeRe
                 registry.bump();
             }
             Ok(watcher::Event::Init) => {}
-            Err(e) => tracing::warn!(error = %e, %namespace, "watching node Leases failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, %namespace, "watching node Leases failed; retrying")
+            }
         }
     }
 }
@@ -92,10 +94,8 @@ pub fn registration_window(heartbeat_timeout: Duration) -> Duration {
 /// The verdict writes due now, by node.
 fn due(registry: &NodeRegistry, heartbeat_timeout: Duration) -> BTreeMap<String, Write> {
     let mut writes = BTreeMap::new();
-    let watched_long_enough = registry
-        .leases
-        .watched_for()
-        .is_some_and(|w| w > registration_window(heartbeat_timeout));
+    let watched_long_enough =
+        registry.leases.watched_for().is_some_and(|w| w > registration_window(heartbeat_timeout));
     for node in registry.leases.nodes() {
         let Some(lease) = registry.leases.get(&node) else { continue };
         let rec = registry.node(&node);
@@ -143,8 +143,7 @@ pub async fn verdicts(
             };
             let patch = serde_json::json!({ "metadata": { "annotations": { VERDICT: value } } });
             let name = lease_name(&node);
-            if let Err(e) = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await
-            {
+            if let Err(e) = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 tracing::warn!(%node, lease = %name, error = %e, "writing the verdict failed; retrying");
             }
         }
@@ -187,10 +186,9 @@ mod tests {
         let registry = NodeRegistry::new();
         let timeout = Duration::ZERO;
         registry.leases.observe("never-registered", LeaseObservation::default());
-        registry.leases.observe(
-            "back",
-            LeaseObservation { verdict: Some("v".into()), ..Default::default() },
-        );
+        registry
+            .leases
+            .observe("back", LeaseObservation { verdict: Some("v".into()), ..Default::default() });
         registry.register(crate::agents::NodeRecord::named("back"));
         // Before the watch has run for the heartbeat timeout, nobody unregistered is judged.
         assert_eq!(due(&registry, timeout), BTreeMap::from([("back".into(), Write::TakeBack)]));

@@ -470,42 +470,58 @@ async fn rbac_grants_the_operator_what_its_code_uses_and_the_agent_its_lease_onl
         &["create", "leases.coordination.k8s.io", "-n", "kube-system"],
         &["delete", "customresourcedefinitions.apiextensions.k8s.io"],
     ];
-    let wrong: Vec<String> = allowed
-        .iter()
-        .filter(|a| !can_i(&cp, "flotilla-operator", a))
-        .map(|a| format!("operator may not {a:?}"))
-        .chain(
-            denied
+    let wrong: Vec<String> =
+        allowed
+            .iter()
+            .filter(|a| !can_i(&cp, "flotilla-operator", a))
+            .map(|a| format!("operator may not {a:?}"))
+            .chain(
+                denied
+                    .iter()
+                    .filter(|a| can_i(&cp, "flotilla-operator", a))
+                    .map(|a| format!("operator may {a:?}")),
+            )
+            .chain(
+                [
+                    &["get", "gpunodes.flotilla.dev"][..],
+                    &["list", "pods", "--all-namespaces"],
+                    &["get", "secrets", "-n", "flotilla-system"],
+                    &["create", "events.events.k8s.io", "-n", "default"],
+                    &["list", "leases.coordination.k8s.io", "-n", "flotilla-system"],
+                    &[
+                        "delete",
+                        "leases.coordination.k8s.io/flotilla-agent-n1",
+                        "-n",
+                        "flotilla-system",
+                    ],
+                    &["create", "leases.coordination.k8s.io", "-n", "kube-system"],
+                ]
                 .iter()
-                .filter(|a| can_i(&cp, "flotilla-operator", a))
-                .map(|a| format!("operator may {a:?}")),
-        )
-        .chain(
-            [
-                &["get", "gpunodes.flotilla.dev"][..],
-                &["list", "pods", "--all-namespaces"],
-                &["get", "secrets", "-n", "flotilla-system"],
-                &["create", "events.events.k8s.io", "-n", "default"],
-                &["list", "leases.coordination.k8s.io", "-n", "flotilla-system"],
-                &["delete", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"],
-                &["create", "leases.coordination.k8s.io", "-n", "kube-system"],
-            ]
-            .iter()
-            .filter(|a| can_i(&cp, "flotilla-agent", a))
-            .map(|a| format!("agent may {a:?}")),
-        )
-        .chain(
-            // Its node's Lease (which node's, RBAC cannot say: the admission policy does).
-            [
-                &["get", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"][..],
-                &["create", "leases.coordination.k8s.io", "-n", "flotilla-system"],
-                &["update", "leases.coordination.k8s.io/flotilla-agent-n1", "-n", "flotilla-system"],
-            ]
-            .iter()
-            .filter(|a| !can_i(&cp, "flotilla-agent", a))
-            .map(|a| format!("agent may not {a:?}")),
-        )
-        .collect();
+                .filter(|a| can_i(&cp, "flotilla-agent", a))
+                .map(|a| format!("agent may {a:?}")),
+            )
+            .chain(
+                // Its node's Lease (which node's, RBAC cannot say: the admission policy does).
+                [
+                    &[
+                        "get",
+                        "leases.coordination.k8s.io/flotilla-agent-n1",
+                        "-n",
+                        "flotilla-system",
+                    ][..],
+                    &["create", "leases.coordination.k8s.io", "-n", "flotilla-system"],
+                    &[
+                        "update",
+                        "leases.coordination.k8s.io/flotilla-agent-n1",
+                        "-n",
+                        "flotilla-system",
+                    ],
+                ]
+                .iter()
+                .filter(|a| !can_i(&cp, "flotilla-agent", a))
+                .map(|a| format!("agent may not {a:?}")),
+            )
+            .collect();
     assert!(wrong.is_empty(), "RBAC differs from what the code needs:\n{}", wrong.join("\n"));
 }
 
@@ -543,7 +559,8 @@ fn node_lease(name: &str) -> String {
 async fn an_agent_may_write_only_its_own_nodes_lease() {
     let cp = flotilla_tests::control_plane_for(module_path!()).await;
     install_crds_and_namespace(&cp);
-    let out = run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(deploy("rbac/agent.yaml")));
+    let out =
+        run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(deploy("rbac/agent.yaml")));
     expect_success("rbac/agent.yaml", &out);
     // A node and an agent pod bound to it (nothing runs it: only its token matters here).
     let objects = "apiVersion: v1\nkind: Node\nmetadata:\n  name: lease-n1\n---\n\

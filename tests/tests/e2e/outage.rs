@@ -9,7 +9,9 @@
 //!   workers and confirms, and the job restarts on the other node without waiting for the fence.
 
 use flotilla_operator::crd::{JobPhase, RestartCause, TrainingJob};
-use flotilla_tests::{Proxy, Rig, WAIT, assert_no_overlap, eventually, install_crds, tiny_engine_job};
+use flotilla_tests::{
+    Proxy, Rig, WAIT, assert_no_overlap, eventually, install_crds, tiny_engine_job,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use std::time::Duration;
@@ -103,11 +105,7 @@ async fn survives(outage: Outage, prefix: &str) {
     assert_eq!(done.progress.as_ref().map(|p| p.step), Some(STEPS), "exactly the requested steps");
     let attempts = assert_no_overlap(&rig.ledger(&name), &[]);
     assert_eq!(attempts, vec![(1, vec![0, 1])]);
-    assert!(
-        !rig.logs().contains("killing every worker"),
-        "an agent fenced itself\n{}",
-        rig.logs()
-    );
+    assert!(!rig.logs().contains("killing every worker"), "an agent fenced itself\n{}", rig.logs());
 }
 
 #[tokio::test]
