@@ -72,20 +72,7 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
         .filter(|o| o.metadata.uid != job.metadata.uid)
         .collect();
     let node_guards = ctx.nodes.state();
-    // A node whose agent this process does not hear offers no GPU (its status may be another
-    // operator's last word); its GPUs count as of unknown health.
-    let unheard: Vec<GpuNode> = node_guards
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter(|n| !ctx.workers.reachable(&n.name_any()))
-        .map(unknown_health)
-        .collect();
-    let nodes: Vec<&GpuNode> = node_guards
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter(|n| ctx.workers.reachable(&n.name_any()))
-        .chain(&unheard)
-        .collect();
+    let nodes: Vec<&GpuNode> = node_guards.iter().filter_map(|g| g.0.as_ref().ok()).collect();
     // What only a scheduling pass reads, gathered only for a job that may get one: every
     // reconciliation of a running job would otherwise copy the whole fleet's bookings.
     let (held, replicas) = if may_be_placed(job) {
@@ -282,15 +269,6 @@ pub fn plan(
         t.preempt = preempt;
     }
     t
-}
-
-/// `node` with every GPU of unknown health.
-fn unknown_health(node: &GpuNode) -> GpuNode {
-    let mut node = node.clone();
-    for gpu in node.status.iter_mut().flat_map(|s| s.gpus.iter_mut()) {
-        gpu.health = crate::crd::gpu_node::GpuHealth::Unknown;
-    }
-    node
 }
 
 #[cfg(test)]

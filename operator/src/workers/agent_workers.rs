@@ -358,10 +358,6 @@ impl AgentWorkers {
 }
 
 impl Workers for AgentWorkers {
-    fn reachable(&self, node: &str) -> bool {
-        self.0.server.registry().node(node).is_some_and(|n| !n.lost)
-    }
-
     fn report(&self, key: &WorkloadKey, attempt: i32) -> AttemptReport {
         let inner = &self.0;
         let id: AttemptId = (key.on_agents(), attempt as u64);

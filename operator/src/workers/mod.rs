@@ -70,12 +70,6 @@ pub trait Workers: Send + Sync {
         attempt: i32,
         reason: &str,
     ) -> BoxFuture<'_, Result<(), String>>;
-    /// Whether `node`'s agent is connected to this process now. A `GpuNode` whose agent is not
-    /// (one left by an earlier operator, or whose agent is lost) shows a health nobody vouches
-    /// for: its GPUs are not offered to the scheduler.
-    fn reachable(&self, _node: &str) -> bool {
-        true
-    }
     /// Workloads whose report changed, so the controllers look at them at once; `None` when
     /// the workers never announce changes (or the stream was already taken).
     fn changes(&self) -> Option<BoxStream<'static, WorkloadKey>> {

@@ -39,7 +39,9 @@ enum Outage {
 /// Starts a 2-worker job on two agents, takes the operator or the API server away for
 /// [`OUTAGE`], brings it back, and checks that nothing was lost.
 async fn survives(outage: Outage, prefix: &str) {
-    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    // A control plane per test: GpuNodes are cluster-scoped, and an operator offers the GPUs of
+    // another rig's leftover GpuNodes (whose agents are gone) to its scheduler.
+    let cp = flotilla_tests::control_plane_for(&format!("{}::{prefix}", module_path!())).await;
     install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, prefix).await.expect("namespace");
@@ -120,7 +122,7 @@ async fn an_api_server_frozen_for_five_fence_timeouts_kills_no_worker() {
 
 #[tokio::test]
 async fn an_agent_cut_off_from_the_operator_stops_its_workers_on_the_verdict_in_its_lease() {
-    let cp = flotilla_tests::control_plane_for(module_path!()).await;
+    let cp = flotilla_tests::control_plane_for(&format!("{}::verdict", module_path!())).await;
     install_crds(&cp).expect("CRDs install");
     let client = cp.client().await.expect("client");
     let ns = flotilla_tests::namespace(&client, "verdict").await.expect("namespace");
