@@ -77,7 +77,7 @@ pub async fn watch(client: kube::Client, namespace: String, registry: Arc<NodeRe
 }
 
 /// What to write on one node's Lease, if anything.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Write {
     /// Declare the node lost.
     Verdict,
@@ -128,8 +128,16 @@ pub async fn verdicts(
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut changed = registry.changed();
     let recheck = (heartbeat_timeout / 4).max(Duration::from_millis(250));
+    // Writes that landed but that the watch has not shown yet: not repeated meanwhile (a
+    // repeated verdict would get a new id and ask the agent for a second acknowledgement).
+    let mut written: BTreeMap<String, Write> = BTreeMap::new();
     loop {
-        for (node, write) in due(&registry, heartbeat_timeout) {
+        let writes = due(&registry, heartbeat_timeout);
+        written.retain(|node, write| writes.get(node) == Some(write));
+        for (node, write) in writes {
+            if written.get(&node) == Some(&write) {
+                continue;
+            }
             let value = match write {
                 Write::Verdict => {
                     let id = format!("{identity}/{}", flotilla_proto::now_unix_nanos());
@@ -143,8 +151,13 @@ pub async fn verdicts(
             };
             let patch = serde_json::json!({ "metadata": { "annotations": { VERDICT: value } } });
             let name = lease_name(&node);
-            if let Err(e) = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                tracing::warn!(%node, lease = %name, error = %e, "writing the verdict failed; retrying");
+            match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => {
+                    written.insert(node, write);
+                }
+                Err(e) => {
+                    tracing::warn!(%node, lease = %name, error = %e, "writing the verdict failed; retrying");
+                }
             }
         }
         tokio::select! {

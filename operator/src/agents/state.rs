@@ -382,7 +382,6 @@ mod tests {
 
     fn record(node: &str, instance: &str) -> NodeRecord {
         NodeRecord {
-            node: node.into(),
             agent_version: "0.1.0".into(),
             instance_id: instance.into(),
             backend: "simulated".into(),
@@ -401,14 +400,7 @@ mod tests {
                 temperature_c: None,
                 memory_used_bytes: None,
             }],
-            applied_seq: 0,
-            connected: false,
-            lost: false,
-            last_heard: Instant::now(),
-            last_fault: None,
-            workers: Vec::new(),
-            session: 0,
-            address: None,
+            ..NodeRecord::named(node)
         }
     }
 
