@@ -60,6 +60,10 @@ IMAGES = {
             ("flotilla-worker", "/usr/local/bin/flotilla-worker"),
             # The DaemonSet's init container hands the state directory to the agent's user.
             ("/bin/chown", "/bin/chown"),
+            # Custom-command TrainingJobs run in this container (deploy/examples/trainingjob-command.yaml
+            # uses these): debian-slim's shell is dash, and mkdir is not one of its builtins.
+            ("/usr/bin/dash", "/bin/sh"),
+            ("/bin/mkdir", "/bin/mkdir"),
         ],
         "entrypoint": ["/usr/local/bin/flotilla-agent"],
         "cmd": ["run"],

@@ -28,7 +28,9 @@ impl Cli {
     pub fn init_logging(&self) {
         let filter = tracing_subscriber::EnvFilter::try_new(&self.log)
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        // Colours only on a terminal: a container's log is a file.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
         if self.log_json {
             builder.json().init();
         } else {

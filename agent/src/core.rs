@@ -39,6 +39,7 @@ struct State {
 pub struct AgentCore {
     node: String,
     instance_id: String,
+    process_id: String,
     state_file: Option<std::path::PathBuf>,
     backend: Arc<dyn GpuBackend>,
     devices: Vec<GpuDevice>,
@@ -98,6 +99,7 @@ impl AgentCore {
         let core = Arc::new(Self {
             node: node.to_owned(),
             instance_id,
+            process_id: uuid::Uuid::new_v4().to_string(),
             state_file,
             backend,
             devices,
@@ -144,9 +146,15 @@ impl AgentCore {
         &self.node
     }
 
-    /// Random id of this agent process.
+    /// Id of this agent's critical-event stream: kept across restarts in the state file, so
+    /// sequence numbers continue and the operator drops resends it has applied.
     pub fn instance_id(&self) -> &str {
         &self.instance_id
+    }
+
+    /// Random id of this agent process, new at every start: the workers it started die with it.
+    pub fn process_id(&self) -> &str {
+        &self.process_id
     }
 
     /// Backend name.
@@ -433,10 +441,12 @@ mod tests {
         first.handle_event(GpuEvent { index: 2, fault: Fault::Xid(13) });
         first.ack(1);
         let instance = first.instance_id().to_owned();
+        let process = first.process_id().to_owned();
         drop(first);
 
         let second = AgentCore::new("node-a", sim(), Some(file.clone())).expect("core");
         assert_eq!(second.instance_id(), instance, "same instance: the operator dedups resends");
+        assert_ne!(second.process_id(), process, "a new process: its workers are not the old ones");
         assert_eq!(second.health()[1].health, Health::Failed);
         assert_eq!(second.seqs(), (2, 1));
         let pending: Vec<u64> = second.critical_after(1).0.iter().map(|e| e.seq).collect();

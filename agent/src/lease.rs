@@ -68,7 +68,7 @@ pub async fn run(
     loop {
         let fence = contact.fence();
         let sent = Instant::now();
-        match renew(&api, &name, core.instance_id(), fence, fenced.as_deref()).await {
+        match renew(&api, &name, core.process_id(), fence, fenced.as_deref()).await {
             Ok(renewed) => {
                 contact.touch_at(sent);
                 core.metrics.lease_renewals.with_label_values(&["ok"]).inc();
@@ -110,13 +110,13 @@ pub async fn run(
 async fn renew(
     api: &Api<Lease>,
     name: &str,
-    instance: &str,
+    process: &str,
     fence: Duration,
     fenced: Option<&str>,
 ) -> Result<Renewed, kube::Error> {
     let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
     let spec = |acquired: Option<MicroTime>| LeaseSpec {
-        holder_identity: Some(instance.to_owned()),
+        holder_identity: Some(process.to_owned()),
         lease_duration_seconds: Some(fence.as_secs().max(1) as i32),
         renew_time: Some(now.clone()),
         acquire_time: acquired.or_else(|| Some(now.clone())),
@@ -142,7 +142,7 @@ async fn renew(
     let labels = lease.metadata.labels.get_or_insert_with(BTreeMap::new);
     labels.insert(LABEL.0.to_owned(), LABEL.1.to_owned());
     let old = lease.spec.take().unwrap_or_default();
-    let same_holder = old.holder_identity.as_deref() == Some(instance);
+    let same_holder = old.holder_identity.as_deref() == Some(process);
     lease.spec = Some(spec(if same_holder { old.acquire_time } else { None }));
     api.replace(name, &PostParams::default(), &lease).await?;
     Ok(match verdict {

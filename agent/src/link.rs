@@ -281,6 +281,7 @@ fn registration(
         node_name: core.node().to_owned(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         instance_id: core.instance_id().to_owned(),
+        process_id: core.process_id().to_owned(),
         backend: core.backend_name().to_owned(),
         gpus: core.devices().iter().map(convert::gpu_info).collect(),
         health: core

@@ -39,7 +39,7 @@ if [[ ! -x "$bin_dir/controlplane" ]]; then
   trap - EXIT
   echo "build.sh: built in $((SECONDS - start))s" >&2
 fi
-for name in kubectl kube-scheduler kube-controller-manager kubelet; do
+for name in kubectl kube-scheduler kube-controller-manager kubelet kube-proxy; do
   ln -sfn controlplane "$bin_dir/$name"
 done
 echo "$bin_dir"

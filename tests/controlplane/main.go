@@ -2,7 +2,7 @@
 // an embedded etcd and kube-apiserver (and, optionally, the garbage-collector and namespace
 // controllers of kube-controller-manager) on loopback, built from the Kubernetes Go modules.
 //
-// The same binary is also kubectl, kube-scheduler, kube-controller-manager and kubelet of the
+// The same binary is also kubectl, kube-scheduler, kube-controller-manager, kubelet and kube-proxy of the
 // same version: the entry point is chosen by the name it is invoked as (a symlink named kubectl) or by
 // its first argument (`controlplane kubectl get pods`).
 package main
@@ -18,6 +18,7 @@ import (
 	kubectlcmd "k8s.io/kubectl/pkg/cmd"
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 
@@ -42,6 +43,8 @@ func main() {
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
 	case "kubelet":
 		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
+	case "kube-proxy":
+		os.Exit(cli.Run(proxy.NewProxyCommand()))
 	default:
 		if err := runControlPlane(os.Args[1:]); err != nil {
 			fmt.Fprintf(os.Stderr, "controlplane: %v\n", err)
@@ -52,7 +55,7 @@ func main() {
 
 func isComponent(arg string) bool {
 	switch arg {
-	case "kubectl", "kube-scheduler", "kube-controller-manager", "kubelet":
+	case "kubectl", "kube-scheduler", "kube-controller-manager", "kubelet", "kube-proxy":
 		return true
 	}
 	return false

@@ -1,11 +1,11 @@
 //! `kubectl` of the control plane's version, and the committed CRDs applied with it.
 
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use anyhow::{Result, bail};
 
 use crate::ControlPlane;
-use crate::binaries::workspace;
+use crate::binaries::{binary, workspace};
 
 /// Run kubectl with `args`, feeding `stdin` when given.
 pub fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Output {
@@ -25,6 +25,21 @@ pub fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Output 
             .expect("writing kubectl stdin");
     }
     child.wait_with_output().expect("waiting for kubectl")
+}
+
+/// `kubectl flotilla ...` through kubectl's plugin mechanism: the control plane's kubectl, with
+/// the workspace's `kubectl-flotilla` first on `PATH`.
+pub fn kubectl_flotilla(cp: &ControlPlane) -> Command {
+    let plugin = binary("kubectl-flotilla", "flotilla-operator");
+    let plugin_dir = plugin.parent().expect("plugin dir").to_owned();
+    let path = std::env::join_paths(
+        std::iter::once(plugin_dir)
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .expect("PATH");
+    let mut cmd = Command::new(cp.bin_dir().join("kubectl"));
+    cmd.env("KUBECONFIG", cp.kubeconfig()).env("PATH", path).arg("flotilla");
+    cmd
 }
 
 /// Apply the committed CRDs and wait until they are established.

@@ -37,7 +37,7 @@ pub use control_plane::{
     controlplane_bin_dir,
 };
 pub use fleet::Fleet;
-pub use kubectl::{install_crds, kubectl};
+pub use kubectl::{install_crds, kubectl, kubectl_flotilla};
 pub use ledger::{LedgerLine, assert_no_overlap, parse_ledger_line};
 pub use namespace::namespace;
 pub use node::{Image, Node, build_images, pod_report};

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
+use k8s_openapi::api::core::v1::{Event, Node as KubeNode, Pod};
 use kube::api::{Api, ListParams, LogParams};
 
 use crate::binaries::{operator_binary, workspace};
@@ -254,8 +254,9 @@ impl Drop for Node {
 }
 
 /// What is wrong with the pods of `namespace` that are not Ready: each one's name, phase,
-/// container states and the last `lines` lines of each container's log — the message a test
-/// prints when a workload does not come up.
+/// warning events (unbound volumes, failed scheduling, image or mount errors), container states
+/// and the last `lines` lines of each container's log — the message a test prints when a
+/// workload does not come up.
 pub async fn pod_report(client: &kube::Client, namespace: &str, lines: i64) -> String {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let list = match pods.list(&ListParams::default()).await {
@@ -275,6 +276,18 @@ pub async fn pod_report(client: &kube::Client, namespace: &str, lines: i64) -> S
             "pod {namespace}/{name} not Ready: phase {}\n",
             status.phase.as_deref().unwrap_or("?")
         ));
+        let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+        let selector = format!("involvedObject.name={name},type=Warning");
+        if let Ok(list) = events.list(&ListParams::default().fields(&selector)).await {
+            for e in list.items.iter().rev().take(5) {
+                report.push_str(&format!(
+                    "  event {} (x{}): {}\n",
+                    e.reason.as_deref().unwrap_or(""),
+                    e.count.unwrap_or(1),
+                    e.message.as_deref().unwrap_or("")
+                ));
+            }
+        }
         let statuses = status
             .init_container_statuses
             .iter()

@@ -96,6 +96,10 @@ pub fn register(r: &pb::Register) -> Result<NodeRecord, String> {
         node: r.node_name.clone(),
         agent_version: r.agent_version.clone(),
         instance_id: r.instance_id.clone(),
+        process_id: match r.process_id.trim() {
+            "" => r.instance_id.clone(),
+            p => p.to_owned(),
+        },
         address: match r.address.trim() {
             "" => None,
             a => Some(

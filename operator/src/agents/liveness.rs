@@ -31,7 +31,7 @@ pub fn quiet_period(fence: Duration) -> Duration {
 /// One observation of a node's Lease, as the watch delivers it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LeaseObservation {
-    /// `spec.holderIdentity`: the agent instance renewing it.
+    /// `spec.holderIdentity`: the agent process renewing it.
     pub holder: String,
     /// `spec.renewTime` as written (compared, never interpreted).
     pub renew_time: String,

@@ -215,6 +215,7 @@ mod tests {
             node: "node-a".into(),
             agent_version: "0.1.0".into(),
             instance_id: "i".into(),
+            process_id: "p".into(),
             backend: "simulated".into(),
             gpus: vec![
                 gpu(0, GpuHealth::Healthy),

@@ -90,8 +90,12 @@ pub struct NodeRecord {
     pub node: String,
     /// Agent version.
     pub agent_version: String,
-    /// Agent process id (random); a new one restarts sequence numbers.
+    /// The agent's critical-event stream (kept across agent restarts in its state file); a new
+    /// one restarts sequence numbers.
     pub instance_id: String,
+    /// The agent process (random, new at every start): workers die with the process that
+    /// started them.
+    pub process_id: String,
     /// "nvml" or "simulated".
     pub backend: String,
     /// GPUs by index.
@@ -123,6 +127,7 @@ impl NodeRecord {
             node: node.to_owned(),
             agent_version: String::new(),
             instance_id: String::new(),
+            process_id: String::new(),
             backend: String::new(),
             gpus: Vec::new(),
             applied_seq: 0,
@@ -384,6 +389,7 @@ mod tests {
         NodeRecord {
             agent_version: "0.1.0".into(),
             instance_id: instance.into(),
+            process_id: instance.into(),
             backend: "simulated".into(),
             gpus: vec![GpuRecord {
                 index: 0,

@@ -171,6 +171,7 @@ fn node(name: &str, connected: bool, fault: Option<(i64, u32, Option<u32>)>) -> 
         node: name.into(),
         agent_version: "test".into(),
         instance_id: "i".into(),
+        process_id: "p".into(),
         backend: "simulated".into(),
         gpus: vec![],
         applied_seq: 0,

@@ -89,12 +89,12 @@ impl Inner {
         seen.launched_here = true;
         let registry = self.server.registry();
         for (node, spec) in specs {
-            let instance = registry.node(node).map(|n| n.instance_id).unwrap_or_default();
+            let process = registry.node(node).map(|n| n.process_id).unwrap_or_default();
             seen.ranks.entry(spec.rank).or_insert(RankSeen {
                 node: node.clone(),
                 gpu_uuids: spec.gpu_uuids.clone(),
                 state: RankState::Launching,
-                instance,
+                process,
             });
         }
     }
@@ -360,6 +360,9 @@ impl AgentWorkers {
 impl Workers for AgentWorkers {
     fn report(&self, key: &WorkloadKey, attempt: i32) -> AttemptReport {
         let inner = &self.0;
+        // A workload this operator never launched nor stopped (a new leader adopting running
+        // workers) must still be woken by its workers' events and progress.
+        inner.remember(key);
         let id: AttemptId = (key.on_agents(), attempt as u64);
         let mut seen = lock(&inner.attempts).get(&id).cloned().unwrap_or_default();
         // Only the nodes this attempt's ranks were seen on and those whose agents list workers
@@ -384,7 +387,7 @@ impl Workers for AgentWorkers {
                     node: rec.node.clone(),
                     gpu_uuids: w.gpu_uuids.clone(),
                     state: RankState::Running,
-                    instance: rec.instance_id.clone(),
+                    process: rec.process_id.clone(),
                 });
             }
         }

@@ -17,10 +17,10 @@ pub struct RankSeen {
     pub node: String,
     pub gpu_uuids: Vec<String>,
     pub state: RankState,
-    /// The instance id of the node's agent that runs (or was asked to run) the worker; empty
-    /// when unknown. A different agent instance that does not list the worker means the agent
+    /// The process id of the node's agent that runs (or was asked to run) the worker; empty
+    /// when unknown. A different agent process that does not list the worker means the agent
     /// restarted, and the worker died with it.
-    pub instance: String,
+    pub process: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub fn fold(
         node: report.node.clone(),
         gpu_uuids: Vec::new(),
         state: RankState::Launching,
-        instance: String::new(),
+        process: String::new(),
     });
     let unchanged = if progressed { Folded::Progress } else { Folded::Nothing };
     if matches!(rank.state, RankState::Exited { .. }) {

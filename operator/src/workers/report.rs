@@ -100,7 +100,7 @@ pub fn attempt_report(
 /// one registered now, and the new one does not list it: it died with the old agent (workers
 /// get SIGKILL when their agent dies), so it is confirmed gone.
 fn agent_restarted_without(rec: &NodeRecord, seen: &RankSeen, rank: u32) -> bool {
-    !seen.instance.is_empty()
-        && rec.instance_id != seen.instance
+    !seen.process.is_empty()
+        && rec.process_id != seen.process
         && !rec.workers.iter().any(|w| w.rank == rank && seen.gpu_uuids == w.gpu_uuids)
 }

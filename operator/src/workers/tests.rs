@@ -46,6 +46,7 @@ fn node(name: &str, gpus: Vec<GpuRecord>, silent_for: Duration) -> (String, Node
         node: name.into(),
         agent_version: "0".into(),
         instance_id: "i".into(),
+        process_id: "p".into(),
         backend: "simulated".into(),
         gpus,
         applied_seq: 0,
@@ -180,7 +181,7 @@ fn a_failed_gpu_under_a_worker_is_a_fault_and_a_silent_node_is_lost_after_the_fe
                 node: "a".into(),
                 gpu_uuids: vec!["GPU-1".into()],
                 state: RankState::Running,
-                instance: "i".into(),
+                process: "p".into(),
             },
         ),
         (
@@ -189,7 +190,7 @@ fn a_failed_gpu_under_a_worker_is_a_fault_and_a_silent_node_is_lost_after_the_fe
                 node: "b".into(),
                 gpu_uuids: vec!["GPU-0".into()],
                 state: RankState::Running,
-                instance: "i".into(),
+                process: "p".into(),
             },
         ),
     ]);
@@ -216,11 +217,12 @@ fn a_restarted_agent_that_does_not_list_a_worker_means_it_is_gone_and_a_closed_s
         node: node.into(),
         gpu_uuids: vec![uuid.into()],
         state: RankState::Running,
-        instance: "i".into(),
+        process: "p".into(),
     };
     let ranks = BTreeMap::from([(0, rank("a", "GPU-0")), (1, rank("b", "GPU-0"))]);
     let (name, mut restarted) = node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO);
-    restarted.instance_id = "j".into();
+    // A new agent process that kept its event stream (its state file): the workers still died.
+    restarted.process_id = "q".into();
     let mut nodes = HashMap::from([
         (name, restarted),
         node("b", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO),

@@ -110,7 +110,8 @@ func writeCNIConfig(confDir, ipamDir, subnet string) error {
 // (failCgroupV1: false) with the cgroupfs driver, as containerd uses; the kubelet's API is open
 // to the apiserver without credentials (anonymous, AlwaysAllow: a loopback test node only);
 // image garbage collection and disk eviction are off, so a full disk on a shared machine never
-// evicts the test's pods.
+// evicts the test's pods. Pods resolve names through the node's cluster DNS (dns.go) on the
+// bridge's address.
 func kubeletConfig(dir, containerd, address string, port, healthzPort int) string {
 	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -133,6 +134,8 @@ authorization:
 podLogsDir: %[5]s
 failSwapOn: false
 resolvConf: /etc/resolv.conf
+clusterDNS: [%[7]s]
+clusterDomain: cluster.local
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard:
@@ -143,5 +146,5 @@ evictionHard:
 serializeImagePulls: false
 registerNode: true
 nodeStatusReportFrequency: 10s
-`, cgroupRoot, containerd, port, healthzPort, filepath.Join(dir, "pod-logs"), address)
+`, cgroupRoot, containerd, port, healthzPort, filepath.Join(dir, "pod-logs"), address, address)
 }

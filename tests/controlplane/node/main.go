@@ -142,6 +142,7 @@ func run(args []string) error {
 	}
 	st.Sysctls = saveSysctls()
 	st.ForeignNetns = sandboxNetns()
+	st.KubeletChains = !kubeletChainsExist()
 	if err := st.write(); err != nil {
 		return err
 	}

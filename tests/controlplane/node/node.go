@@ -24,16 +24,21 @@ type node struct {
 	caPEM         []byte
 	exited        chan error
 
-	containerd, controllers, scheduler, kubelet *child
+	containerd, controllers, scheduler, kubelet, proxy *child
+	dns                                                *clusterDNS
 }
 
 // The controllers Deployments and DaemonSets need, beside the control plane's own (garbage
 // collector, namespace): pods of the workloads, the default ServiceAccount and the root CA
 // ConfigMap that token volumes mount, EndpointSlices for Services, the pod GC, PodDisruptionBudget
-// status, and node lifecycle (it lifts the not-ready taint a kubelet registers its Node with).
+// status, node lifecycle (it lifts the not-ready taint a kubelet registers its Node with), and the
+// binding of PersistentVolumeClaims to PersistentVolumes and the removal of their protection
+// finalizers once unused (without those, deleting a claim or volume never completes).
 const nodeControllers = "deployment-controller,replicaset-controller,daemonset-controller," +
 	"serviceaccount-controller,root-ca-certificate-publisher-controller,endpointslice-controller," +
-	"pod-garbage-collector-controller,disruption-controller,node-lifecycle-controller"
+	"pod-garbage-collector-controller,disruption-controller,node-lifecycle-controller," +
+	"persistentvolume-binder-controller,persistentvolumeclaim-protection-controller," +
+	"persistentvolume-protection-controller"
 
 func (n *node) path(parts ...string) string {
 	return filepath.Join(append([]string{n.opts.dir}, parts...)...)
@@ -62,7 +67,16 @@ func (n *node) start() error {
 	if err := n.startControllers(); err != nil {
 		return err
 	}
-	return n.startKubelet()
+	if err := n.startKubelet(); err != nil {
+		return err
+	}
+	// Services: kube-proxy's rules for ClusterIPs, and names for them.
+	if err := n.startProxy(); err != nil {
+		return err
+	}
+	var err error
+	n.dns, err = startClusterDNS(n.opts.kubeconfig, net.JoinHostPort(n.gateway(), "53"))
+	return err
 }
 
 // network makes the pods' bridge and the route from pods to the apiserver: the `kubernetes`
@@ -78,6 +92,9 @@ func (n *node) network() error {
 		if out, err := exec.Command(s[0], s[1:]...).CombinedOutput(); err != nil {
 			return fmt.Errorf("%s: %v: %s", strings.Join(s, " "), err, out)
 		}
+	}
+	if err := os.WriteFile("/proc/sys/"+bridgeNetfilter, []byte("1"), 0o644); err != nil {
+		logf("warning: %s: %v (load br_netfilter: a pod reaching a Service endpoint on the same bridge will not get replies)", bridgeNetfilter, err)
 	}
 	// Packets from the bridge may be NATed to 127.0.0.1 only with route_localnet on it.
 	if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+bridge+"/route_localnet", []byte("1"), 0o644); err != nil {
@@ -156,6 +173,69 @@ func (n *node) startControllers() error {
 	return err
 }
 
+// startProxy runs kube-proxy in iptables mode for the pods' subnet. It leaves the machine's
+// conntrack table sizes and timeouts and its oom_score_adj alone (zero values: "do not set"), and
+// makes no node ports on loopback (which would set route_localnet on every interface). Its rules
+// are removed by `kube-proxy --cleanup` when the node stops (state.undo).
+func (n *node) startProxy() error {
+	healthz, err := freePort()
+	if err != nil {
+		return err
+	}
+	metrics, err := freePort()
+	if err != nil {
+		return err
+	}
+	config := n.path("kube-proxy.yaml")
+	content := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: %s
+hostnameOverride: %s
+mode: iptables
+clusterCIDR: %s
+bindAddress: 127.0.0.1
+healthzBindAddress: 127.0.0.1:%d
+metricsBindAddress: 127.0.0.1:%d
+oomScoreAdj: 0
+iptables:
+  localhostNodePorts: false
+  syncPeriod: 30s
+  minSyncPeriod: 0s
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+`, n.opts.kubeconfig, n.opts.name, n.opts.subnet, healthz, metrics)
+	if err := os.WriteFile(config, []byte(content), 0o644); err != nil {
+		return err
+	}
+	self := filepath.Join(n.opts.binDir, "controlplane")
+	n.state.ProxyCleanup = self
+	if err := n.state.write(); err != nil {
+		return err
+	}
+	if n.proxy, err = n.spawn("kube-proxy", self, "kube-proxy", "--config="+config, "--v=1"); err != nil {
+		return err
+	}
+	url := "http://127.0.0.1:" + strconv.Itoa(healthz) + "/healthz"
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if !n.proxy.running() {
+			return fmt.Errorf("kube-proxy exited at start; its log:\n%s", tail(n.proxy.log, 40))
+		}
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return fmt.Errorf("kube-proxy /healthz not OK within 60s; its log:\n%s", tail(n.proxy.log, 40))
+}
+
 func (n *node) startKubelet() error {
 	if err := makeCgroupRoot(cgroupRoot); err != nil {
 		return fmt.Errorf("cgroup root /%s: %w", cgroupRoot, err)
@@ -207,6 +287,8 @@ func (n *node) startKubelet() error {
 // removed through the CRI while containerd still runs, so that their network namespaces and
 // bridge ports go the ordinary way; state.undo (deferred by the caller) sweeps up the rest.
 func (n *node) stop() {
+	n.dns.stop()
+	n.proxy.stop(10 * time.Second)
 	n.kubelet.stop(20 * time.Second)
 	n.scheduler.stop(10 * time.Second)
 	n.controllers.stop(10 * time.Second)

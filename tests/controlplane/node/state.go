@@ -23,6 +23,11 @@ type state struct {
 	NATChain   string
 	CgroupRoot string
 	Containerd string
+	// The binary whose `kube-proxy --cleanup` removes kube-proxy's rules, once it has started.
+	ProxyCleanup string
+	// The kubelet's own iptables chains (KUBE-FIREWALL, its canaries) are this node's to
+	// remove: they did not exist before it.
+	KubeletChains bool
 	// The kubelet sets these (its kernel tunables); their values before it did.
 	Sysctls map[string]string
 	// Network namespaces that existed before this node: never removed by it.
@@ -30,11 +35,15 @@ type state struct {
 }
 
 // The sysctls the kubelet changes at start unless protectKernelDefaults is set (which would make
-// it refuse to start instead), and the one the pods' route to the apiserver needs.
+// it refuse to start instead), and the one the node sets for Services (bridgeNetfilter).
 var kubeletSysctls = []string{
 	"vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
-	"kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes",
+	"kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes", bridgeNetfilter,
 }
+
+// bridgeNetfilter makes bridged packets pass iptables: a pod reaching a Service whose endpoint
+// is on the same bridge gets its reply un-NATed only then.
+const bridgeNetfilter = "net/bridge/bridge-nf-call-iptables"
 
 func saveSysctls() map[string]string {
 	saved := map[string]string{}
@@ -75,6 +84,14 @@ func (s *state) undo() {
 	removeCgroup(s.CgroupRoot)
 	_ = exec.Command("ip", "link", "delete", s.Bridge).Run()
 	removeNATChain(s.NATChain)
+	if s.KubeletChains {
+		removeKubeletChains()
+	}
+	if s.ProxyCleanup != "" {
+		if out, err := exec.Command(s.ProxyCleanup, "kube-proxy", "--cleanup").CombinedOutput(); err != nil {
+			logf("kube-proxy --cleanup: %v: %s", err, out)
+		}
+	}
 	for name, value := range s.Sysctls {
 		_ = os.WriteFile("/proc/sys/"+name, []byte(value), 0o644)
 	}
@@ -292,4 +309,32 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+// kubeletChains are the iptables chains the kubelet makes, by table.
+var kubeletChains = map[string][]string{
+	"filter": {"KUBE-FIREWALL", "KUBE-KUBELET-CANARY"},
+	"nat":    {"KUBE-KUBELET-CANARY"},
+	"mangle": {"KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT"},
+}
+
+// kubeletChainsExist says whether the kubelet's firewall chain is already on the machine.
+func kubeletChainsExist() bool {
+	return exec.Command("iptables", "-w", "-t", "filter", "-S", "KUBE-FIREWALL").Run() == nil
+}
+
+// removeKubeletChains removes the kubelet's chains and the jumps to them, for IPv4 and IPv6.
+func removeKubeletChains() {
+	for _, tool := range []string{"iptables", "ip6tables"} {
+		for _, hook := range []string{"INPUT", "OUTPUT"} {
+			for exec.Command(tool, "-w", "-t", "filter", "-D", hook, "-j", "KUBE-FIREWALL").Run() == nil {
+			}
+		}
+		for table, chains := range kubeletChains {
+			for _, chain := range chains {
+				_ = exec.Command(tool, "-w", "-t", table, "-F", chain).Run()
+				_ = exec.Command(tool, "-w", "-t", table, "-X", chain).Run()
+			}
+		}
+	}
 }

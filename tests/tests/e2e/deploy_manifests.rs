@@ -635,14 +635,9 @@ async fn workloads_set_only_variables_the_binaries_read() {
             "flotilla-agent",
             "agent",
             "agent/src",
-            // read by tracing's EnvFilter and by the NVIDIA container runtime; FLOTILLA_POD_IP
-            // only composes FLOTILLA_AGENT_ADMIN_URL and FLOTILLA_NODE_ADDRESS through Kubernetes' $(VAR) expansion
-            &[
-                "RUST_LOG",
-                "NVIDIA_VISIBLE_DEVICES",
-                "NVIDIA_DRIVER_CAPABILITIES",
-                "FLOTILLA_POD_IP",
-            ][..],
+            // read by the NVIDIA container runtime; FLOTILLA_POD_IP only composes
+            // FLOTILLA_AGENT_ADMIN_URL and FLOTILLA_NODE_ADDRESS through Kubernetes' $(VAR) expansion
+            &["NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "FLOTILLA_POD_IP"][..],
         ),
     ];
     let mut unread = Vec::new();

@@ -3,25 +3,11 @@
 //! ends when the job ends, `inject` fails a GPU, and bad input exits non-zero with a clear message.
 
 use flotilla_operator::crd::{GpuHealth, GpuNode, JobPhase, TrainingJob};
-use flotilla_tests::{ControlPlane, Rig, WAIT, binary, eventually, install_crds, tiny_engine_job};
+use flotilla_tests::{Rig, WAIT, eventually, install_crds, kubectl_flotilla, tiny_engine_job};
 use kube::api::{Api, PostParams};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-/// `kubectl flotilla ...` with the control plane's kubectl and the plugin on `PATH`.
-fn kubectl_flotilla(cp: &ControlPlane) -> Command {
-    let plugin = binary("kubectl-flotilla", "flotilla-operator");
-    let plugin_dir = plugin.parent().expect("plugin dir").to_owned();
-    let path = std::env::join_paths(
-        std::iter::once(plugin_dir)
-            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )
-    .expect("PATH");
-    let mut cmd = Command::new(cp.bin_dir().join("kubectl"));
-    cmd.env("KUBECONFIG", cp.kubeconfig()).env("PATH", path).arg("flotilla");
-    cmd
-}
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("running kubectl flotilla")
