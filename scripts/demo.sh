@@ -40,15 +40,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-wait_for() { # description, seconds, command...
-  local what="$1" secs="$2"; shift 2
-  for ((n = 0; n < secs * 2; n++)); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.5
-  done
-  echo "demo: timed out waiting for $what; logs are in $state" >&2
-  return 1
-}
+script=demo
+source scripts/lib/wait.sh
 
 "$bin/controlplane" --dir "$state/cp" --kubeconfig "$kubeconfig" >"$state/controlplane.out" \
   2>"$state/controlplane.log" &

@@ -46,16 +46,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-wait_for() { # description, seconds, command...
-  local what="$1" secs="$2"; shift 2
-  for ((n = 0; n < secs * 2; n++)); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.5
-  done
-  echo "node-demo: timed out waiting for $what; logs are in $state" >&2
-  "${kubectl[@]}" -n flotilla-system get pods -o wide >&2 || true
-  return 1
-}
+script=node-demo
+source scripts/lib/wait.sh
+on_timeout() { "${kubectl[@]}" -n flotilla-system get pods -o wide >&2 || true; }
 
 "$bin/controlplane" --dir "$state/cp" --kubeconfig "$kubeconfig" --pods \
   >"$state/controlplane.out" 2>"$state/controlplane.log" &

@@ -35,9 +35,15 @@ impl Rig {
             })
             .collect();
         assert_eq!(files.len(), 1, "one attempt ledger for {name}, found {files:?}");
-        let text = std::fs::read_to_string(&files[0]).expect("reading the attempt ledger");
-        text.lines().map(|l| parse_ledger_line(l).unwrap_or_else(|e| panic!("{e}"))).collect()
+        read_ledger(&files[0])
     }
+}
+
+/// The attempt ledger at `path`, parsed; panics on a missing file or a malformed line, naming it.
+pub fn read_ledger(path: &Path) -> Vec<LedgerLine> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading the attempt ledger {}: {e}", path.display()));
+    text.lines().map(|l| parse_ledger_line(l).unwrap_or_else(|e| panic!("{e}"))).collect()
 }
 
 impl Rig {

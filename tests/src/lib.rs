@@ -38,7 +38,7 @@ pub use control_plane::{
 };
 pub use fleet::Fleet;
 pub use kubectl::{install_crds, kubectl, kubectl_flotilla};
-pub use ledger::{LedgerLine, assert_no_overlap, parse_ledger_line};
+pub use ledger::{LedgerLine, assert_no_overlap, parse_ledger_line, read_ledger};
 pub use namespace::namespace;
 pub use node::{Image, Node, build_images, pod_report};
 pub use operator::Operator;

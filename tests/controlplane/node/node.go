@@ -219,21 +219,7 @@ conntrack:
 	if n.proxy, err = n.spawn("kube-proxy", self, "kube-proxy", "--config="+config, "--v=1"); err != nil {
 		return err
 	}
-	url := "http://127.0.0.1:" + strconv.Itoa(healthz) + "/healthz"
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		if !n.proxy.running() {
-			return fmt.Errorf("kube-proxy exited at start; its log:\n%s", tail(n.proxy.log, 40))
-		}
-		if resp, err := http.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	return fmt.Errorf("kube-proxy /healthz not OK within 60s; its log:\n%s", tail(n.proxy.log, 40))
+	return waitHealthz(n.proxy, healthz, 60*time.Second)
 }
 
 func (n *node) startKubelet() error {
@@ -266,11 +252,17 @@ func (n *node) startKubelet() error {
 	if err != nil {
 		return err
 	}
-	url := "http://127.0.0.1:" + strconv.Itoa(healthz) + "/healthz"
-	deadline := time.Now().Add(120 * time.Second)
+	return waitHealthz(n.kubelet, healthz, 120*time.Second)
+}
+
+// waitHealthz waits until c answers 200 on /healthz at 127.0.0.1:port, failing with the tail of
+// its log if it exits first or does not answer within timeout.
+func waitHealthz(c *child, port int, timeout time.Duration) error {
+	url := "http://127.0.0.1:" + strconv.Itoa(port) + "/healthz"
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		if !n.kubelet.running() {
-			return fmt.Errorf("kubelet exited at start; its log:\n%s", tail(n.kubelet.log, 40))
+		if !c.running() {
+			return fmt.Errorf("%s exited at start; its log:\n%s", c.name, tail(c.log, 40))
 		}
 		if resp, err := http.Get(url); err == nil {
 			resp.Body.Close()
@@ -280,7 +272,7 @@ func (n *node) startKubelet() error {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return fmt.Errorf("kubelet /healthz not OK within 120s; its log:\n%s", tail(n.kubelet.log, 40))
+	return fmt.Errorf("%s /healthz not OK within %s; its log:\n%s", c.name, timeout, tail(c.log, 40))
 }
 
 // stop stops the node in the reverse order of its start. The pods' sandboxes are stopped and

@@ -36,7 +36,7 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams};
 
 use flotilla_tests::{
     ControlPlane, Node, assert_no_overlap, binary, eventually, kubectl, kubectl_flotilla,
-    parse_ledger_line, pod_report, walk, workspace,
+    pod_report, read_ledger, walk, workspace,
 };
 
 const NAMESPACE: &str = "flotilla-system";
@@ -99,6 +99,15 @@ impl Installed<'_> {
             bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply` of `yaml` in the jobs' namespace.
+    fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        let out = kubectl(self.cp, &["apply", "-n", JOBS, "-f", "-"], Some(yaml));
+        if !out.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     fn kubectl_flotilla(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -182,17 +191,6 @@ fn sample_job(name: &str, steps: u64) -> anyhow::Result<String> {
     job.spec.checkpoint.as_mut().context("the sample checkpoints")?.path =
         format!("/shared/checkpoints/{name}");
     Ok(serde_yaml_ng::to_string(&job)?)
-}
-
-/// The attempt ledger of a job whose checkpoints are at `/shared/checkpoints/<name>`.
-fn ledger(shared: &Path, name: &str) -> Vec<flotilla_tests::LedgerLine> {
-    let files: Vec<PathBuf> = walk(&shared.join("checkpoints").join(name))
-        .into_iter()
-        .filter(|p| p.file_name().is_some_and(|f| f == "attempts.ledger"))
-        .collect();
-    assert_eq!(files.len(), 1, "one attempt ledger for {name}, found {files:?}");
-    let text = std::fs::read_to_string(&files[0]).expect("reading the attempt ledger");
-    text.lines().map(|l| parse_ledger_line(l).unwrap_or_else(|e| panic!("{e}"))).collect()
 }
 
 #[tokio::test]
@@ -309,9 +307,7 @@ async fn the_shipped_install_runs_jobs_and_services_on_a_real_node() -> anyhow::
     let custom = workspace().join("deploy/examples/trainingjob-command.yaml");
     let mut job: TrainingJob = serde_yaml_ng::from_str(&std::fs::read_to_string(&custom)?)?;
     job.spec.scheduling.node_selector.clear(); // the example's pool label is not on this node
-    let applied =
-        kubectl(&cp, &["apply", "-n", JOBS, "-f", "-"], Some(&serde_yaml_ng::to_string(&job)?));
-    anyhow::ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    at.apply(&serde_yaml_ng::to_string(&job)?)?;
     at.succeeded("custom-script", Duration::from_secs(120)).await?;
     let done: Vec<PathBuf> = walk(&shared.join("checkpoints").join(JOBS))
         .into_iter()
@@ -366,9 +362,7 @@ async fn the_shipped_install_runs_jobs_and_services_on_a_real_node() -> anyhow::
 
     // === a longer copy of the sample through three faults ===
     let name = "moe-disrupted";
-    let applied =
-        kubectl(&cp, &["apply", "-n", JOBS, "-f", "-"], Some(&sample_job(name, DISRUPTED_STEPS)?));
-    anyhow::ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    at.apply(&sample_job(name, DISRUPTED_STEPS)?)?;
     let first = at.running_attempt_after(name, 0, false, Duration::from_secs(300)).await?;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), JOBS);
     let has_checkpoint =
@@ -445,7 +439,7 @@ async fn the_shipped_install_runs_jobs_and_services_on_a_real_node() -> anyhow::
     // workers of the attempt the agent pod took down died with its container: each wrote its end
     // line only if it noticed first (a peer's collective failing), so those may lack one; every
     // other worker must have one.
-    let lines = ledger(&shared, name);
+    let lines = read_ledger(&shared.join("checkpoints").join(name).join("attempts.ledger"));
     let killed: Vec<(u64, u32)> = lines
         .iter()
         .filter(|l| l.start && l.attempt == second as u64)
