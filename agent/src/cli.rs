@@ -162,7 +162,14 @@ impl RunArgs {
             log_dir: self.worker_log_dir.clone(),
             socket_dir: self.worker_socket_dir.clone(),
             max_log_bytes: self.worker_log_max_bytes,
+            sim_misbehaviour_dir: self.sim_misbehaviour_dir(),
         }
+    }
+
+    /// With simulated GPUs, where injected hangs and slowness are written for the workers.
+    pub fn sim_misbehaviour_dir(&self) -> Option<PathBuf> {
+        matches!(self.backend, BackendKind::Simulated)
+            .then(|| self.worker_socket_dir.join("sim-gpus"))
     }
 
     /// Agent options; TLS needs all three files or none (plaintext only for `http://`). No
@@ -245,7 +252,9 @@ pub struct InjectArgs {
     /// Raise this XID.
     #[arg(long, conflicts_with = "fault")]
     pub xid: Option<u32>,
-    /// Other faults: double_bit_ecc, ecc_storm, gpu_lost, overheat, recover.
+    /// Other faults: double_bit_ecc, ecc_storm, gpu_lost, overheat, recover; and, acting
+    /// through the GPU's workers: hang, hang_collective, slow=PERCENT (steps take PERCENT/100
+    /// times as long).
     #[arg(long)]
     pub fault: Option<String>,
 }
@@ -268,6 +277,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let supervisor = crate::workers::ProcessSupervisor::new(args.worker_files())?;
             let options = AgentOptions { worker_logs: Some(supervisor.clone()), ..args.options()? };
             let handle = crate::start(options, supervisor.clone()).await?;
+            if let (Some(sim), Some(dir)) = (&handle.sim, args.sim_misbehaviour_dir()) {
+                sim.misbehave_through(dir);
+            }
             supervisor.attach(handle.worker_updates.clone());
             tracing::info!(node = %args.node, admin = ?handle.admin_addr, "agent started");
             stop_signal().await?;
@@ -292,7 +304,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Inject(args) => {
             let fault = match (args.xid, args.fault.as_deref()) {
                 (Some(xid), None) => serde_json::json!({ "xid": xid }),
-                (None, Some(f)) => serde_json::Value::String(f.to_owned()),
+                (None, Some(f)) => {
+                    flotilla_contract::inject::fault_body(f).map_err(anyhow::Error::msg)?
+                }
                 _ => anyhow::bail!("--xid or --fault: expected exactly one"),
             };
             let body = serde_json::json!({ "gpu": args.gpu, "fault": fault });

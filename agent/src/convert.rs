@@ -76,6 +76,7 @@ pub fn critical(e: &CriticalRecord) -> pb::CriticalEvent {
         }
         CriticalKind::Fault(Fault::GpuLost) => (pb::FaultKind::GpuLost, 0),
         CriticalKind::Fault(Fault::Overheating) => (pb::FaultKind::Overheating, 0),
+        CriticalKind::Fault(Fault::SlowSteps) => (pb::FaultKind::SlowSteps, 0),
         CriticalKind::Recovered => (pb::FaultKind::Recovered, 0),
     };
     pb::CriticalEvent {
@@ -102,6 +103,17 @@ pub fn running_worker(w: &RunningWorker) -> pb::WorkerStatus {
     }
 }
 
+fn worker_activity(a: flotilla_contract::progress::Activity) -> pb::WorkerActivity {
+    use flotilla_contract::progress::Activity;
+    match a {
+        Activity::Training => pb::WorkerActivity::Training,
+        Activity::Starting => pb::WorkerActivity::Starting,
+        Activity::Checkpointing => pb::WorkerActivity::Checkpointing,
+        Activity::Waiting => pb::WorkerActivity::Waiting,
+        Activity::PeerLost => pb::WorkerActivity::PeerLost,
+    }
+}
+
 /// Proto worker event.
 pub fn worker_event(u: &WorkerUpdate) -> pb::WorkerEvent {
     let mut ev =
@@ -120,6 +132,10 @@ pub fn worker_event(u: &WorkerUpdate) -> pb::WorkerEvent {
                 loss: p.loss,
                 tokens_per_second: p.tokens_per_second,
                 last_checkpoint_step: p.last_checkpoint_step,
+                step_seconds: p.step_seconds,
+                compute_seconds: p.compute_seconds,
+                activity: worker_activity(p.activity) as i32,
+                waiting_on_rank: p.waiting_on_rank,
             });
         }
         WorkerUpdate::Exited { id, code, signal } => {

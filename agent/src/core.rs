@@ -247,6 +247,20 @@ impl AgentCore {
         Ok(passed)
     }
 
+    /// The operator suspects GPU `index` of slowing its gang: Degraded (`SlowSteps`) with
+    /// `evidence`, until validation passes.
+    pub fn suspect(&self, index: u32, evidence: &str) -> Result<(), BackendError> {
+        let count = self.devices.len() as u32;
+        let device =
+            self.devices.get(index as usize).ok_or(BackendError::NoSuchGpu { index, count })?;
+        let mut state = self.lock();
+        if state.trackers[index as usize].suspect(evidence) {
+            let status = state.trackers[index as usize].status().clone();
+            self.raise(&mut state, device, CriticalKind::Fault(Fault::SlowSteps), status);
+        }
+        Ok(())
+    }
+
     /// An admin cleared the GPU.
     pub fn admin_clear(&self, index: u32) -> Result<(), BackendError> {
         let count = self.devices.len() as u32;

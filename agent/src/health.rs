@@ -45,6 +45,8 @@ pub enum Fault {
     Overheating,
     /// Pages pending retirement or a row-remap failure.
     MemoryWear,
+    /// The operator found its steps persistently slower than its gang's (a straggler).
+    SlowSteps,
 }
 
 impl Fault {
@@ -57,6 +59,7 @@ impl Fault {
             Fault::GpuLost => "GpuLost".to_owned(),
             Fault::Overheating => "Overheating".to_owned(),
             Fault::MemoryWear => "MemoryWear".to_owned(),
+            Fault::SlowSteps => "SlowSteps".to_owned(),
         }
     }
 
@@ -71,7 +74,10 @@ impl Fault {
                 }
             },
             Fault::DoubleBitEcc | Fault::GpuLost => Health::Failed,
-            Fault::SingleBitEccStorm | Fault::Overheating | Fault::MemoryWear => Health::Degraded,
+            Fault::SingleBitEccStorm
+            | Fault::Overheating
+            | Fault::MemoryWear
+            | Fault::SlowSteps => Health::Degraded,
         }
     }
 
@@ -93,6 +99,7 @@ impl Fault {
             Fault::GpuLost => "GPU lost: it no longer answers NVML".to_owned(),
             Fault::Overheating => "temperature at or above the slowdown threshold".to_owned(),
             Fault::MemoryWear => "pages pending retirement or row-remap failure".to_owned(),
+            Fault::SlowSteps => "steps slower than its gang's; validate before reuse".to_owned(),
         }
     }
 }
@@ -156,6 +163,17 @@ impl GpuHealthTracker {
             return true;
         }
         false
+    }
+
+    /// The operator suspects the GPU (its steps are slower than its gang's): Degraded with
+    /// `evidence` as the message, unless it is already Degraded or worse. Returns whether the
+    /// health changed.
+    pub fn suspect(&mut self, evidence: &str) -> bool {
+        let changed = self.apply(Fault::SlowSteps);
+        if changed && !evidence.is_empty() {
+            self.status.message = evidence.to_owned();
+        }
+        changed
     }
 
     /// The GPU cooled below its slowdown threshold: a Degraded verdict that was only about heat

@@ -476,8 +476,12 @@ async fn handle_command(
                         Err(e) => Err(format!("validation task: {e}")),
                     }
                 }
+                Ok(pb::GpuAction::Suspect) => core
+                    .suspect(index, &c.evidence)
+                    .map(|()| "suspected: Degraded until validation passes".to_owned())
+                    .map_err(|e| e.to_string()),
                 _ => Err(format!(
-                    "gpu_command.action: expected CORDON, UNCORDON or VALIDATE, got {}",
+                    "gpu_command.action: expected CORDON, UNCORDON, VALIDATE or SUSPECT, got {}",
                     c.action
                 )),
             };

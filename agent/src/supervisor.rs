@@ -75,7 +75,7 @@ pub struct RunningWorker {
     pub started_at_unix_nanos: i64,
 }
 
-/// Training progress of a worker.
+/// Training progress of a worker (see `flotilla_contract::progress` for each field).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[allow(missing_docs)]
 pub struct Progress {
@@ -84,6 +84,12 @@ pub struct Progress {
     pub loss: f64,
     pub tokens_per_second: f64,
     pub last_checkpoint_step: u64,
+    /// The longest step among the lines this report stands for (0 if unknown).
+    pub step_seconds: f64,
+    /// Compute time of the newest step (0 if unknown).
+    pub compute_seconds: f64,
+    pub activity: flotilla_contract::progress::Activity,
+    pub waiting_on_rank: Option<u32>,
 }
 
 /// What the supervisor reports about a worker.

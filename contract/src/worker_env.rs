@@ -32,3 +32,7 @@ pub const NO_PROGRESS_BAR_VALUE: &str = "1";
 /// The engine configuration of `flotilla-worker train`, as JSON (what a `TrainingJob`'s
 /// `spec.engine` holds); set by the operator.
 pub const ENGINE_CONFIG: &str = "FLOTILLA_ENGINE_CONFIG";
+
+/// With simulated GPUs: the misbehaviour files of the worker's GPUs, joined by `:` (read by
+/// `flotilla_engine::sim`; never set on real GPUs).
+pub const SIM_GPU_FAULTS: &str = "FLOTILLA_SIM_GPU_FAULTS";

@@ -8,7 +8,10 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::whereabouts::Whereabouts;
 
 const MAGIC: &[u8; 4] = b"FLTL";
 const KIND_DATA: u8 = 1;
@@ -51,6 +54,8 @@ pub struct Ring {
     prev: Option<TcpStream>,
     send_seq: u64,
     recv_seq: u64,
+    /// Told whenever this rank blocks on its previous peer's data (hang detection).
+    whereabouts: Option<Arc<Whereabouts>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -63,7 +68,7 @@ impl Ring {
     /// A group of one: collectives are no-ops.
     pub fn single() -> Self {
         let spec = GroupSpec { rank: 0, world: 1, timeout: Duration::from_secs(1) };
-        Self { spec, next: None, prev: None, send_seq: 0, recv_seq: 0 }
+        Self { spec, next: None, prev: None, send_seq: 0, recv_seq: 0, whereabouts: None }
     }
 
     /// Joins the group whose rank 0 listens at `master` (rank 0 binds it).
@@ -203,7 +208,19 @@ impl Ring {
             s.set_read_timeout(Some(spec.timeout)).map_err(|e| fail(e.to_string()))?;
             s.set_write_timeout(Some(spec.timeout)).map_err(|e| fail(e.to_string()))?;
         }
-        Ok(Self { spec, next: Some(next), prev: Some(prev), send_seq: 0, recv_seq: 0 })
+        Ok(Self {
+            spec,
+            next: Some(next),
+            prev: Some(prev),
+            send_seq: 0,
+            recv_seq: 0,
+            whereabouts: None,
+        })
+    }
+
+    /// Report every wait on the previous peer's data to `whereabouts`.
+    pub fn watch(&mut self, whereabouts: Arc<Whereabouts>) {
+        self.whereabouts = Some(whereabouts);
     }
 
     /// This process's place in the group.
@@ -271,11 +288,16 @@ impl Ring {
                 reason: "ring is closed".into(),
             });
         };
+        let prev_rank = ((rank + self.spec.world - 1) % self.spec.world) as u32;
+        let waiting = self.whereabouts.as_ref().map(|w| (w, w.wait_on(prev_rank)));
         let (sent, received) = std::thread::scope(|s| {
             let sender = s.spawn(move || write_frame(next, KIND_DATA, seq, &payload));
             let received = read_frame(prev);
             (sender.join().unwrap_or_else(|_| Err(io::Error::other("sender panicked"))), received)
         });
+        if let Some((w, before)) = waiting {
+            w.restore(before);
+        }
         let (kind, seq_in, payload) = match received {
             Ok((kind, payload)) => (kind.0, kind.1, payload),
             Err(e) => return Err(self.fail_ring(self.prev_rank(), e.to_string())),

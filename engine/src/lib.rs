@@ -35,4 +35,8 @@ pub mod rng;
 #[cfg(feature = "runtime")]
 pub mod serve;
 #[cfg(feature = "runtime")]
+pub mod sim;
+#[cfg(feature = "runtime")]
 pub mod train;
+#[cfg(feature = "runtime")]
+pub mod whereabouts;

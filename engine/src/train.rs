@@ -78,6 +78,8 @@ pub struct Trainer {
     device: Device,
     /// Step of the last checkpoint written or resumed from.
     pub last_checkpoint_step: Option<u64>,
+    /// Called with the compute time between a step's backward pass and its all-reduce.
+    before_all_reduce: Option<Box<dyn FnMut(std::time::Duration) + Send>>,
 }
 
 impl Trainer {
@@ -106,6 +108,7 @@ impl Trainer {
             attempt,
             device,
             last_checkpoint_step: None,
+            before_all_reduce: None,
         };
         let found = match &trainer.checkpoint_dir {
             Some(dir) => checkpoint::load_latest(dir, &trainer.device)?,
@@ -155,6 +158,12 @@ impl Trainer {
         Ok(())
     }
 
+    /// Calls `hook` in every step between the backward pass and the all-reduce, with the time
+    /// the step has computed so far (the simulated GPU faults of [`crate::sim`] act there).
+    pub fn before_all_reduce(&mut self, hook: Box<dyn FnMut(std::time::Duration) + Send>) {
+        self.before_all_reduce = Some(hook);
+    }
+
     /// Steps completed.
     pub fn step(&self) -> u64 {
         self.step
@@ -198,6 +207,9 @@ impl Trainer {
         }
         buffer.push(out.loss.to_scalar::<f32>()?);
         buffer.push(if stop { 1.0 } else { 0.0 });
+        if let Some(hook) = self.before_all_reduce.as_mut() {
+            hook(started.elapsed());
+        }
         let reduce_started = Instant::now();
         self.ring.all_reduce_sum(&mut buffer)?;
         let allreduce_seconds = reduce_started.elapsed().as_secs_f64();

@@ -39,6 +39,8 @@ fn reason_label(cause: RestartCause) -> &'static str {
         RestartCause::HardwareFault => "HardwareFault",
         RestartCause::NodeLost => "NodeLost",
         RestartCause::Preempted => "Preempted",
+        RestartCause::Hang => "Hang",
+        RestartCause::Straggler => "Straggler",
     }
 }
 

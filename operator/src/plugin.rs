@@ -70,7 +70,8 @@ pub struct InjectArgs {
     /// Raise this NVIDIA XID (79: fallen off the bus).
     #[arg(long, conflicts_with_all = ["fault", "clear"])]
     pub xid: Option<u32>,
-    /// Other faults: double_bit_ecc, ecc_storm, gpu_lost, overheat, recover.
+    /// Other faults: double_bit_ecc, ecc_storm, gpu_lost, overheat, recover; and, acting
+    /// through the GPU's workers: hang, hang_collective, slow=PERCENT.
     #[arg(long, conflicts_with = "clear")]
     pub fault: Option<String>,
     /// Clear the GPU's Failed/Degraded state (admin override).
@@ -228,7 +229,10 @@ async fn inject(client: kube::Client, args: InjectArgs) -> anyhow::Result<()> {
         (Some(xid), None, false) => {
             ("/inject", serde_json::json!({ "gpu": args.gpu, "fault": { "xid": xid } }))
         }
-        (None, Some(f), false) => ("/inject", serde_json::json!({ "gpu": args.gpu, "fault": f })),
+        (None, Some(f), false) => {
+            let fault = flotilla_contract::inject::fault_body(f).map_err(anyhow::Error::msg)?;
+            ("/inject", serde_json::json!({ "gpu": args.gpu, "fault": fault }))
+        }
         (None, None, true) => ("/clear", serde_json::json!({ "gpu": args.gpu })),
         _ => bail!("expected exactly one of --xid N, --fault NAME or --clear"),
     };

@@ -112,6 +112,8 @@ mod tests {
                     keep: 1,
                 }),
                 restart_policy: Default::default(),
+                hang_detection: Default::default(),
+                stragglers: Default::default(),
                 priority: 0,
                 scheduling: Default::default(),
                 suspend: false,

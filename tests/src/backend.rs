@@ -43,6 +43,12 @@ pub enum Fault {
     Lost,
     /// The hardware is fine again (answers, cool, volatile ECC counters cleared).
     Recover,
+    /// Simulated only: the GPU's workers stop stepping but stay alive.
+    Hang,
+    /// Simulated only: the GPU's workers enter the all-reduce and never send their data.
+    HangCollective,
+    /// Simulated only: the GPU's workers compute this many percent as slowly.
+    Slow(u32),
 }
 
 /// Over the stand-in H100's 90 °C slowdown threshold.
@@ -57,6 +63,9 @@ impl Fault {
             Fault::Overheat => NvmlCommand::Temp { gpu, celsius: HOT_CELSIUS },
             Fault::Lost => NvmlCommand::Lost { gpu },
             Fault::Recover => NvmlCommand::Recover { gpu },
+            Fault::Hang | Fault::HangCollective | Fault::Slow(_) => {
+                panic!("{self:?} acts through the workers of simulated GPUs only")
+            }
         }
     }
 
@@ -68,6 +77,9 @@ impl Fault {
             Fault::Overheat => "overheat",
             Fault::Lost => "gpu_lost",
             Fault::Recover => "recover",
+            Fault::Hang => "hang",
+            Fault::HangCollective => "hang_collective",
+            Fault::Slow(pct) => return vec!["--fault".into(), format!("slow={pct}")],
         };
         vec!["--fault".into(), fault.into()]
     }

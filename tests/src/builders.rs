@@ -11,8 +11,8 @@ use flotilla_operator::crd::inference_service::{
     InferenceServiceSpec, ModelSource, RolloutSpec, ServingOptions,
 };
 use flotilla_operator::crd::training_job::{
-    CheckpointSpec, PlacementStrategy, RestartPolicy, SchedulingSpec, TrainingJobSpec,
-    WorkerCommand,
+    CheckpointSpec, HangDetection, PlacementStrategy, RestartPolicy, SchedulingSpec,
+    StragglerPolicy, TrainingJobSpec, WorkerCommand,
 };
 use flotilla_operator::crd::{InferenceService, TrainingJob};
 
@@ -31,6 +31,8 @@ pub fn training_job(name: &str) -> TrainingJobBuilder {
             }),
             checkpoint: None,
             restart_policy: RestartPolicy { max_restarts: 0, ..RestartPolicy::default() },
+            hang_detection: HangDetection::default(),
+            stragglers: Default::default(),
             priority: 0,
             scheduling: SchedulingSpec::default(),
             suspend: false,
@@ -102,6 +104,18 @@ impl TrainingJobBuilder {
     /// Where checkpoints go and how often.
     pub fn checkpoint(mut self, checkpoint: CheckpointSpec) -> Self {
         self.spec.checkpoint = Some(checkpoint);
+        self
+    }
+
+    /// How hangs are detected.
+    pub fn hang_detection(mut self, hang: HangDetection) -> Self {
+        self.spec.hang_detection = hang;
+        self
+    }
+
+    /// What to do about stragglers.
+    pub fn stragglers(mut self, policy: StragglerPolicy) -> Self {
+        self.spec.stragglers = policy;
         self
     }
 

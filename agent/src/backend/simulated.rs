@@ -99,9 +99,29 @@ pub enum Injection {
     GpuLost,
     /// The GPU runs above its slowdown temperature until recovery.
     Overheat,
-    /// The hardware is fine again: telemetry normal, validation passes. Health itself only
-    /// returns through validation or an admin clear.
+    /// The hardware is fine again: telemetry normal, validation passes, no misbehaviour. Health
+    /// itself only returns through validation or an admin clear.
     Recover,
+    /// Workers on the GPU stop stepping but stay alive (a hang in compute), until recovery.
+    Hang,
+    /// Workers on the GPU enter the all-reduce and never send their data, until recovery.
+    HangCollective,
+    /// Workers on the GPU compute this many percent as slowly (`{"slow": 300}`: 3×), until
+    /// recovery. Health and telemetry stay normal: only the step times tell.
+    Slow(u32),
+}
+
+impl Injection {
+    /// What the engine's `flotilla_engine::sim` reads from the GPU's misbehaviour file, for the
+    /// injections that act through the workers.
+    fn misbehaviour(self) -> Option<String> {
+        match self {
+            Injection::Hang => Some("hang".into()),
+            Injection::HangCollective => Some("hang_collective".into()),
+            Injection::Slow(percent) => Some(format!("slow {percent}")),
+            _ => None,
+        }
+    }
 }
 
 /// GPUs per NVSwitch domain.
@@ -120,6 +140,9 @@ struct SimGpu {
     ecc_storm: bool,
     /// A hardware fault happened and no recovery has been injected: validation fails.
     broken: bool,
+    /// Its workers hang or run slowly (an injected misbehaviour): validation, which measures
+    /// the GPU, fails too.
+    misbehaving: bool,
 }
 
 #[derive(Debug)]
@@ -134,6 +157,8 @@ pub struct SimulatedBackend {
     model: SimModel,
     state: Mutex<SimState>,
     events: Mutex<Option<mpsc::UnboundedSender<GpuEvent>>>,
+    /// Where each GPU's misbehaviour file goes (`<dir>/<uuid>`), read by its workers.
+    misbehaviour_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl SimulatedBackend {
@@ -174,10 +199,57 @@ impl SimulatedBackend {
                     overheating: false,
                     ecc_storm: false,
                     broken: false,
+                    misbehaving: false,
                 }
             })
             .collect();
-        Self { model, state: Mutex::new(SimState { gpus, rng }), events: Mutex::new(None) }
+        Self {
+            model,
+            state: Mutex::new(SimState { gpus, rng }),
+            events: Mutex::new(None),
+            misbehaviour_dir: Mutex::new(None),
+        }
+    }
+
+    /// Makes hangs and slowness injectable: each GPU's misbehaviour is written to
+    /// `<dir>/<uuid>`, which its workers read (`flotilla_engine::sim`; the supervisor names the
+    /// files in their environment).
+    pub fn misbehave_through(&self, dir: std::path::PathBuf) {
+        *self.misbehaviour_dir.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir);
+    }
+
+    /// Writes (or, on recovery, removes) GPU `uuid`'s misbehaviour file.
+    fn write_misbehaviour(&self, uuid: &str, injection: Injection) -> Result<(), BackendError> {
+        let dir = self.misbehaviour_dir.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let file = dir.as_ref().map(|d| d.join(uuid));
+        let result = match (injection.misbehaviour(), &file) {
+            (Some(_), None) => {
+                return Err(BackendError::Unsupported(format!(
+                    "injecting {injection:?} needs an agent that runs workers (flotilla-agent run)"
+                )));
+            }
+            (Some(text), Some(file)) => {
+                std::fs::create_dir_all(file.parent().unwrap_or(file)).and_then(|()| {
+                    // Written whole, then renamed: a worker never reads half a file.
+                    let tmp = file.with_extension("tmp");
+                    std::fs::write(&tmp, text)?;
+                    std::fs::rename(&tmp, file)
+                })
+            }
+            (None, Some(file)) if injection == Injection::Recover => {
+                match std::fs::remove_file(file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            }
+            (None, _) => Ok(()),
+        };
+        result.map_err(|e| {
+            BackendError::Unsupported(format!(
+                "writing the misbehaviour file {}: {e}",
+                file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()
+            ))
+        })
     }
 
     /// Injects a fault into GPU `index`; events are raised at once through the event channel.
@@ -189,7 +261,16 @@ impl SimulatedBackend {
                 .gpus
                 .get_mut(index as usize)
                 .ok_or(BackendError::NoSuchGpu { index, count })?;
+            let uuid = gpu.device.uuid.clone();
+            drop(state);
+            self.write_misbehaviour(&uuid, injection)?;
+            let mut state = self.lock_state();
+            let gpu = &mut state.gpus[index as usize];
             match injection {
+                Injection::Hang | Injection::HangCollective | Injection::Slow(_) => {
+                    gpu.misbehaving = true;
+                    None
+                }
                 Injection::Xid(xid) => {
                     gpu.broken |=
                         Fault::Xid(xid).implied_health() != crate::health::Health::Healthy;
@@ -218,6 +299,7 @@ impl SimulatedBackend {
                     None // seen by the next sample
                 }
                 Injection::Recover => {
+                    gpu.misbehaving = false;
                     gpu.broken = false;
                     gpu.lost = false;
                     gpu.overheating = false;
@@ -316,7 +398,7 @@ impl GpuBackend for SimulatedBackend {
         let state = self.lock_state();
         let count = state.gpus.len() as u32;
         let gpu = state.gpus.get(index as usize).ok_or(BackendError::NoSuchGpu { index, count })?;
-        Ok(!gpu.broken && !gpu.lost && !gpu.overheating && !gpu.ecc_storm)
+        Ok(!gpu.broken && !gpu.lost && !gpu.overheating && !gpu.ecc_storm && !gpu.misbehaving)
     }
 }
 
@@ -382,6 +464,27 @@ mod tests {
         sim.inject(2, Injection::Recover).expect("recover");
         assert!(sim.validate(2).expect("validate"));
         assert_eq!(sim.sample().expect("sample").len(), 4);
+    }
+
+    #[test]
+    fn hangs_and_slowness_are_written_for_the_workers_and_fail_validation() {
+        let sim = h100("n", 2);
+        let err = sim.inject(0, Injection::Hang).expect_err("no directory yet");
+        assert!(err.to_string().contains("needs an agent that runs workers"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        sim.misbehave_through(dir.path().join("sim"));
+        let uuid = sim.inventory().expect("inventory")[1].uuid.clone();
+        let file = dir.path().join("sim").join(&uuid);
+        sim.inject(1, Injection::Slow(300)).expect("slow");
+        assert_eq!(std::fs::read_to_string(&file).expect("file"), "slow 300");
+        assert!(!sim.validate(1).expect("validate"), "a slow GPU fails validation");
+        sim.inject(1, Injection::HangCollective).expect("hang");
+        assert_eq!(std::fs::read_to_string(&file).expect("file"), "hang_collective");
+        sim.inject(1, Injection::Recover).expect("recover");
+        assert!(!file.exists(), "recovery removes the file");
+        assert!(sim.validate(1).expect("validate"));
+        let parsed: Injection = serde_json::from_str(r#"{"slow": 250}"#).expect("json");
+        assert_eq!(parsed, Injection::Slow(250));
     }
 
     #[test]

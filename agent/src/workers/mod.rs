@@ -45,6 +45,9 @@ pub struct WorkerFiles {
     pub socket_dir: PathBuf,
     /// A log file is rotated to `.log.1` when it reaches this many bytes (two files per worker).
     pub max_log_bytes: u64,
+    /// With simulated GPUs: where each GPU's misbehaviour file is (`<dir>/<uuid>`), named in
+    /// its workers' environment (`flotilla_engine::sim`).
+    pub sim_misbehaviour_dir: Option<PathBuf>,
 }
 
 /// Runs workers as child processes of the agent.
@@ -129,7 +132,7 @@ impl WorkerSupervisor for ProcessSupervisor {
         let mut command = tokio::process::Command::new(&launch.command);
         command
             .args(&launch.args)
-            .envs(worker_env(&launch, &socket_path))
+            .envs(worker_env(&launch, &socket_path, self.files.sim_misbehaviour_dir.as_deref()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -250,8 +253,23 @@ impl WorkerSupervisor for ProcessSupervisor {
 
 /// The environment of a worker: the torchrun variables every training program understands,
 /// plus Flotilla's own. The one place worker environments are built.
-pub fn worker_env(launch: &WorkerLaunch, progress_socket: &Path) -> BTreeMap<String, String> {
+pub fn worker_env(
+    launch: &WorkerLaunch,
+    progress_socket: &Path,
+    sim_misbehaviour_dir: Option<&Path>,
+) -> BTreeMap<String, String> {
     let mut env = launch.env.clone();
+    if let Some(dir) = sim_misbehaviour_dir {
+        let files = std::env::join_paths(launch.gpu_uuids.iter().map(|u| dir.join(u)));
+        match files {
+            Ok(files) => {
+                env.insert(var::SIM_GPU_FAULTS.into(), files.to_string_lossy().into_owned());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "GPU uuids that make no path; no simulated misbehaviour")
+            }
+        }
+    }
     let id = &launch.id;
     let fixed = [
         (var::RANK, id.rank.to_string()),

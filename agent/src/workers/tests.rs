@@ -20,8 +20,12 @@ fn launch(job: &str, attempt: u64, script: &str) -> WorkerLaunch {
 }
 
 fn supervisor(dir: &Path) -> (Arc<ProcessSupervisor>, mpsc::UnboundedReceiver<WorkerUpdate>) {
-    let files =
-        WorkerFiles { log_dir: dir.join("logs"), socket_dir: dir.join("s"), max_log_bytes: 4096 };
+    let files = WorkerFiles {
+        log_dir: dir.join("logs"),
+        socket_dir: dir.join("s"),
+        max_log_bytes: 4096,
+        sim_misbehaviour_dir: None,
+    };
     let sup = ProcessSupervisor::new(files).expect("supervisor");
     let (tx, rx) = mpsc::unbounded_channel();
     sup.attach(tx);

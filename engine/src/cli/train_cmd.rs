@@ -9,9 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use flotilla_contract::worker_env;
+use flotilla_engine::collective::CollectiveError;
 use flotilla_engine::metrics::{Metrics, TrainMetrics};
-use flotilla_engine::progress::{ProgressLine, ProgressReporter, loss_for_report};
-use flotilla_engine::train::{LedgerEntry, Trainer};
+use flotilla_engine::progress::{Activity, ProgressLine, ProgressReporter, loss_for_report};
+use flotilla_engine::sim::SimFaults;
+use flotilla_engine::train::{LedgerEntry, TrainError, Trainer};
+use flotilla_engine::whereabouts::Whereabouts;
 
 use super::{ConfigSource, EXIT_TERMINATED, check_group, runtime};
 
@@ -69,7 +72,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
     let rt = runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
-    rt.spawn(watch_signals(stop.clone()));
+    let rank = args.group.rank;
+    // Every rank reports to its own agent socket; rank 0 logs (or draws the bar) for the group.
+    let progress = ProgressReporter::new(
+        config.training.steps,
+        0,
+        args.progress_socket.clone(),
+        !args.no_progress_bar && rank == 0,
+        rank == 0,
+    );
+    let whereabouts = Whereabouts::starting(0);
+    progress.send(&ProgressLine {
+        activity: Activity::Starting,
+        ..ProgressLine::at_step(0, config.training.steps, 0.0, 0.0, None)
+    });
+    progress.heartbeats(whereabouts.clone(), config.training.steps);
+    rt.spawn(watch_signals(stop.clone(), whereabouts.clone(), rank));
     let metrics = Metrics::new();
     let train_metrics = TrainMetrics::new(&metrics).context("registering metrics")?;
     if let Some(port) = args.metrics_port {
@@ -85,11 +103,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
 
     let timeout = Duration::from_secs(config.training.collective_timeout_seconds);
-    let ring = args.group.connect(timeout)?;
+    let mut ring = args.group.connect(timeout)?;
+    ring.watch(whereabouts.clone());
     let total = config.training.steps;
     let interval = config.training.checkpoint_interval;
     let target = config.training.target_loss;
-    let mut trainer = Trainer::new(config, ring, args.checkpoint_dir.clone(), args.attempt)?;
+    let mut trainer = Trainer::new(config, ring, args.checkpoint_dir.clone(), args.attempt)
+        .inspect_err(|e| {
+            peer_lost(&progress, &whereabouts, e, total);
+        })?;
+    let sim = SimFaults::from_env();
+    if !sim.is_empty() {
+        trainer.before_all_reduce(Box::new(move |compute| sim.before_all_reduce(compute)));
+    }
     if trainer.step() > 0 {
         tracing::info!(step = trainer.step(), "resumed from checkpoint");
     }
@@ -100,17 +126,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         kernels = if flotilla_engine::model::avx512_kernels() { "avx512" } else { "portable" },
         "training"
     );
-    let socket = if args.group.rank == 0 { args.progress_socket.clone() } else { None };
-    let mut progress = ProgressReporter::new(
-        total,
-        trainer.step(),
-        socket,
-        !args.no_progress_bar && args.group.rank == 0,
-    );
+    progress.set_position(trainer.step());
+    whereabouts.resumed_at(trainer.step());
     let layers: Vec<usize> = trainer.model().moe_blocks().map(|(i, _)| i).collect();
     let mut first_step = true;
     while trainer.step() < total {
-        let report = trainer.train_step(stop.load(Ordering::SeqCst))?;
+        let report = trainer.train_step(stop.load(Ordering::SeqCst)).inspect_err(|e| {
+            peer_lost(&progress, &whereabouts, e, total);
+        })?;
+        whereabouts.step_done(report.step);
         if std::mem::take(&mut first_step) {
             // The moment a (re)started gang trains again: what recovery time is measured to.
             tracing::info!(step = report.step, "first step of this run done");
@@ -118,20 +142,30 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let biases: Vec<Vec<f32>> =
             trainer.model().moe_blocks().map(|(_, b)| b.bias.clone()).collect();
         train_metrics.observe_step(&report, &layers, &biases);
+        let line = ProgressLine {
+            step_seconds: Some(report.seconds),
+            compute_seconds: Some((report.seconds - report.allreduce_seconds).max(0.0)),
+            ..ProgressLine::at_step(
+                report.step,
+                total,
+                loss_for_report(report.loss),
+                report.tokens as f64 / report.seconds.max(1e-9),
+                trainer.last_checkpoint_step,
+            )
+        };
         let due = interval > 0 && report.step % interval == 0;
-        if (report.stop || due || report.step == total)
-            && let Some(seconds) = trainer.checkpoint()?
-        {
-            train_metrics.observe_checkpoint(seconds);
-            tracing::debug!(step = report.step, seconds, "checkpoint written");
+        if report.stop || due || report.step == total {
+            // Hang detection gives a checkpoint its own budget.
+            whereabouts.set(Activity::Checkpointing);
+            progress.send(&ProgressLine { activity: Activity::Checkpointing, ..line.clone() });
+            if let Some(seconds) = trainer.checkpoint()? {
+                train_metrics.observe_checkpoint(seconds);
+                tracing::debug!(step = report.step, seconds, "checkpoint written");
+            }
+            whereabouts.set(Activity::Training);
         }
-        progress.report(&ProgressLine {
-            step: report.step,
-            total_steps: total,
-            loss: loss_for_report(report.loss),
-            tokens_per_second: report.tokens as f64 / report.seconds.max(1e-9),
-            last_checkpoint_step: trainer.last_checkpoint_step,
-        });
+        progress
+            .report(&ProgressLine { last_checkpoint_step: trainer.last_checkpoint_step, ..line });
         if report.stop {
             progress.finish();
             match trainer.last_checkpoint_step {
@@ -157,8 +191,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The first SIGTERM or SIGINT asks for a checkpoint and a clean stop; a second one exits at once.
-async fn watch_signals(stop: Arc<AtomicBool>) {
+/// Tells the agent, before the worker exits, which peer the collective gave up on: the rank
+/// to blame, not this one.
+fn peer_lost(progress: &ProgressReporter, whereabouts: &Whereabouts, e: &TrainError, total: u64) {
+    if let TrainError::Collective(CollectiveError::PeerLost { lost, .. }) = e {
+        let step = whereabouts.now().step;
+        progress.send(&ProgressLine {
+            activity: Activity::PeerLost,
+            waiting_on_rank: Some(*lost as u32),
+            ..ProgressLine::at_step(step, total, 0.0, 0.0, None)
+        });
+    }
+}
+
+/// The first SIGTERM or SIGINT asks for a checkpoint and a clean stop, and logs where the
+/// worker is (a hung gang's logs then say where each rank was); a second one exits at once.
+async fn watch_signals(stop: Arc<AtomicBool>, whereabouts: Arc<Whereabouts>, rank: usize) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) =
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -175,6 +223,7 @@ async fn watch_signals(stop: Arc<AtomicBool>) {
             eprintln!("second signal: exiting without a checkpoint");
             std::process::exit(i32::from(EXIT_TERMINATED));
         }
+        eprintln!("signal received while {}", whereabouts.describe(rank));
         tracing::warn!("signal received: checkpointing after this step");
     }
 }

@@ -11,11 +11,13 @@ pub mod identity;
 pub mod liveness;
 pub mod mirror;
 pub mod node_leases;
+mod progress;
 pub mod server;
 pub mod state;
 
 pub use args::{AgentLink, AgentLinkArgs};
 pub use commands::WorkerLaunchSpec;
+pub use progress::{Activity, RankPace};
 pub use server::{
     AgentServer, AgentServerConfig, GpuAction, ServingGate, WorkerPhase, WorkerReport,
 };

@@ -71,7 +71,7 @@ impl ServingGate {
 }
 
 /// What to do with a GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GpuAction {
     /// Take it out of use.
     Cordon,
@@ -79,6 +79,8 @@ pub enum GpuAction {
     Uncordon,
     /// Run validation; a Failed GPU that passes turns Healthy.
     Validate,
+    /// Mark it Degraded (`SlowSteps`) with this evidence, until validation passes.
+    Suspect(String),
 }
 
 /// What a worker event says happened.
@@ -127,8 +129,11 @@ pub struct WorkerReport {
     pub signal: Option<i32>,
     /// Detail.
     pub message: String,
-    /// Training progress, with [`WorkerPhase::Progress`].
+    /// Training progress, with [`WorkerPhase::Progress`] when the worker is training (a line
+    /// that only says what it does instead carries none).
     pub progress: Option<crate::crd::Progress>,
+    /// What the rank does and how long its steps take, with [`WorkerPhase::Progress`].
+    pub pace: Option<super::RankPace>,
 }
 
 type Outbound = mpsc::Sender<Result<pb::OperatorMessage, Status>>;
@@ -203,16 +208,18 @@ impl AgentServer {
         action: GpuAction,
         timeout: Duration,
     ) -> Result<String, String> {
-        let action = match action {
-            GpuAction::Cordon => pb::GpuAction::Cordon,
-            GpuAction::Uncordon => pb::GpuAction::Uncordon,
-            GpuAction::Validate => pb::GpuAction::Validate,
+        let (action, evidence) = match action {
+            GpuAction::Cordon => (pb::GpuAction::Cordon, String::new()),
+            GpuAction::Uncordon => (pb::GpuAction::Uncordon, String::new()),
+            GpuAction::Validate => (pb::GpuAction::Validate, String::new()),
+            GpuAction::Suspect(evidence) => (pb::GpuAction::Suspect, evidence),
         };
         let command_id = self.0.next_command.fetch_add(1, Ordering::Relaxed);
         let body = Down::GpuCommand(pb::GpuCommand {
             command_id,
             gpu_uuid: gpu_uuid.to_owned(),
             action: action as i32,
+            evidence,
         });
         self.call(node, command_id, body, timeout).await
     }
@@ -420,6 +427,8 @@ impl AgentServer {
                         let r = w.worker.unwrap_or_default();
                         let phase = pb::WorkerPhase::try_from(w.phase)
                             .map_or(WorkerPhase::Unspecified, WorkerPhase::from);
+                        let (progress, pace) =
+                            w.progress.as_ref().map(super::progress::progress_of).unzip();
                         let _ = inner.worker_reports.send(WorkerReport {
                             node: node.to_owned(),
                             job_uid: r.job_uid,
@@ -429,15 +438,8 @@ impl AgentServer {
                             exit_code: w.exit_code,
                             signal: w.signal,
                             message: w.message,
-                            progress: w.progress.map(|p| crate::crd::Progress {
-                                step: p.step as i64,
-                                total_steps: (p.total_steps > 0).then_some(p.total_steps as i64),
-                                loss: p.loss.is_finite().then_some(p.loss),
-                                tokens_per_second: Some(p.tokens_per_second),
-                                last_checkpoint_step: (p.last_checkpoint_step > 0)
-                                    .then_some(p.last_checkpoint_step as i64),
-                                ..Default::default()
-                            }),
+                            progress: progress.flatten(),
+                            pace,
                         });
                         None
                     }

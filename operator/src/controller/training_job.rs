@@ -8,7 +8,7 @@ use crate::ids::{HolderId, WorkloadKey, WorkloadKind, object_key};
 use crate::lifecycle::{AttemptReport, Effect, JobFacts, Transition};
 use crate::placement;
 use crate::validate;
-use crate::workers::Launch;
+use crate::workers::{Launch, ProgressPolicy};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams};
 use kube::core::DeserializeGuard;
@@ -82,7 +82,12 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
         (BTreeMap::new(), Vec::new())
     };
     let report = match job.status.as_ref().and_then(|s| s.attempt.as_ref()) {
-        Some(a) => ctx.workers.report(&key, a.number),
+        Some(a) => {
+            let mut report = ctx.workers.report(&key, a.number);
+            let policy = ProgressPolicy::of(&job.spec);
+            ctx.workers.judge_progress(&key, a.number, &policy, &mut report);
+            report
+        }
         None => AttemptReport { all_stopped: true, ..Default::default() },
     };
     let around = Surroundings {
@@ -147,6 +152,12 @@ async fn apply(job: &TrainingJob, api: &Api<TrainingJob>, ctx: &Context) -> Resu
             }
             Effect::Stop { attempt, reason } => {
                 ctx.workers.stop(&key, *attempt, reason).await.map_err(Error::Workers)?
+            }
+            Effect::SuspectGpu { node, gpu_uuid, evidence } => {
+                // Best effort: the next look sends it again while its agent does not show it.
+                if let Err(e) = ctx.workers.suspect_gpu(node, gpu_uuid, evidence).await {
+                    tracing::warn!(job = %key.name, %node, gpu = %gpu_uuid, error = %e, "marking a straggler's GPU failed");
+                }
             }
             Effect::Delete => {
                 ctx.publish(
@@ -304,6 +315,8 @@ mod tests {
                     max_restarts: 0,
                     ..Default::default()
                 },
+                hang_detection: Default::default(),
+                stragglers: Default::default(),
                 priority: 0,
                 scheduling: Default::default(),
                 suspend: false,

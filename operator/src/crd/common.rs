@@ -174,6 +174,11 @@ pub enum RestartCause {
     NodeLost,
     /// An operator or admin action (drain, preemption); does not spend the user's budget.
     Preempted,
+    /// A rank made no step within its progress lease (`spec.hangDetection`); `rank` names the
+    /// one that stopped first. Spends the user's budget unless that rank's GPU was Degraded.
+    Hang,
+    /// Moved off a straggler's GPU (`spec.stragglers.moveOff`); does not spend the budget.
+    Straggler,
 }
 
 /// One restart, kept in a bounded history in the job's status.
@@ -192,6 +197,9 @@ pub struct RestartRecord {
     /// The worker's exit code, for `WorkerExit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The rank blamed: the worker that exited, or the one that stopped first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<i32>,
     /// The node involved, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -293,6 +301,7 @@ mod tests {
                     cause: RestartCause::WorkerExit,
                     reason: String::new(),
                     exit_code: Some(1),
+                    rank: None,
                     node: None,
                     gpu: None,
                     xid: None,

@@ -96,6 +96,18 @@ pub struct TrainingJobSpec {
     #[serde(default)]
     pub restart_policy: RestartPolicy,
 
+    /// When a job that stopped making progress is taken for hung and restarted from its
+    /// checkpoint. On by default for every worker program that reports progress (the built-in
+    /// engine does); a program that never reports is never judged.
+    #[serde(default)]
+    pub hang_detection: HangDetection,
+
+    /// What to do about a rank persistently slower than the rest of its gang: its GPU is
+    /// always marked `Degraded` (`SlowSteps`, validated before it gets work again); the job is
+    /// moved off it only when `moveOff` allows and the move saves more than twice its cost.
+    #[serde(default)]
+    pub stragglers: StragglerPolicy,
+
     /// Scheduling priority; higher runs first and may preempt lower. Default 0.
     #[serde(default)]
     #[schemars(range(min = -1000, max = 1000))]
@@ -226,6 +238,91 @@ pub struct RestartPolicy {
     #[serde(default)]
     #[schemars(length(max = 64), inner(range(min = 1, max = 255)), extend("x-kubernetes-list-type" = "set"))]
     pub fatal_exit_codes: Vec<i32>,
+}
+
+/// The progress lease: every rank must complete a step within `max(stepTimeoutSeconds,
+/// stepTimeFactor × p99 step time)` of its last one, with separate budgets while it starts
+/// (until its first step of the attempt, resume included) and while it writes a checkpoint.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HangDetection {
+    /// Judge the job at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// The least time allowed between two steps of a rank, seconds. Default 120.
+    #[serde(default = "default_step_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub step_timeout_seconds: i32,
+
+    /// The bound between two steps is at least this many times the job's p99 step time (over
+    /// its last 256 reported steps). Default 10.
+    #[serde(default = "default_step_factor")]
+    #[schemars(range(min = 1.0, max = 1000.0))]
+    pub step_time_factor: f64,
+
+    /// Time from a worker's start to its first step (loading, resuming, meeting its peers),
+    /// seconds. Default 900.
+    #[serde(default = "default_startup")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub startup_seconds: i32,
+
+    /// Time a checkpoint write may take, seconds. Default 600.
+    #[serde(default = "default_checkpoint_budget")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub checkpoint_seconds: i32,
+}
+
+/// Straggler detection: see `spec.stragglers`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StragglerPolicy {
+    /// A rank whose speed (the fastest rank's median compute time per step over its own, over
+    /// the last 30 reports) is below this is a straggler. 0 turns detection off. Default 0.7.
+    #[serde(default = "default_straggler_threshold")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub threshold: f64,
+
+    /// Restart the job off a straggler's GPU (without spending the restart budget) when the
+    /// time saved over the remaining steps is more than twice what the restart costs. Default
+    /// false: the GPU is marked, the job stays.
+    #[serde(default)]
+    pub move_off: bool,
+}
+
+fn default_straggler_threshold() -> f64 {
+    0.7
+}
+
+impl Default for StragglerPolicy {
+    fn default() -> Self {
+        StragglerPolicy { threshold: default_straggler_threshold(), move_off: false }
+    }
+}
+
+fn default_step_timeout() -> i32 {
+    120
+}
+fn default_step_factor() -> f64 {
+    10.0
+}
+fn default_startup() -> i32 {
+    900
+}
+fn default_checkpoint_budget() -> i32 {
+    600
+}
+
+impl Default for HangDetection {
+    fn default() -> Self {
+        HangDetection {
+            enabled: true,
+            step_timeout_seconds: default_step_timeout(),
+            step_time_factor: default_step_factor(),
+            startup_seconds: default_startup(),
+            checkpoint_seconds: default_checkpoint_budget(),
+        }
+    }
 }
 
 fn default_max_restarts() -> i32 {

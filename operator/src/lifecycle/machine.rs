@@ -1,13 +1,16 @@
 //! [`decide`]: one step of the `TrainingJob` state machine.
 
 use super::{
-    AttemptReport, Effect, ExitClass, HardwareFault, JobFacts, PhaseEvent, Transition, backoff,
-    classify_exit, next_attempt_number,
+    AttemptReport, Effect, ExitClass, JobFacts, PhaseEvent, Transition, backoff, classify_exit,
+    next_attempt_number,
 };
-use crate::crd::common::{condition_types as ct, push_restart, set_condition};
-use crate::crd::{Attempt, JobPhase, Progress, RestartCause, RestartRecord};
+use crate::crd::common::{condition_types as ct, set_condition};
+use crate::crd::{Attempt, JobPhase, Progress, RestartCause};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::SignedDuration;
+use restarts::describe_exit;
+
+mod restarts;
 
 /// How soon to look again while waiting for something the watch may not announce.
 const POLL: SignedDuration = SignedDuration::from_secs(10);
@@ -308,6 +311,11 @@ impl<'f, 'a> Step<'f, 'a> {
             self.stop_live_attempt("a worker failed fatally");
             return self.fail("FatalExitCode", note);
         }
+        // Before the exits of its peers: a peer whose collective gave up on a hung rank exits,
+        // but the hung rank is the one to blame.
+        if let Some(hang) = &report.hang {
+            return self.restart_for_hang(hang.clone());
+        }
         if let Some((exit, _)) = classified.iter().find(|(_, c)| *c == ExitClass::Retryable) {
             return self.restart_for_exit(**exit);
         }
@@ -324,6 +332,11 @@ impl<'f, 'a> Step<'f, 'a> {
         if let Some(by) = &f.preempted_by {
             return self.restart_for_preemption(by);
         }
+        if let Some(slow) = &report.straggler
+            && self.straggler(slow)
+        {
+            return;
+        }
         let was_unreachable =
             self.t.status.conditions.iter().any(|c| {
                 c.type_ == ct::READY && c.status == "False" && c.reason == "NodeUnreachable"
@@ -332,6 +345,12 @@ impl<'f, 'a> Step<'f, 'a> {
             let n = self.attempt_number().unwrap_or_default();
             let note = format!("every node of attempt {n} is reachable again");
             self.condition(ct::READY, true, "Running", &note);
+        }
+        if let Some(d) = report.lease_ends_in {
+            // Nothing announces a lease running out; the extra second keeps it from being
+            // looked at a moment too early.
+            let d = SignedDuration::try_from(d).unwrap_or(POLL);
+            self.requeue_within(d.saturating_add(SignedDuration::from_secs(1)));
         }
         if self.phase() == JobPhase::Scheduled && report.running + succeeded >= f.spec.workers {
             let n = self.attempt_number().unwrap_or_default();
@@ -344,89 +363,6 @@ impl<'f, 'a> Step<'f, 'a> {
         }
     }
 
-    fn steps_lost(&self) -> Option<i64> {
-        let p = self.t.status.progress.as_ref()?;
-        Some(p.step - p.last_checkpoint_step.unwrap_or(0)).map(|s| s.max(0))
-    }
-
-    fn record(
-        &mut self,
-        cause: RestartCause,
-        reason: String,
-        exit_code: Option<i32>,
-        fault: Option<&HardwareFault>,
-    ) {
-        let record = RestartRecord {
-            time: self.now(),
-            attempt: self.attempt_number().unwrap_or_default(),
-            cause,
-            reason,
-            exit_code,
-            node: fault.map(|h| h.node.clone()),
-            gpu: fault.and_then(|h| h.gpu),
-            xid: fault.and_then(|h| h.xid),
-            steps_lost: self.steps_lost(),
-        };
-        push_restart(&mut self.t.status.restart_history, record);
-    }
-
-    fn restart_for_exit(&mut self, exit: crate::lifecycle::WorkerExit) {
-        let policy = &self.f.spec.restart_policy;
-        let what = format!("worker {} {}", exit.rank, describe_exit(&exit));
-        self.stop_live_attempt(&what);
-        if self.t.status.restarts >= policy.max_restarts {
-            let max = policy.max_restarts;
-            return self.fail(
-                "RestartBudgetSpent",
-                format!("{what}; all {max} restarts of spec.restartPolicy.maxRestarts are spent"),
-            );
-        }
-        self.t.status.restarts += 1;
-        self.record(RestartCause::WorkerExit, what.clone(), exit.code, None);
-        let (n, max) = (self.t.status.restarts, policy.max_restarts);
-        self.condition(ct::READY, false, "Restarting", &what);
-        self.goto(
-            JobPhase::Restarting,
-            true,
-            "Restarting",
-            format!("{what}; restart {n} of {max}"),
-        );
-        self.requeue_within(backoff(policy, n));
-    }
-
-    fn restart_for_hardware(&mut self, cause: RestartCause, fault: HardwareFault) {
-        self.stop_live_attempt(&fault.message);
-        self.t.status.hardware_restarts += 1;
-        self.record(cause, fault.message.clone(), None, Some(&fault));
-        let note =
-            format!("{}; restarting elsewhere without spending the restart budget", fault.message);
-        let reason = match cause {
-            RestartCause::NodeLost => "NodeLost",
-            _ => "HardwareFault",
-        };
-        self.condition(ct::READY, false, reason, &fault.message);
-        self.goto(JobPhase::Restarting, true, reason, note);
-        self.requeue_within(POLL);
-    }
-
-    fn restart_for_preemption(&mut self, by: &str) {
-        let on_loan = self.t.status.attempt.as_ref().is_some_and(|a| a.on_loan);
-        let what = if on_loan {
-            format!("the GPUs it borrowed were held for {by}, first in line, which can start now")
-        } else {
-            format!("preempted by {by}, which has a higher priority and needs these GPUs")
-        };
-        self.stop_live_attempt(&what);
-        self.t.status.hardware_restarts += 1;
-        self.record(RestartCause::Preempted, what.clone(), None, None);
-        self.condition(ct::READY, false, "Preempted", &what);
-        let note = format!(
-            "{what}; requeued without spending the restart budget, to resume from its last checkpoint"
-        );
-        self.goto(JobPhase::Restarting, true, "Preempted", note);
-        self.requeue_within(POLL);
-    }
-
     fn leave_restarting(&mut self) {
         let f = self.f;
         if !f.report.all_stopped {
@@ -434,7 +370,8 @@ impl<'f, 'a> Step<'f, 'a> {
         }
         let last_cause = self.t.status.restart_history.last().map(|r| r.cause);
         let wait = match last_cause {
-            Some(RestartCause::WorkerExit) => {
+            // A hang backs off like an exit: restarting a job that hangs at once can loop.
+            Some(RestartCause::WorkerExit | RestartCause::Hang) => {
                 backoff(&f.spec.restart_policy, self.t.status.restarts)
             }
             _ => SignedDuration::ZERO,
@@ -452,14 +389,6 @@ impl<'f, 'a> Step<'f, 'a> {
             format!("attempt {n} stopped; waiting for a new placement"),
         );
         self.requeue_within(SignedDuration::ZERO);
-    }
-}
-
-fn describe_exit(exit: &crate::lifecycle::WorkerExit) -> String {
-    match (exit.code, exit.signal) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}"),
-        (None, None) => "ended without an exit status".into(),
     }
 }
 

@@ -75,6 +75,41 @@ pub struct HardwareFault {
     pub message: String,
 }
 
+/// A rank that made no progress within its lease (`spec.hangDetection`), found by
+/// [`crate::workers::hang`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HungRank {
+    /// The rank that stopped first.
+    pub rank: i32,
+    /// Its node.
+    pub node: String,
+    /// Its (first) GPU's index, when known.
+    pub gpu: Option<i32>,
+    /// The evidence, for the restart record, the condition and the Event.
+    pub message: String,
+    /// A GPU of the rank is Degraded: the hang is charged to the hardware, not the budget.
+    pub gpu_degraded: bool,
+}
+
+/// A rank persistently slower than its gang (found by [`crate::workers::straggler`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlowRank {
+    /// The rank.
+    pub rank: i32,
+    /// Its node.
+    pub node: String,
+    /// Its (first) GPU's index and UUID, when known.
+    pub gpu: Option<(i32, String)>,
+    /// The evidence, for the GPU's health message and the Event.
+    pub evidence: String,
+    /// Its GPU is already marked `Degraded` (`SlowSteps`) by its agent.
+    pub suspected: bool,
+    /// The cost/benefit rule's verdict on moving the job now, in words, and whether to.
+    pub move_rule: String,
+    /// Moving the job off it now saves more than twice what it costs.
+    pub worth_moving: bool,
+}
+
 /// The agents' reports about one attempt, summarised.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AttemptReport {
@@ -94,8 +129,15 @@ pub struct AttemptReport {
     /// Every worker of the attempt is confirmed dead (or the fence timeout passed), so another
     /// attempt may start. True when the attempt never launched anything.
     pub all_stopped: bool,
-    /// Latest training progress from rank 0.
+    /// Latest training progress (the highest step any rank reported).
     pub progress: Option<Progress>,
+    /// A hung rank, when a progress lease ran out.
+    pub hang: Option<HungRank>,
+    /// When the earliest progress lease runs out, if one is running: the job is looked at again
+    /// then even if nothing is reported.
+    pub lease_ends_in: Option<std::time::Duration>,
+    /// A straggler in the gang.
+    pub straggler: Option<SlowRank>,
 }
 
 /// The state machine's answer.
@@ -134,6 +176,15 @@ pub enum Effect {
     },
     /// Delete the job: its TTL after finishing has passed.
     Delete,
+    /// Mark a GPU `Degraded` (`SlowSteps`) on its agent: it slows its gang.
+    SuspectGpu {
+        /// The node.
+        node: String,
+        /// The GPU.
+        gpu_uuid: String,
+        /// Why, for its health message.
+        evidence: String,
+    },
 }
 
 /// An Event for a phase change, with a reason a human understands.

@@ -23,6 +23,8 @@ fn spec(workers: i32) -> TrainingJobSpec {
             keep: 3,
         }),
         restart_policy: RestartPolicy::default(),
+        hang_detection: Default::default(),
+        stragglers: Default::default(),
         priority: 0,
         scheduling: Default::default(),
         suspend: false,
@@ -472,6 +474,7 @@ fn restarting_waits_for_stop_and_backoff_then_requeues() {
         cause: RestartCause::WorkerExit,
         reason: String::new(),
         exit_code: Some(1),
+        rank: None,
         node: None,
         gpu: None,
         xid: None,
@@ -585,4 +588,105 @@ fn resumed_attempt_records_its_checkpoint_step() {
     c.candidate = Some(Ok(placement(2)));
     let t = c.decide();
     assert_eq!(t.status.attempt.unwrap().resumed_from_step, Some(100));
+}
+
+fn hung(gpu_degraded: bool) -> HungRank {
+    HungRank {
+        rank: 1,
+        node: "node-0".into(),
+        gpu: Some(1),
+        message: "rank 1 on node-0 stopped making progress: no step for 130s".into(),
+        gpu_degraded,
+    }
+}
+
+#[test]
+fn a_hung_rank_restarts_the_job_blaming_it_and_spends_the_budget() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.running = 1;
+    c.report.hang = Some(hung(false));
+    // A peer whose collective gave up already exited: the hang, not its exit, is recorded.
+    c.report.exits = vec![exit(0, 1)];
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Restarting);
+    assert_eq!((t.status.restarts, t.status.hardware_restarts), (1, 0));
+    let r = t.status.restart_history.last().expect("record");
+    assert_eq!(
+        (r.cause, r.rank, r.node.as_deref(), r.gpu),
+        (RestartCause::Hang, Some(1), Some("node-0"), Some(1))
+    );
+    assert_eq!(reason(&t, "Ready"), Some("Hang"));
+    assert_eq!(t.event.as_ref().map(|e| (e.reason, e.warning)), Some(("Hang", true)));
+    assert!(t.effects.iter().any(|e| matches!(e, Effect::Stop { attempt: 1, .. })));
+}
+
+#[test]
+fn a_hang_on_a_degraded_gpu_is_a_hardware_restart_and_a_spent_budget_fails_the_job() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.running = 2;
+    c.report.hang = Some(hung(true));
+    let t = c.decide();
+    assert_eq!(
+        (t.status.phase, t.status.restarts, t.status.hardware_restarts),
+        (JobPhase::Restarting, 0, 1)
+    );
+    c.report.hang = Some(hung(false));
+    c.spec.restart_policy.max_restarts = 0;
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Failed);
+    assert_eq!(reason(&t, "Complete"), Some("RestartBudgetSpent"));
+    assert_eq!(t.status.restart_history.last().map(|r| r.cause), Some(RestartCause::Hang));
+}
+
+#[test]
+fn a_running_job_is_looked_at_again_when_its_lease_runs_out() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.running = 2;
+    c.report.lease_ends_in = Some(std::time::Duration::from_secs(7));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert_eq!(t.requeue_after, Some(SignedDuration::from_secs(8)));
+}
+
+fn slow(suspected: bool, worth_moving: bool) -> SlowRank {
+    SlowRank {
+        rank: 1,
+        node: "node-0".into(),
+        gpu: Some((1, "GPU-1".into())),
+        evidence: "rank 1 on node-0 computes each step in 0.400s".into(),
+        suspected,
+        move_rule: "moving would save about 300s … worth it".into(),
+        worth_moving,
+    }
+}
+
+#[test]
+fn a_straggler_s_gpu_is_suspected_then_the_job_moves_off_it_only_when_allowed_and_worth_it() {
+    let mut c = Case::new(JobPhase::Running, Some(1));
+    c.report.running = 2;
+    c.report.straggler = Some(slow(false, true));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running, "first the GPU is marked");
+    assert!(
+        t.effects
+            .iter()
+            .any(|e| matches!(e, Effect::SuspectGpu { gpu_uuid, .. } if gpu_uuid == "GPU-1"))
+    );
+    assert_eq!(t.event.as_ref().map(|e| e.reason), Some("Straggler"));
+    // Marked; moveOff is false by default: the job stays.
+    c.report.straggler = Some(slow(true, true));
+    let t = c.decide();
+    assert_eq!(t.status.phase, JobPhase::Running);
+    assert!(t.effects.is_empty(), "{:?}", t.effects);
+    c.spec.stragglers.move_off = true;
+    c.report.straggler = Some(slow(true, false));
+    assert_eq!(c.decide().status.phase, JobPhase::Running, "not worth it");
+    c.report.straggler = Some(slow(true, true));
+    let t = c.decide();
+    assert_eq!(
+        (t.status.phase, t.status.restarts, t.status.hardware_restarts),
+        (JobPhase::Restarting, 0, 1)
+    );
+    let r = t.status.restart_history.last().expect("record");
+    assert_eq!((r.cause, r.rank, r.gpu), (RestartCause::Straggler, Some(1), Some(1)));
 }

@@ -37,6 +37,8 @@ fn job(name: &str, workers: i32, gpus: i32, priority: i32) -> TrainingJob {
             }),
             checkpoint: None,
             restart_policy: Default::default(),
+            hang_detection: Default::default(),
+            stragglers: Default::default(),
             priority,
             scheduling: Default::default(),
             suspend: false,

@@ -13,12 +13,14 @@
 //! fenced).
 
 use super::fold::{AttemptId, AttemptSeen, Folded, RankSeen, RankState, fold};
-use super::launch::{FAILED_TO_START_CODE, WorkerLaunchArgs, launch_specs, replica_specs};
+use super::launch::{
+    FAILED_TO_START_CODE, WorkerLaunchArgs, launch_specs, master_addr, replica_specs,
+};
+use super::pace;
 use super::report::{attempt_report, stale_attempts};
-use super::{Launch, Workers};
+use super::{Launch, ProgressPolicy, Workers};
 use crate::agents::liveness::quiet_period;
-use crate::agents::{AgentServer, NodeRecord, WorkerLaunchSpec};
-use crate::crd::Placement;
+use crate::agents::{AgentServer, GpuAction, NodeRecord, WorkerLaunchSpec};
 use crate::ids::WorkloadKey;
 use crate::lifecycle::AttemptReport;
 use futures::future::BoxFuture;
@@ -27,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long an agent may take to answer one command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Progress alone wakes a job's controller at most this often.
 const PROGRESS_WAKE_INTERVAL: Duration = Duration::from_secs(2);
@@ -57,6 +59,8 @@ struct Inner {
     stops_sent: Mutex<HashMap<AttemptId, Instant>>,
     /// When progress alone last woke each workload, by its id on the agents.
     progress_woken: Mutex<HashMap<String, Instant>>,
+    /// When this process last asked an agent to mark each GPU (by UUID) for slow steps.
+    suspects_sent: Mutex<HashMap<String, Instant>>,
     changed: tokio::sync::mpsc::UnboundedSender<WorkloadKey>,
     changes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkloadKey>>>,
 }
@@ -65,6 +69,21 @@ impl std::fmt::Debug for AgentWorkers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentWorkers").field("args", &self.0.args).finish()
     }
+}
+
+/// True when `key` was sent within [`STOP_RESEND_INTERVAL`] before `now`; otherwise records
+/// it as sent now (agents ignore repeats of stops and suspicions; this only saves messages).
+fn sent_lately<K: std::hash::Hash + Eq>(
+    sent: &Mutex<HashMap<K, Instant>>,
+    key: K,
+    now: Instant,
+) -> bool {
+    let mut sent = lock(sent);
+    let recent = sent.get(&key).is_some_and(|t| now.duration_since(*t) < STOP_RESEND_INTERVAL);
+    if !recent {
+        sent.insert(key, now);
+    }
+    recent
 }
 
 /// Lock a mutex whose data stays consistent even if a holder panicked.
@@ -87,6 +106,7 @@ impl Inner {
         let mut attempts = lock(&self.attempts);
         let seen = attempts.entry(id.clone()).or_default();
         seen.launched_here = true;
+        seen.watched_since.get_or_insert_with(Instant::now);
         let registry = self.server.registry();
         for (node, spec) in specs {
             let process = registry.node(node).map(|n| n.process_id).unwrap_or_default();
@@ -95,6 +115,7 @@ impl Inner {
                 gpu_uuids: spec.gpu_uuids.clone(),
                 state: RankState::Launching,
                 process,
+                pace: None,
             });
         }
     }
@@ -157,6 +178,7 @@ impl AgentWorkers {
             attempts: Mutex::default(),
             keys: Mutex::default(),
             progress_woken: Mutex::default(),
+            suspects_sent: Mutex::default(),
             stale_stops: Mutex::default(),
             stops_sent: Mutex::default(),
             changed,
@@ -191,21 +213,19 @@ impl AgentWorkers {
                 inner.announce(|id| live.iter().any(|l| l == id));
             }
         });
+        // GPUs marked for slow steps get work again only after validation passes.
+        let watched = Arc::downgrade(&workers.0);
+        tokio::spawn(pace::validate_idle_suspects(workers.0.server.clone(), move || {
+            let inner = watched.upgrade()?;
+            let busy = lock(&inner.attempts)
+                .values()
+                .flat_map(|a| a.ranks.values())
+                .filter(|r| !matches!(r.state, RankState::Exited { .. }))
+                .flat_map(|r| r.gpu_uuids.iter().cloned())
+                .collect();
+            Some(busy)
+        }));
         workers
-    }
-
-    /// The address the other ranks reach rank 0 of `placement` at: the address its node's
-    /// agent reported (as mirrored into its `GpuNode`), else `--worker-master-addr`, else the
-    /// node's name.
-    fn master_addr(&self, placement: &Placement) -> String {
-        let rank0 = placement
-            .workers
-            .iter()
-            .min_by_key(|w| w.rank)
-            .map(|w| w.node.clone())
-            .unwrap_or_default();
-        let reported = self.0.server.registry().node(&rank0).and_then(|n| n.address);
-        reported.or_else(|| self.0.args.worker_master_addr.clone()).unwrap_or(rank0)
     }
 
     /// The launch specs of `attempt`, one per worker, by node.
@@ -217,6 +237,8 @@ impl AgentWorkers {
     ) -> Result<Vec<(String, WorkerLaunchSpec)>, String> {
         let inner = &self.0;
         let uuid_of = |node: &str, index: i32| inner.gpu_uuid(node, index);
+        let registry = inner.server.registry();
+        let reported = |node: &str| registry.node(node).and_then(|r| r.address);
         match launch {
             Launch::Job(job) => {
                 let placement = job
@@ -231,12 +253,12 @@ impl AgentWorkers {
                             key.namespace, key.name
                         )
                     })?;
-                let master_addr = self.master_addr(placement);
+                let master_addr = master_addr(placement, reported, &inner.args);
                 launch_specs(job, attempt, &uuid_of, &master_addr, &inner.args)
             }
             Launch::Replica(replica) => {
                 let master_addr = if replica.placement.workers.len() > 1 {
-                    self.master_addr(&replica.placement)
+                    master_addr(&replica.placement, reported, &inner.args)
                 } else {
                     "127.0.0.1".into()
                 };
@@ -388,6 +410,7 @@ impl Workers for AgentWorkers {
                     gpu_uuids: w.gpu_uuids.clone(),
                     state: RankState::Running,
                     process: rec.process_id.clone(),
+                    pace: None,
                 });
             }
         }
@@ -405,6 +428,36 @@ impl Workers for AgentWorkers {
             attempt_report(&seen.ranks, complete, &nodes, &fenced, inner.fence_timeout);
         report.progress = seen.progress;
         report
+    }
+
+    fn judge_progress(
+        &self,
+        key: &WorkloadKey,
+        attempt: i32,
+        policy: &ProgressPolicy,
+        report: &mut AttemptReport,
+    ) {
+        let id: AttemptId = (key.on_agents(), attempt as u64);
+        let Some(seen) = lock(&self.0.attempts).get(&id).cloned() else { return };
+        let registry = self.0.server.registry();
+        pace::judge(&seen, registry, policy, report);
+    }
+
+    fn suspect_gpu<'a>(
+        &'a self,
+        node: &'a str,
+        gpu_uuid: &'a str,
+        evidence: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let now = Instant::now();
+        let recent = sent_lately(&self.0.suspects_sent, gpu_uuid.to_owned(), now);
+        Box::pin(async move {
+            if recent {
+                return Ok(());
+            }
+            let action = GpuAction::Suspect(evidence.to_owned());
+            self.0.server.gpu_command(node, gpu_uuid, action, COMMAND_TIMEOUT).await.map(drop)
+        })
     }
 
     fn launch<'a>(
@@ -428,15 +481,7 @@ impl Workers for AgentWorkers {
         self.0.remember(&key);
         let now = Instant::now();
         let id: AttemptId = (key.on_agents(), attempt as u64);
-        let repeat = {
-            let mut sent = lock(&self.0.stops_sent);
-            let recent =
-                sent.get(&id).is_some_and(|t| now.duration_since(*t) < STOP_RESEND_INTERVAL);
-            if !recent {
-                sent.insert(id, now);
-            }
-            recent
-        };
+        let repeat = sent_lately(&self.0.stops_sent, id, now);
         Box::pin(async move {
             if repeat {
                 return Ok(());

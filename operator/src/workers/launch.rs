@@ -39,6 +39,19 @@ pub struct WorkerLaunchArgs {
     pub worker_stop_grace_seconds: u64,
 }
 
+/// The address the other ranks reach rank 0 of `placement` at: the address its node's agent
+/// reported (`reported(node)`, as mirrored into its `GpuNode`), else `--worker-master-addr`,
+/// else the node's name.
+pub fn master_addr(
+    placement: &Placement,
+    reported: impl Fn(&str) -> Option<String>,
+    args: &WorkerLaunchArgs,
+) -> String {
+    let rank0 =
+        placement.workers.iter().min_by_key(|w| w.rank).map(|w| w.node.clone()).unwrap_or_default();
+    reported(&rank0).or_else(|| args.worker_master_addr.clone()).unwrap_or(rank0)
+}
+
 /// Every worker of `attempt` of `job` as `(node, launch)`, in rank order. `uuid_of(node, index)`
 /// names a GPU as its agent registered it.
 pub fn launch_specs(

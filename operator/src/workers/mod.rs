@@ -7,12 +7,16 @@
 //! - [`launch`] builds each worker's command line and environment (pure);
 //! - [`fold`] folds worker events into what is known of each attempt (pure);
 //! - [`report`] turns that and the nodes' health into the lifecycle's summary (pure);
+//! - [`hang`] judges the attempt's progress lease, [`straggler`] its ranks' pace (pure);
 //! - [`agent_workers`] sends the commands and keeps the state.
 
 pub mod agent_workers;
 pub mod fold;
+pub mod hang;
 pub mod launch;
+pub mod pace;
 pub mod report;
+pub mod straggler;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +46,26 @@ pub struct ReplicaLaunch {
     pub default_max_tokens: u32,
 }
 
+/// What a job asks of its workers' progress (`spec.hangDetection`, `spec.stragglers`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProgressPolicy {
+    /// The progress lease; `None` when hang detection is off.
+    pub hang: Option<hang::HangPolicy>,
+    /// The straggler threshold; `None` when straggler detection is off.
+    pub straggler_threshold: Option<f64>,
+}
+
+impl ProgressPolicy {
+    /// The policy of a job.
+    pub fn of(spec: &crate::crd::training_job::TrainingJobSpec) -> Self {
+        let t = spec.stragglers.threshold;
+        ProgressPolicy {
+            hang: hang::HangPolicy::of(&spec.hang_detection),
+            straggler_threshold: (t > 0.0 && t <= 1.0).then_some(t),
+        }
+    }
+}
+
 /// What a launch runs: an attempt of a training job (its placement in its status, written
 /// before the launch), or one launch of a service replica.
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +80,27 @@ pub enum Launch<'a> {
 pub trait Workers: Send + Sync {
     /// The latest summary of an attempt's workers.
     fn report(&self, key: &WorkloadKey, attempt: i32) -> AttemptReport;
+    /// Judges the attempt's progress under `policy`: fills `report.hang` when a rank stopped
+    /// making progress, `report.lease_ends_in` while every lease holds, and `report.straggler`
+    /// when a rank is persistently slower than its gang. Workers that know nothing of progress
+    /// leave the report as it is.
+    fn judge_progress(
+        &self,
+        _key: &WorkloadKey,
+        _attempt: i32,
+        _policy: &ProgressPolicy,
+        _report: &mut AttemptReport,
+    ) {
+    }
+    /// Marks a GPU `Degraded` (`SlowSteps`) on its agent, with `evidence`.
+    fn suspect_gpu<'a>(
+        &'a self,
+        _node: &'a str,
+        _gpu_uuid: &'a str,
+        _evidence: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Launch every worker of `attempt`.
     fn launch<'a>(
         &'a self,

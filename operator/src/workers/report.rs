@@ -93,6 +93,16 @@ pub fn attempt_report(
         }
     }
     report.all_stopped = complete && stopped;
+    // A worker whose collective gave up on a peer exits because of that peer: the exits of
+    // the others come first, so the lifecycle charges the worker that failed, not those that
+    // noticed (a peer still alive is a hang: [`super::hang`]).
+    let gave_up = |rank: i32| {
+        ranks
+            .get(&(rank as u32))
+            .and_then(|r| r.pace)
+            .is_some_and(|p| p.activity == crate::agents::Activity::PeerLost)
+    };
+    report.exits.sort_by_key(|e| gave_up(e.rank));
     report
 }
 

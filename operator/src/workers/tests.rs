@@ -72,6 +72,7 @@ fn report(rank: u32, phase: WorkerPhase, code: Option<i32>) -> WorkerReport {
         signal: None,
         message: String::new(),
         progress: None,
+        pace: None,
     }
 }
 
@@ -182,6 +183,7 @@ fn a_failed_gpu_under_a_worker_is_a_fault_and_a_silent_node_is_lost_after_the_fe
                 gpu_uuids: vec!["GPU-1".into()],
                 state: RankState::Running,
                 process: "p".into(),
+                pace: None,
             },
         ),
         (
@@ -191,6 +193,7 @@ fn a_failed_gpu_under_a_worker_is_a_fault_and_a_silent_node_is_lost_after_the_fe
                 gpu_uuids: vec!["GPU-0".into()],
                 state: RankState::Running,
                 process: "p".into(),
+                pace: None,
             },
         ),
     ]);
@@ -218,6 +221,7 @@ fn a_restarted_agent_that_does_not_list_a_worker_means_it_is_gone_and_a_closed_s
         gpu_uuids: vec![uuid.into()],
         state: RankState::Running,
         process: "p".into(),
+        pace: None,
     };
     let ranks = BTreeMap::from([(0, rank("a", "GPU-0")), (1, rank("b", "GPU-0"))]);
     let (name, mut restarted) = node("a", vec![gpu(0, GpuHealth::Healthy)], Duration::ZERO);
@@ -286,6 +290,8 @@ fn job(engine: bool) -> TrainingJob {
         }),
         checkpoint: None,
         restart_policy: Default::default(),
+        hang_detection: Default::default(),
+        stragglers: Default::default(),
         priority: 0,
         scheduling: Default::default(),
         suspend: false,
