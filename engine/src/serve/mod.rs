@@ -153,9 +153,9 @@ async fn generate(state: Shared, params: CompletionParams, kind: Kind) -> Respon
     let prompt = encode(&params.prompt);
     if prompt.is_empty() || prompt.len() >= state.max_seq_len {
         let message = format!(
-            "prompt has {} tokens; expected between 1 and {}",
-            prompt.len(),
-            state.max_seq_len - 1
+            "expected a prompt of 1 to {} tokens, got {}",
+            state.max_seq_len - 1,
+            prompt.len()
         );
         let field = if kind == Kind::Chat { "messages" } else { "prompt" };
         return ApiError::field(field, message).into_response();
