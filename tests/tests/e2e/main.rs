@@ -36,5 +36,6 @@ mod preemption;
 mod prometheus;
 mod rbac;
 mod restart;
+mod scale;
 mod scheduling;
 mod worker_kill;
