@@ -177,6 +177,9 @@ fn stop_sequences(map: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     Ok(stops)
 }
 
+/// Whether a parameter's value leaves the answer as if it were absent.
+type IsNeutral = dyn Fn(&Value) -> bool;
+
 /// Refuses the OpenAI parameters that would change the answer and that this server does not
 /// implement. Their neutral values (`n: 1`, `echo: false`, an empty `logit_bias`, zero
 /// penalties, `response_format: {"type": "text"}`, …) are accepted, as SDKs send them.
@@ -186,7 +189,7 @@ pub fn refuse_unsupported(map: &Map<String, Value>) -> Result<(), ApiError> {
     let is_empty = |v: &Value| {
         v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(Map::is_empty)
     };
-    let checks: [(&str, &str, &dyn Fn(&Value) -> bool); 14] = [
+    let checks: [(&str, &str, &IsNeutral); 14] = [
         ("n", "only one choice per request is supported; expected 1", &is_one),
         ("best_of", "only one candidate per request is supported; expected 1", &is_one),
         ("echo", "echoing the prompt is not supported; expected false", &|v| v == &json!(false)),
