@@ -3,14 +3,16 @@
 # test control plane (cached). Safe to run again: each step is skipped when already done.
 #
 # Needs: Go and rustup (preinstalled here). Brings: the Rust toolchain named in
-# rust-toolchain.toml, the Debian packages below, the Go modules of tests/controlplane.
+# rust-toolchain.toml, the Debian packages below, the Go modules of tests/controlplane, and the
+# Python packages of scripts/python-requirements.txt (a cached venv: scripts/python-env.sh).
 # protoc comes from the protoc-bin-vendored crate at build time; nothing to install for it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # The test node (tests/src/node.rs): containerd (and ctr), runc, the CNI plugins, ip, iptables;
-# python3 and tar build its images (scripts/images.sh).
-apt_packages=(prometheus containerd runc containernetworking-plugins iproute2 iptables python3 tar)
+# python3 and tar build its images (scripts/images.sh); python3-venv holds the tests' Python
+# packages (scripts/python-env.sh).
+apt_packages=(prometheus containerd runc containernetworking-plugins iproute2 iptables python3 python3-venv tar)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
@@ -35,3 +37,4 @@ command -v cargo >/dev/null || { echo "setup: Rust (rustup) is required" >&2; ex
 cargo --version >/dev/null
 
 bash tests/controlplane/build.sh >/dev/null
+bash scripts/python-env.sh >/dev/null

@@ -114,3 +114,47 @@ fn completions_streaming_errors_and_metrics_over_http() {
     );
     assert!(metrics.contains("vllm:time_to_first_token_seconds_bucket"), "{metrics}");
 }
+
+#[test]
+fn stop_seed_top_p_logprobs_and_refusals_over_http() {
+    let addr = start_server();
+    let complete = |extra: &str| {
+        let body = format!(r#"{{"prompt":"The ship","max_tokens":16{extra}}}"#);
+        let (status, text) = request(&addr, "POST", "/v1/completions", &body);
+        (status, serde_json::from_str::<Value>(&text).expect("json"))
+    };
+    let text_of = |v: &Value| v["choices"][0]["text"].as_str().expect("text").to_owned();
+
+    let (_, greedy) = complete(r#","temperature":0"#);
+    let full = text_of(&greedy);
+    let stop: String = full.chars().skip(3).take(2).collect();
+    let stop_json = serde_json::to_string(&stop).expect("json");
+    let (status, stopped) = complete(&format!(r#","temperature":0,"stop":[{stop_json}]"#));
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(text_of(&stopped), full[..full.find(&stop).expect("stop in text")]);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    let (_, a) = complete(r#","temperature":1,"seed":5"#);
+    let (_, b) = complete(r#","temperature":1,"seed":5"#);
+    assert_eq!(text_of(&a), text_of(&b), "the same seed samples the same text");
+    let (_, nucleus) = complete(r#","temperature":1,"seed":5,"top_p":0.000001"#);
+    assert_eq!(text_of(&nucleus), full, "a one-token nucleus is greedy");
+
+    let (_, lp) = complete(r#","temperature":0,"logprobs":2"#);
+    let logprobs = &lp["choices"][0]["logprobs"];
+    assert_eq!(logprobs["token_logprobs"].as_array().map(Vec::len), Some(16), "{lp}");
+    assert_eq!(logprobs["top_logprobs"][0].as_object().map(|m| m.len()), Some(2), "{lp}");
+
+    for (extra, param) in [
+        (r#","n":2"#, "n"),
+        (r#","top_p":2"#, "top_p"),
+        (r#","presence_penalty":1"#, "presence_penalty"),
+        (r#","logprobs":9"#, "logprobs"),
+    ] {
+        let (status, err) = complete(extra);
+        assert_eq!(status, 400, "{extra}: {err}");
+        assert_eq!(err["error"]["param"], param, "{err}");
+        let message = err["error"]["message"].as_str().expect("message");
+        assert!(message.starts_with(&format!("field `{param}`: ")), "{message}");
+    }
+}

@@ -26,6 +26,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// Our value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "flotilla-operator.flotilla.dev";
+/// The label selector of the `EndpointSlice`s of service `name`.
+pub fn slice_selector(name: &str) -> String {
+    format!("{SERVICE_NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
 /// The name of the port in the `Service` and the slices.
 pub const PORT_NAME: &str = "http";
 /// Consecutive failed checks that turn a passing replica not ready.

@@ -68,6 +68,9 @@ impl Decoder for Model {
 pub enum FinishReason {
     /// `max_tokens` reached, or the model's context is full.
     Length,
+    /// The text reached one of the request's stop sequences (the server decides this, as stop
+    /// sequences are text, not tokens).
+    Stop,
 }
 
 impl FinishReason {
@@ -75,15 +78,35 @@ impl FinishReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Length => "length",
+            Self::Stop => "stop",
         }
     }
+}
+
+/// The log-probabilities of one generated token under the model's distribution (the raw
+/// logits, before temperature and `top_p`), as OpenAI's `logprobs` report them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the generated token.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (lowest id on ties).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One generated token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeneratedToken {
+    /// Token id.
+    pub id: u32,
+    /// Its log-probabilities, when the request asked for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// What the batcher sends back for a request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenEvent {
     /// One generated token.
-    Token(u32),
+    Token(GeneratedToken),
     /// Generation finished.
     Done(FinishReason),
     /// Generation failed.
@@ -96,12 +119,29 @@ pub struct GenRequest {
     pub prompt: Vec<u32>,
     /// Most tokens to generate.
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    pub temperature: f32,
-    /// Seed of this request's sampling stream.
-    pub seed: u64,
+    /// How tokens are drawn.
+    pub sampling: Sampling,
+    /// Report each token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
     /// Where the events go; dropping the receiver cancels the request.
     pub events: UnboundedSender<GenEvent>,
+}
+
+/// How a request's tokens are drawn from the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// Temperature; 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus: draw only among the most likely tokens whose probabilities add up to `top_p`
+    /// (`0 < top_p <= 1`; 1 keeps every token).
+    pub top_p: f32,
+    /// Seed of the request's sampling stream: the same seed draws the same tokens.
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Greedy decoding.
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
 }
 
 struct Active {
@@ -226,7 +266,7 @@ fn decode_loop(
             active.push(Active {
                 tokens: request.prompt.clone(),
                 generated: 0,
-                rng: CounterRng::new(request.seed, 0, 0),
+                rng: CounterRng::new(request.sampling.seed, 0, 0),
                 request,
                 arrived: now,
                 last_token: now,
@@ -278,33 +318,111 @@ fn decode_step(
     let ids = Tensor::from_vec(ids, (active.len(), width), &Device::Cpu)?;
     let logits: Vec<Vec<f32>> = decoder.logits(&ids, &last)?.to_vec2()?;
     for (a, row) in active.iter_mut().zip(logits) {
-        let token = sample(&row, a.request.temperature, &mut a.rng);
+        let token = sample(&row, a.request.sampling, &mut a.rng);
         a.tokens.push(token);
         a.generated += 1;
         metrics.observe_token(a.last_token.elapsed().as_secs_f64(), a.generated == 1);
         a.last_token = Instant::now();
-        let _ = a.request.events.send(GenEvent::Token(token));
+        let logprobs = a.request.logprobs.map(|top| token_logprobs(&row, token, top));
+        let _ = a.request.events.send(GenEvent::Token(GeneratedToken { id: token, logprobs }));
     }
     Ok(())
 }
 
-/// Greedy (lowest id on ties) at temperature 0, otherwise a draw from `softmax(logits / t)`.
-pub fn sample(logits: &[f32], temperature: f32, rng: &mut CounterRng) -> u32 {
+/// Greedy (lowest id on ties) at temperature 0, otherwise a draw from `softmax(logits / t)`
+/// restricted to the nucleus of `top_p` (the most likely tokens, lowest id first on ties, until
+/// their probabilities add up to `top_p`). One uniform draw per token either way.
+pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut CounterRng) -> u32 {
     let best = logits
         .iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc });
-    if temperature <= 0.0 {
+    if sampling.temperature <= 0.0 {
         return best.0 as u32;
     }
     let weights: Vec<f64> =
-        logits.iter().map(|&v| f64::from((v - best.1) / temperature).exp()).collect();
-    let mut target = rng.next_f64() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        target -= w;
+        logits.iter().map(|&v| f64::from((v - best.1) / sampling.temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    let mut mass = total;
+    if sampling.top_p < 1.0 {
+        order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+        let wanted = f64::from(sampling.top_p) * total;
+        let mut kept = 0.0;
+        let mut len = 0;
+        for &i in &order {
+            kept += weights[i];
+            len += 1;
+            if kept >= wanted {
+                break;
+            }
+        }
+        order.truncate(len);
+        mass = kept;
+    }
+    let mut target = rng.next_f64() * mass;
+    for &i in &order {
+        target -= weights[i];
         if target <= 0.0 {
             return i as u32;
         }
     }
+    // Rounding left a sliver: the most likely token is in every nucleus.
     best.0 as u32
+}
+
+/// The log-probability of `token` under `log_softmax(logits)` and the `top` most likely tokens.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+    let norm = max + sum.ln() as f32;
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&v| v - norm);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let top = order.into_iter().take(top).map(|i| (i as u32, logits[i] - norm)).collect();
+    TokenLogprobs { logprob, top }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draws(logits: &[f32], sampling: Sampling, n: usize) -> Vec<u32> {
+        let mut rng = CounterRng::new(sampling.seed, 0, 0);
+        (0..n).map(|_| sample(logits, sampling, &mut rng)).collect()
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities 0.5, 0.3, 0.2 (and a negligible fourth token).
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln(), -50.0];
+        let all = Sampling { temperature: 1.0, top_p: 1.0, seed: 7 };
+        let seen = draws(&logits, all, 400);
+        assert!(seen.contains(&2), "without top_p every likely token is drawn");
+        let nucleus = draws(&logits, Sampling { top_p: 0.75, ..all }, 400);
+        assert!(nucleus.iter().all(|&t| t < 2), "0.5 + 0.3 passes 0.75: {nucleus:?}");
+        assert!(nucleus.contains(&0) && nucleus.contains(&1));
+        let tiny = draws(&logits, Sampling { top_p: 0.01, ..all }, 50);
+        assert!(tiny.iter().all(|&t| t == 0), "a tiny nucleus is the most likely token");
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let logits = [0.1, 0.2, 0.3, 0.4, 0.0, -0.1];
+        let s = Sampling { temperature: 1.0, top_p: 0.9, seed: 42 };
+        assert_eq!(draws(&logits, s, 64), draws(&logits, s, 64));
+        assert_ne!(draws(&logits, s, 64), draws(&logits, Sampling { seed: 43, ..s }, 64));
+        assert_eq!(draws(&logits, Sampling::GREEDY, 3), vec![3, 3, 3]);
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_alternatives() {
+        let logits = [1.0f32, 3.0, 3.0, 0.0];
+        let lp = token_logprobs(&logits, 0, 2);
+        let total: f32 = logits.iter().map(|v| v.exp()).sum();
+        assert!((lp.logprob - (1.0f32.exp() / total).ln()).abs() < 1e-5);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((lp.top[0].1 - (3.0f32.exp() / total).ln()).abs() < 1e-5);
+        assert!(token_logprobs(&logits, 1, 0).top.is_empty());
+    }
 }

@@ -1,10 +1,15 @@
 //! The OpenAI-compatible HTTP server: `/v1/completions`, `/v1/chat/completions` (SSE streaming
 //! ending in `data: [DONE]`), `/v1/models`, `/health`, `/ready` (generates one token) and
 //! `/metrics`.
+//!
+//! Honoured request parameters: `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`,
+//! `stream_options.include_usage`, `logprobs` (and chat's `top_logprobs`); `n` and `best_of`
+//! only as 1. Others that would change the answer are refused by name ([`api::refuse_unsupported`]).
 
 pub mod api;
 pub mod batcher;
 pub mod expert_parallel;
+pub mod output;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,8 +29,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::data::encode;
 use crate::metrics::Metrics;
-use api::{ApiError, CompletionParams, Utf8Stream};
-use batcher::{Batcher, GenEvent, GenRequest};
+use api::{ApiError, CompletionParams};
+use batcher::{Batcher, FinishReason, GenEvent, GenRequest, Sampling};
+use output::{ChoiceText, Piece};
 
 /// Shared state of the HTTP handlers.
 pub struct ServeState {
@@ -101,16 +107,19 @@ async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
 /// Ready when the model produces a token within a few seconds.
 async fn ready(State(state): State<Shared>) -> Response {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let request =
-        GenRequest { prompt: encode("a"), max_tokens: 1, temperature: 0.0, seed: 0, events: tx };
+    let request = GenRequest {
+        prompt: encode("a"),
+        max_tokens: 1,
+        sampling: Sampling::GREEDY,
+        logprobs: None,
+        events: tx,
+    };
     if !state.batcher.submit(request) {
-        return ApiError { status: 503, message: "decode thread is not running".into() }
-            .into_response();
+        return ApiError::new(503, "decode thread is not running").into_response();
     }
     match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
         Ok(Some(GenEvent::Token(_))) => axum::Json(json!({ "status": "ready" })).into_response(),
-        _ => ApiError { status: 503, message: "the model did not produce a token".into() }
-            .into_response(),
+        _ => ApiError::new(503, "the model did not produce a token").into_response(),
     }
 }
 
@@ -138,37 +147,50 @@ async fn generate(state: Shared, params: CompletionParams, kind: Kind) -> Respon
     if let Some(model) = params.model.as_ref().filter(|m| **m != state.model_name) {
         let message =
             format!("model `{model}` does not exist; this server serves `{}`", state.model_name);
-        return ApiError { status: 404, message }.into_response();
+        return ApiError { param: Some("model".into()), ..ApiError::new(404, message) }
+            .into_response();
     }
     let prompt = encode(&params.prompt);
     if prompt.is_empty() || prompt.len() >= state.max_seq_len {
         let message = format!(
-            "prompt has {} tokens; expected between 1 and {}",
-            prompt.len(),
-            state.max_seq_len - 1
+            "expected a prompt of 1 to {} tokens, got {}",
+            state.max_seq_len - 1,
+            prompt.len()
         );
-        return ApiError::bad_request(message).into_response();
+        let field = if kind == Kind::Chat { "messages" } else { "prompt" };
+        return ApiError::field(field, message).into_response();
     }
     let max_tokens = params.max_tokens.unwrap_or(state.default_max_tokens);
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();
-    let seed = params.seed.unwrap_or(n);
+    let sampling = Sampling {
+        temperature: params.temperature,
+        top_p: params.top_p,
+        seed: params.seed.unwrap_or(n),
+    };
     let request =
-        GenRequest { prompt, max_tokens, temperature: params.temperature, seed, events: tx };
+        GenRequest { prompt, max_tokens, sampling, logprobs: params.logprobs, events: tx };
     if !state.batcher.submit(request) {
-        return ApiError { status: 503, message: "decode thread is not running".into() }
-            .into_response();
+        return ApiError::new(503, "decode thread is not running").into_response();
     }
     let id = match kind {
         Kind::Completion => format!("cmpl-{n}"),
         Kind::Chat => format!("chatcmpl-{n}"),
     };
-    let meta = Meta { id, created: unix_now(), model: state.model_name.clone(), kind };
+    let meta = Meta {
+        id,
+        created: unix_now(),
+        model: state.model_name.clone(),
+        kind,
+        logprobs: params.logprobs.is_some(),
+        prompt_tokens,
+    };
+    let choice = ChoiceText::new(params.stop);
     if params.stream {
-        stream_response(meta, rx)
+        stream_response(meta, rx, choice, params.include_usage)
     } else {
-        full_response(meta, rx, prompt_tokens).await
+        full_response(meta, rx, choice).await
     }
 }
 
@@ -177,103 +199,147 @@ struct Meta {
     created: u64,
     model: String,
     kind: Kind,
+    /// The request asked for logprobs: choices carry a `logprobs` object, else `null`.
+    logprobs: bool,
+    prompt_tokens: usize,
 }
 
 impl Meta {
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+    fn logprobs(&self, piece: &Piece) -> Value {
+        match (self.logprobs, self.kind) {
+            (false, _) => Value::Null,
+            (true, Kind::Completion) => output::completion_logprobs(piece),
+            (true, Kind::Chat) => output::chat_logprobs(piece),
+        }
+    }
+
+    fn usage(&self, generated: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": self.prompt_tokens + generated,
+        })
+    }
+
+    fn chunk(&self, piece: &Piece, finish: Option<FinishReason>, first: bool) -> Value {
+        let finish = finish.map(FinishReason::as_str);
         let choice = match self.kind {
             Kind::Completion => {
-                json!({ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null })
+                json!({ "index": 0, "text": piece.text, "finish_reason": finish, "logprobs": self.logprobs(piece) })
             }
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
                 if first {
                     delta.insert("role".into(), "assistant".into());
                 }
-                if let Some(t) = text {
-                    delta.insert("content".into(), t.into());
+                if !piece.text.is_empty() {
+                    delta.insert("content".into(), piece.text.as_str().into());
                 }
-                json!({ "index": 0, "delta": delta, "finish_reason": finish })
+                json!({ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": self.logprobs(piece) })
             }
         };
+        self.envelope(vec![choice])
+    }
+
+    fn envelope(&self, choices: Vec<Value>) -> Value {
         let object =
             if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice] })
+        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices })
     }
 }
 
+/// Collects one choice until generation ends or a stop sequence is reached (dropping `rx` then
+/// cancels the request in the batcher).
 async fn full_response(
     meta: Meta,
     mut rx: mpsc::UnboundedReceiver<GenEvent>,
-    prompt_tokens: usize,
+    mut choice: ChoiceText,
 ) -> Response {
-    let mut text = Utf8Stream::default();
-    let mut out = String::new();
+    let mut all = Piece::default();
     let mut generated = 0;
+    let mut take = |piece: Piece| {
+        all.text.push_str(&piece.text);
+        all.tokens.extend(piece.tokens);
+    };
     let finish = loop {
         match rx.recv().await {
             Some(GenEvent::Token(t)) => {
                 generated += 1;
-                out.push_str(&text.push(t));
+                take(choice.push(t));
+                if choice.stopped() {
+                    break FinishReason::Stop;
+                }
             }
-            Some(GenEvent::Done(reason)) => break reason.as_str(),
+            Some(GenEvent::Done(reason)) => {
+                take(choice.finish());
+                break reason;
+            }
             Some(GenEvent::Failed(message)) => {
-                return ApiError { status: 500, message }.into_response();
+                return ApiError::new(500, message).into_response();
             }
-            None => {
-                return ApiError { status: 500, message: "decode thread stopped".into() }
-                    .into_response();
-            }
+            None => return ApiError::new(500, "decode thread stopped").into_response(),
         }
     };
-    out.push_str(&text.flush());
-    let usage = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated });
+    let logprobs = meta.logprobs(&all);
     let (object, choice) = match meta.kind {
         Kind::Completion => (
             "text_completion",
-            json!({ "index": 0, "text": out, "finish_reason": finish, "logprobs": null }),
+            json!({ "index": 0, "text": all.text, "finish_reason": finish.as_str(), "logprobs": logprobs }),
         ),
         Kind::Chat => (
             "chat.completion",
-            json!({ "index": 0, "message": { "role": "assistant", "content": out }, "finish_reason": finish }),
+            json!({ "index": 0, "message": { "role": "assistant", "content": all.text }, "finish_reason": finish.as_str(), "logprobs": logprobs }),
         ),
     };
     axum::Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-        "choices": [choice], "usage": usage,
+        "choices": [choice], "usage": meta.usage(generated),
     }))
     .into_response()
 }
 
-fn stream_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<GenEvent>) -> Response {
+fn stream_response(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<GenEvent>,
+    mut choice: ChoiceText,
+    include_usage: bool,
+) -> Response {
     let (tx, events) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
     tokio::spawn(async move {
-        let mut text = Utf8Stream::default();
         let mut first = true;
+        let mut generated = 0;
         let send = |v: Value| tx.send(Ok(Event::default().data(v.to_string()))).is_ok();
-        loop {
-            let keep_going = match rx.recv().await {
+        let finished = loop {
+            match rx.recv().await {
                 Some(GenEvent::Token(t)) => {
-                    let piece = text.push(t);
-                    let sent = piece.is_empty() || send(meta.chunk(Some(&piece), None, first));
-                    first &= piece.is_empty();
-                    sent
+                    generated += 1;
+                    let piece = choice.push(t);
+                    if choice.stopped() {
+                        break send(meta.chunk(&piece, Some(FinishReason::Stop), first));
+                    }
+                    if !piece.text.is_empty() {
+                        if !send(meta.chunk(&piece, None, first)) {
+                            break false;
+                        }
+                        first = false;
+                    }
                 }
                 Some(GenEvent::Done(reason)) => {
-                    let rest = text.flush();
-                    let piece = (!rest.is_empty()).then_some(rest.as_str());
-                    send(meta.chunk(piece, Some(reason.as_str()), first));
-                    false
+                    break send(meta.chunk(&choice.finish(), Some(reason), first));
                 }
                 Some(GenEvent::Failed(message)) => {
                     send(json!({ "error": { "message": message, "type": "server_error" } }));
-                    false
+                    break false;
                 }
-                None => false,
-            };
-            if !keep_going {
-                break;
+                None => break false,
             }
+        };
+        // Dropping `rx` here cancels a request that a stop sequence ended.
+        drop(rx);
+        if finished && include_usage {
+            let mut last = meta.envelope(Vec::new());
+            last["usage"] = meta.usage(generated);
+            send(last);
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]")));
     });

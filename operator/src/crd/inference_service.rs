@@ -19,6 +19,12 @@ use serde::{Deserialize, Serialize};
     category = "flotilla",
     status = "InferenceServiceStatus",
     derive = "PartialEq",
+    // `kubectl scale` and a HorizontalPodAutoscaler drive `spec.replicas` through this.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.currentReplicas",
+        label_selector_path = ".status.selector"
+    ),
     doc = "Serves a model checkpoint over an OpenAI-compatible HTTP API with a number of GPU replicas.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
@@ -305,6 +311,18 @@ pub struct InferenceServiceStatus {
     /// Replicas whose readiness check passes (draining ones excluded).
     #[serde(default)]
     pub ready_replicas: i32,
+
+    /// Replicas launched and not leaving (starting, ready or unready, of any revision): what
+    /// the `scale` subresource reports as its `status.replicas`.
+    #[serde(default)]
+    pub current_replicas: i32,
+
+    /// The label selector of the service's EndpointSlices, which list its replicas: the
+    /// `scale` subresource's `status.selector`, which a HorizontalPodAutoscaler requires.
+    /// Replicas are worker processes, not Pods, so an autoscaler scales on Object or External
+    /// metrics (such as the replicas' `vllm:num_requests_waiting`), not on Pod resources.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selector: String,
 
     /// GPUs one replica uses (workersPerReplica × gpusPerWorker).
     #[serde(default)]

@@ -37,6 +37,7 @@ mod preemption;
 mod prometheus;
 mod rbac;
 mod restart;
+mod scale;
 mod scheduling;
 mod straggler;
 mod worker_kill;

@@ -325,13 +325,7 @@ async fn apply_endpoints(
         slices.patch(&name, &pp, &Patch::Apply(slice)).await?;
     }
     let names: BTreeSet<String> = wanted.iter().filter_map(|s| s.metadata.name.clone()).collect();
-    let selector = format!(
-        "{}={},{}={}",
-        endpoints::SERVICE_NAME_LABEL,
-        svc.name_any(),
-        endpoints::MANAGED_BY_LABEL,
-        endpoints::MANAGED_BY
-    );
+    let selector = endpoints::slice_selector(&svc.name_any());
     for old in slices.list(&ListParams::default().labels(&selector)).await? {
         let name = old.name_any();
         if !names.contains(&name) {

@@ -11,7 +11,7 @@ use crate::crd::inference_service::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use std::time::Duration;
 
 /// What the replica pass found besides the replicas.
@@ -40,6 +40,8 @@ pub(super) fn conclude(
     status.updated_replicas = serving.iter().filter(|r| r.revision == rev).count() as i32;
     status.endpoints = serving.iter().filter_map(|r| r.endpoint.clone()).collect();
     let live_count = status.replicas.iter().filter(|r| live(r)).count() as i32;
+    status.current_replicas = live_count;
+    status.selector = crate::endpoints::slice_selector(&svc.name_any());
     let settling = status.replicas.iter().any(|r| !live(r) || r.revision != rev);
     let blocked = status.failed_revision.as_deref() == Some(rev.as_str());
     let ready_note = format!("{} of {n} replicas serve", status.ready_replicas);
@@ -163,6 +165,9 @@ pub(super) fn invalid_plan(
     );
     status.ready_replicas = 0;
     status.updated_replicas = 0;
+    // Every replica is stopping: none counts for the scale subresource.
+    status.current_replicas = 0;
+    status.selector = crate::endpoints::slice_selector(&svc.name_any());
     status.endpoints.clear();
     let changed = status.phase != ServicePhase::Failed;
     if changed {

@@ -453,6 +453,12 @@ fn scaling_down_drains_the_highest_slots_then_stops_them() {
     let mut svc = ready_service(&mut world, 3);
     svc.spec.replicas = 1;
     let p = world.step(&mut svc);
+    // The scale subresource's view: leaving replicas no longer count.
+    assert_eq!(p.status.current_replicas, 1);
+    assert_eq!(
+        p.status.selector,
+        "kubernetes.io/service-name=chat,endpointslice.kubernetes.io/managed-by=flotilla-operator.flotilla.dev"
+    );
     let draining: Vec<_> = p
         .status
         .replicas
@@ -470,6 +476,7 @@ fn scaling_down_drains_the_highest_slots_then_stops_them() {
     svc.spec.replicas = 2;
     let p = world.step(&mut svc);
     assert_eq!(launches(&p).len(), 1, "scaling up launches again");
+    assert_eq!(p.status.current_replicas, 2, "a starting replica counts");
 }
 
 #[test]
