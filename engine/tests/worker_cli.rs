@@ -154,9 +154,23 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
     let (code, expected_out, stderr) = a.finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(b.finish(Duration::from_secs(10)).0, Some(0));
-    let lines = agent.join().expect("agent thread");
-    assert_eq!(lines.len() as u64, steps, "one progress line per step");
-    let last: serde_json::Value = serde_json::from_str(&lines[lines.len() - 1]).expect("JSON line");
+    let all: Vec<serde_json::Value> = agent
+        .join()
+        .expect("agent thread")
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // A `starting` line first and a `checkpointing` line before the final checkpoint; the
+    // heartbeat adds no line while the worker keeps stepping.
+    let activity = |v: &serde_json::Value| v["activity"].as_str().unwrap_or("training").to_owned();
+    assert_eq!(activity(&all[0]), "starting", "{:?}", all[0]);
+    let others: Vec<String> =
+        all.iter().map(activity).filter(|a| a != "training" && a != "starting").collect();
+    assert!(others.iter().all(|a| a == "checkpointing"), "{others:?}");
+    let lines: Vec<&serde_json::Value> = all.iter().filter(|v| activity(v) == "training").collect();
+    assert_eq!(lines.len() as u64, steps, "one training line per step");
+    assert!(lines.iter().all(|v| v["stepSeconds"].as_f64().is_some_and(|s| s > 0.0)));
+    let last = lines[lines.len() - 1];
     assert_eq!(last["step"], steps);
     assert_eq!(last["totalSteps"], steps);
     assert_eq!(last["lastCheckpointStep"], steps);
