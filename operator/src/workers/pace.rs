@@ -26,13 +26,6 @@ const RESTART_OVERHEAD_SECONDS: f64 = 10.0;
 /// A GPU marked for slow steps is validated again (once no worker uses it) this often.
 const SUSPECT_VALIDATE_INTERVAL: Duration = Duration::from_secs(15);
 
-/// The median of `v`, if any.
-fn median(v: &std::collections::VecDeque<f64>) -> Option<f64> {
-    let mut sorted: Vec<f64> = v.iter().copied().collect();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied()
-}
-
 /// Fills `report.hang`, `report.lease_ends_in` and `report.straggler` for the attempt `seen`
 /// under `policy`, with GPU health from `registry`.
 pub fn judge(
@@ -72,7 +65,7 @@ pub fn judge(
     let progress = seen.progress.clone().unwrap_or_default();
     let remaining = progress.total_steps.map_or(0, |t| t - progress.step);
     let since_checkpoint = progress.step - progress.last_checkpoint_step.unwrap_or(0);
-    let step_seconds = median(&seen.step_times).unwrap_or(slow.median);
+    let step_seconds = straggler::median(&seen.step_times).unwrap_or(slow.median);
     // This attempt's own start-up (from its launch to its first progress report), plus
     // stopping and placing.
     let startup = match (seen.watched_since, seen.progress_origin) {

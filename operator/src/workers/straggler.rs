@@ -48,11 +48,11 @@ impl Straggler {
     }
 }
 
-/// The median of `v` (not empty).
-fn median(v: &VecDeque<f64>) -> f64 {
+/// The median of `v` (the upper one of an even count), if any.
+pub fn median(v: &VecDeque<f64>) -> Option<f64> {
     let mut sorted: Vec<f64> = v.iter().copied().collect();
     sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+    sorted.get(sorted.len() / 2).copied()
 }
 
 /// The slowest running rank of `seen` when it scores below `threshold`.
@@ -64,7 +64,7 @@ pub fn find(seen: &AttemptSeen, threshold: f64) -> Option<Straggler> {
             v.len() >= MIN_SAMPLES
                 && seen.ranks.get(rank).is_some_and(|r| r.state == RankState::Running)
         })
-        .map(|(rank, v)| (*rank, median(v)))
+        .filter_map(|(rank, v)| Some((*rank, median(v)?)))
         .collect();
     if medians.len() < 2 {
         return None;
